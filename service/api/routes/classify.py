@@ -1,0 +1,48 @@
+"""POST /v1/classify: validate, resolve policies, hand over to the engine, shape the answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from service.api.deps import EngineDep, SettingsDep, add_access_log_fields, log_prompt
+from service.api.schemas import ClassifyManyResponse, ClassifyRequest, ClassifyResponse
+from service.engine import Timings
+from service.metrics import INLINE_POLICY_LABEL
+
+router = APIRouter(tags=["classify"])
+
+# Documented in OpenAPI; all answer the error shape of service.errors.
+_ERRORS: dict[int | str, dict[str, object]] = {
+    404: {"description": "unknown_policy"},
+    413: {"description": "prompt_too_long, body_too_large"},
+    422: {"description": "invalid_request, empty_prompt, policy_too_long, too_many_policies"},
+    429: {"description": "queue_full (see Retry-After)"},
+    503: {"description": "not_ready"},
+    504: {"description": "deadline_exceeded"},
+}
+
+
+def set_timing_headers(response: Response, t: Timings) -> None:
+    response.headers["x-queue-time"] = f"{t.queue_ms:.3f}"
+    response.headers["x-inference-time"] = f"{t.inference_ms:.3f}"
+    response.headers["x-total-time"] = f"{t.total_ms:.3f}"
+
+
+@router.post("/v1/classify", responses=_ERRORS)
+async def classify(
+    body: ClassifyRequest, engine: EngineDep, settings: SettingsDep, request: Request, response: Response
+) -> ClassifyResponse | ClassifyManyResponse:
+    """Judge a prompt against one policy, a list of served policies, or an inline policy."""
+    if body.policy is not None:
+        policies, inline = [body.policy], True
+    else:
+        assert body.policy_id is not None
+        policies, inline = engine.resolve(body.policy_id), False
+    add_access_log_fields(request, policies=[INLINE_POLICY_LABEL] if inline else [p.id for p in policies])
+    log_prompt(request, settings, body.prompt)
+    result = await engine.classify(policies, body.prompt, inline=inline)
+    add_access_log_fields(request, unsafe=result.unsafe)
+    set_timing_headers(response, result.timings)
+    if isinstance(body.policy_id, list):
+        return ClassifyManyResponse.from_classification(result)
+    return ClassifyResponse.from_classification(result)

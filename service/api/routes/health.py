@@ -1,0 +1,29 @@
+"""Liveness and readiness probes.
+
+/healthz is 200 whenever the process answers; /readyz is 200 only once the model is loaded
+and warmed up, else 503 with the reason (loading, load error, shutting down). Probes are
+not counted as errors in metrics: they are polled constantly.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.api.deps import RuntimeDep
+from service.api.schemas import HealthResponse, ReadyResponse
+from service.errors import ErrorCode, error_response
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> HealthResponse:
+    return HealthResponse()
+
+
+@router.get("/readyz", response_model=ReadyResponse, responses={503: {"description": "not_ready"}})
+async def readyz(runtime: RuntimeDep) -> ReadyResponse | JSONResponse:
+    if not runtime.ready or runtime.engine is None:
+        return error_response(ErrorCode.not_ready, runtime.not_ready_reason or "not ready")
+    return ReadyResponse(model=runtime.engine.model_id)

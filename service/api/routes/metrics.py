@@ -1,0 +1,15 @@
+"""GET /metrics in the Prometheus text format, from this app's own registry."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from service.api.deps import MetricsDep
+from service.metrics import CONTENT_TYPE
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(m: MetricsDep) -> Response:
+    return Response(m.render(), headers={"Content-Type": CONTENT_TYPE})

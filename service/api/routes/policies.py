@@ -1,0 +1,24 @@
+"""GET /v1/policies: what the service can judge, with each policy's threshold."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.deps import EngineDep
+from service.api.schemas import PoliciesResponse, PolicyOut
+
+router = APIRouter(tags=["policies"])
+
+
+@router.get("/v1/policies")
+async def list_policies(engine: EngineDep) -> PoliciesResponse:
+    out = []
+    for policy in engine.policies.values():
+        threshold, trained = engine.threshold(policy)
+        out.append(
+            PolicyOut(
+                id=policy.id, name=policy.name, description=policy.description, allowed=policy.allowed,
+                disallowed=policy.disallowed, threshold=threshold, trained=trained,
+            )
+        )
+    return PoliciesResponse(model=engine.model_id, policies=out)

@@ -1,0 +1,205 @@
+"""Classification engine: (policies, prompt) -> verdicts. The layer every route calls.
+
+It owns the rules that must not differ between the plain API and any gateway adapter:
+input limits, windowing (a long prompt is scored on every window and the maximum wins,
+never truncated), thresholds (calibrated only for the exact description the model was
+trained on, else the zero-shot default), deadlines and the error codes for each failure.
+It knows nothing of HTTP (errors are ``ApiError`` codes) nor of onnxruntime (the model is
+an ``OnnxModel`` driven through the batcher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.batching import BatcherClosed, MicroBatcher, QueueFull
+from service.config import Settings
+from service.errors import ApiError, ErrorCode
+from service.inference import OnnxModel
+from service.metrics import INLINE_POLICY_LABEL, Metrics
+from service.policy import EncodedWindows, InstructionTooLong, Policy
+
+# Prompts longer than this are tokenised in a worker thread so the event loop stays free.
+THREADED_TOKENIZE_CHARS = 4096
+
+WARM_UP_POLICY = Policy(id="warm-up", name="warm-up", description="Block nothing; this is a warm-up.")
+
+
+@dataclass(frozen=True)
+class PolicyVerdict:
+    policy_id: str
+    unsafe: bool
+    score: float  # max unsafe probability over the prompt's windows
+    threshold: float
+    windows: int
+    trained: bool  # the model was calibrated on this exact policy description
+
+    @property
+    def verdict(self) -> str:
+        return "unsafe" if self.unsafe else "safe"
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float
+    tokenize_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    verdicts: tuple[PolicyVerdict, ...]
+    model: str  # name@version
+    timings: Timings
+
+    @property
+    def unsafe(self) -> bool:
+        return any(v.unsafe for v in self.verdicts)
+
+
+class Engine:
+    """Scores prompts against policies with one loaded model and its batcher."""
+
+    def __init__(
+        self,
+        model: OnnxModel,
+        batcher: MicroBatcher,
+        policies: Mapping[str, Policy],
+        settings: Settings,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.model = model
+        self.batcher = batcher
+        self.policies: Mapping[str, Policy] = dict(policies)
+        self.settings = settings
+        self.metrics = metrics
+
+    @property
+    def model_id(self) -> str:
+        return self.model.id
+
+    def threshold(self, policy: Policy) -> tuple[float, bool]:
+        """(threshold, trained): calibrated only if the model saw this exact description."""
+        manifest = self.model.manifest
+        entry = manifest.policies.get(policy.id)
+        if entry is not None and entry.description_sha256 == policy.description_sha256():
+            return entry.threshold, True
+        return manifest.default_threshold, False
+
+    def resolve(self, policy_ids: str | Sequence[str]) -> list[Policy]:
+        """Served policies by id, deduplicated in request order; ApiError for bad lists."""
+        ids = [policy_ids] if isinstance(policy_ids, str) else list(dict.fromkeys(policy_ids))
+        if not ids:
+            raise ApiError(ErrorCode.invalid_request, "policy_id must name at least one policy")
+        self._check_count(len(ids))
+        unknown = [i for i in ids if i not in self.policies]
+        if unknown:
+            raise ApiError(
+                ErrorCode.unknown_policy,
+                f"unknown policy {unknown[0]!r}" if len(unknown) == 1 else f"unknown policies {unknown}",
+                {"unknown": unknown, "available": sorted(self.policies)},
+            )
+        return [self.policies[i] for i in ids]
+
+    def _check_count(self, n: int) -> None:
+        limit = self.settings.max_policies_per_request
+        if n > limit:
+            raise ApiError(ErrorCode.too_many_policies, f"{n} policies in one request; at most {limit}", {"count": n, "max": limit})
+
+    def check_prompt(self, prompt: str) -> None:
+        if not prompt.strip():
+            raise ApiError(ErrorCode.empty_prompt, "prompt is empty")
+        limit = self.settings.max_prompt_chars
+        if len(prompt) > limit:
+            raise ApiError(ErrorCode.prompt_too_long, f"prompt has {len(prompt)} characters; at most {limit}", {"chars": len(prompt), "max": limit})
+
+    def _encode_all(self, policies: Sequence[Policy], prompt: str) -> list[EncodedWindows]:
+        out = []
+        for policy in policies:
+            details = {"policy_id": policy.id, "max_length": self.model.manifest.max_length}
+            try:
+                out.append(self.model.encoder.encode(policy, prompt))
+            except InstructionTooLong as exc:
+                raise ApiError(ErrorCode.policy_too_long, str(exc), details) from exc
+            except Exception as exc:
+                # A description longer than the whole window makes the tokenizer itself fail
+                # (plain Exception "Truncation error: ...") before InstructionTooLong is raised.
+                if "Truncation error" not in str(exc):
+                    raise
+                message = f"policy {policy.id!r}: description is longer than the model window of {details['max_length']} tokens"
+                raise ApiError(ErrorCode.policy_too_long, message, details) from exc
+        return out
+
+    async def _encode(self, policies: Sequence[Policy], prompt: str) -> tuple[list[EncodedWindows], float]:
+        started = time.perf_counter()
+        if len(prompt) > THREADED_TOKENIZE_CHARS:
+            encoded = await asyncio.to_thread(self._encode_all, policies, prompt)
+        else:
+            encoded = self._encode_all(policies, prompt)
+        return encoded, time.perf_counter() - started
+
+    async def classify(self, policies: Sequence[Policy], prompt: str, *, inline: bool = False) -> Classification:
+        """Verdict of ``prompt`` under each policy; ``inline`` marks request-supplied policies.
+
+        Raises ApiError: empty_prompt, prompt_too_long, too_many_policies, policy_too_long,
+        queue_full, not_ready (stopping), deadline_exceeded.
+        """
+        started = time.perf_counter()
+        self.check_prompt(prompt)
+        if not policies:
+            raise ApiError(ErrorCode.invalid_request, "no policy given")
+        self._check_count(len(policies))
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                encoded, tokenize_s = await self._encode(policies, prompt)
+                counts = [e.count for e in encoded]
+                if sum(counts) > self.batcher.max_queue:
+                    raise ApiError(
+                        ErrorCode.prompt_too_long,
+                        f"prompt needs {sum(counts)} model windows; the service queues at most {self.batcher.max_queue}",
+                        {"windows": sum(counts), "max": self.batcher.max_queue},
+                    )
+                result = await self.batcher.submit(_concat(encoded))
+        except TimeoutError as exc:
+            raise ApiError(ErrorCode.deadline_exceeded, f"not answered within {self.settings.request_timeout_s} s") from exc
+        except QueueFull as exc:
+            raise ApiError(ErrorCode.queue_full, "server is overloaded; retry shortly", {"reason": str(exc)}) from exc
+        except BatcherClosed as exc:
+            raise ApiError(ErrorCode.not_ready, "server is shutting down") from exc
+
+        verdicts = []
+        offset = 0
+        for policy, n in zip(policies, counts, strict=True):
+            score = float(np.max(result.probabilities[offset : offset + n]))
+            offset += n
+            threshold, trained = self.threshold(policy)
+            verdicts.append(PolicyVerdict(policy.id, score >= threshold, score, threshold, n, trained))
+        total_s = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.observe_tokenize_time(tokenize_s)
+            self.metrics.observe_request_latency(total_s)
+            for v in verdicts:
+                self.metrics.observe_verdict(INLINE_POLICY_LABEL if inline else v.policy_id, v.verdict)
+        timings = Timings(result.queue_s * 1e3, tokenize_s * 1e3, result.inference_s * 1e3, total_s * 1e3)
+        return Classification(tuple(verdicts), self.model_id, timings)
+
+    async def warm_up(self) -> None:
+        """One real pass through tokenizer, batcher and model before the service says ready."""
+        await asyncio.to_thread(self.model.warm_up)
+        await self.batcher.submit(self.model.encoder.encode(WARM_UP_POLICY, "Hello, how are you?"))
+
+
+def _concat(encoded: Sequence[EncodedWindows]) -> EncodedWindows:
+    if len(encoded) == 1:
+        return encoded[0]
+    return EncodedWindows(
+        input_ids=[w for e in encoded for w in e.input_ids],
+        attention_mask=[w for e in encoded for w in e.attention_mask],
+        token_type_ids=[w for e in encoded for w in e.token_type_ids],
+    )

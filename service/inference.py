@@ -1,0 +1,140 @@
+"""Load a model folder and run it with onnxruntime: the only module that touches ONNX.
+
+Loading checks everything it can before serving (manifest, file hash, session, output
+shape), so a wrong or corrupt model fails at start-up with a message that names the
+problem, never at the first request with a numpy traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from service.manifest import MANIFEST_FILE, Manifest, read_manifest, sha256_file
+from service.policy import InputEncoder
+
+log = logging.getLogger("uniguard.inference")
+
+PROVIDER = "CPUExecutionProvider"
+FEED_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that cannot be served; the message says which file and why."""
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class OnnxModel:
+    """An onnxruntime session plus the encoder and manifest that say how to feed it.
+
+    ``run`` is synchronous and meant to be called from one executor thread at a time (the
+    batcher's); onnxruntime parallelises inside a call with ``intra_op_num_threads``.
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession, encoder: InputEncoder) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.session = session
+        self.encoder = encoder
+        self.input_names = [i.name for i in session.get_inputs()]
+        unknown = [n for n in self.input_names if n not in FEED_NAMES]
+        if unknown:
+            raise ModelLoadError(f"{folder}: model expects inputs {unknown} that the service cannot feed")
+        self.output_name = next((o.name for o in session.get_outputs() if o.name == "logits"), session.get_outputs()[0].name)
+        self.unsafe_label = manifest.unsafe_label
+        self.pad_id = self._pad_id()
+        self._check_output()
+
+    @property
+    def id(self) -> str:
+        """``name@version``: names the answering model in every response."""
+        return f"{self.manifest.name}@{self.manifest.version}"
+
+    @classmethod
+    def load(cls, folder: Path | str, threads: int = 1) -> "OnnxModel":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelLoadError(f"model folder {folder} does not exist (set UNIGUARD_MODEL_DIR)")
+        manifest_path = folder / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise ModelLoadError(f"{manifest_path} is missing: not a model folder")
+        try:
+            manifest = read_manifest(folder)
+        except (ValidationError, ValueError, OSError) as exc:
+            raise ModelLoadError(f"{manifest_path} is invalid: {exc}") from exc
+        try:
+            entry = manifest.model_file(PROVIDER)
+        except KeyError as exc:
+            raise ModelLoadError(f"{manifest_path}: {exc.args[0]}") from exc
+        model_path = cls._inside(folder, entry.path)
+        tokenizer_path = cls._inside(folder, manifest.tokenizer_file)
+        for path in (model_path, tokenizer_path):
+            if not path.is_file():
+                raise ModelLoadError(f"{path} is missing (listed in {manifest_path})")
+        actual = sha256_file(model_path)
+        if actual != entry.sha256:
+            raise ModelLoadError(f"{model_path}: sha256 {actual[:12]}… does not match manifest {entry.sha256[:12]}… (corrupt or replaced file)")
+        try:
+            encoder = InputEncoder.from_file(tokenizer_path, manifest.input_template, manifest.max_length, manifest.stride)
+        except Exception as exc:  # tokenizers raises plain Exception on a bad file
+            raise ModelLoadError(f"{tokenizer_path}: cannot load tokenizer: {exc}") from exc
+        try:
+            session = ort.InferenceSession(str(model_path), cls._session_options(threads), providers=[PROVIDER])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from exc
+        model = cls(folder, manifest, session, encoder)
+        log.info("model loaded", extra={"fields": {"model": model.id, "path": str(folder), "inputs": model.input_names}})
+        return model
+
+    @staticmethod
+    def _inside(folder: Path, rel: str) -> Path:
+        path = (folder / rel).resolve()
+        if not path.is_relative_to(folder.resolve()):
+            raise ModelLoadError(f"{folder}: manifest path {rel!r} points outside the model folder")
+        return path
+
+    @staticmethod
+    def _session_options(threads: int) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        return so
+
+    def _pad_id(self) -> int:
+        # Padded positions are masked out; [PAD] (0 for BERT) is what training padded with.
+        tid = self.encoder._tokenizer.token_to_id("[PAD]")
+        return int(tid) if tid is not None else 0
+
+    def _check_output(self) -> None:
+        shape = next(o.shape for o in self.session.get_outputs() if o.name == self.output_name)
+        labels = shape[-1] if shape and isinstance(shape[-1], int) else None
+        if labels is not None and not 0 <= self.unsafe_label < labels:
+            raise ModelLoadError(f"{self.folder}: manifest unsafe_label {self.unsafe_label} but the model outputs {labels} logits")
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        """Unsafe probability of each row of a padded [batch, seq] int64 batch."""
+        arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        feeds = {name: np.ascontiguousarray(arrays[name], dtype=np.int64) for name in self.input_names}
+        (logits,) = self.session.run([self.output_name], feeds)
+        return softmax(np.asarray(logits, dtype=np.float32))[:, self.unsafe_label]
+
+    def warm_up(self) -> None:
+        """Run short and full-length batches once so first requests do not pay for allocation."""
+        for batch, length in ((1, 8), (2, self.manifest.max_length)):
+            ids = np.full((batch, length), self.pad_id, dtype=np.int64)
+            mask = np.ones((batch, length), dtype=np.int64)
+            probs = self.run(ids, mask, np.zeros_like(ids))
+            if probs.shape != (batch,) or not np.all(np.isfinite(probs)):
+                raise ModelLoadError(f"{self.folder}: warm-up produced {probs.shape} / non-finite probabilities")

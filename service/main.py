@@ -1,0 +1,47 @@
+"""App factory: ``create_app(settings)`` wires runtime, routes, errors and middleware.
+
+No globals: each call builds an independent app with its own metrics registry, so tests
+(and a future sidecar) can run several in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.routes import classify, health, metrics, policies
+from service.config import Settings
+from service.errors import install_error_handlers
+from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.runtime import Runtime
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    runtime = Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: /healthz answers at once, /readyz turns 200 when warm.
+        runtime.start_loading()
+        try:
+            yield
+        finally:
+            await runtime.shutdown()
+
+    app = FastAPI(
+        title="UniGuard",
+        version="0.1.0",
+        summary="Judge whether a prompt violates a written policy.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    install_error_handlers(app, runtime.record_error)
+    for module in (classify, policies, health, metrics):
+        app.include_router(module.router)
+    # Last added is outermost: request ids and access logs wrap the body limit, so a 413 has an id.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_error=runtime.record_error)
+    app.add_middleware(RequestContextMiddleware, on_error=runtime.record_error)
+    return app

@@ -1,0 +1,85 @@
+"""Prometheus metrics, one registry per app (no global registry: tests run many apps).
+
+Labels are bounded on purpose: a policy label is a served policy id or the literal
+``inline``, never request text, so a client cannot blow up the series count.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# 0.1 ms .. 10 s: CPU inference of a batch sits in the low milliseconds.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
+
+INLINE_POLICY_LABEL = "inline"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """All service metrics; implements ``service.batching.BatchObserver``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "uniguard_requests_total", "Policy verdicts given, by policy and verdict.", ["policy", "verdict"], registry=r
+        )
+        self.request_latency = Histogram(
+            "uniguard_request_latency_seconds", "End-to-end time of one classification.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            "uniguard_queue_time_seconds", "Time a submission waited for its first batch.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tokenize_time = Histogram(
+            "uniguard_tokenize_time_seconds", "Time to encode a prompt into windows.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference_time = Histogram(
+            "uniguard_inference_time_seconds", "Model time of one batch.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "uniguard_batch_size", "Windows per model call.", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "uniguard_batch_tokens", "Real (unpadded) tokens per model call.", buckets=BATCH_TOKEN_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("uniguard_queue_depth", "Windows waiting for a batch.", registry=r)
+        self.rejected = Counter("uniguard_rejected_total", "Requests refused to shed load, by reason.", ["reason"], registry=r)
+        self.errors = Counter("uniguard_errors_total", "Error responses, by error code.", ["code"], registry=r)
+
+    # -- engine ------------------------------------------------------------------------
+
+    def observe_verdict(self, policy_label: str, verdict: str) -> None:
+        self.requests.labels(policy=policy_label, verdict=verdict).inc()
+
+    def observe_request_latency(self, seconds: float) -> None:
+        self.request_latency.observe(seconds)
+
+    def observe_tokenize_time(self, seconds: float) -> None:
+        self.tokenize_time.observe(seconds)
+
+    # -- batcher (BatchObserver) -------------------------------------------------------
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self.queue_time.observe(seconds)
+
+    def observe_batch(self, size: int, tokens: int, inference_s: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_tokens.observe(tokens)
+        self.inference_time.observe(inference_s)
+
+    def observe_queue_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    # -- errors ------------------------------------------------------------------------
+
+    def record_error(self, code: str, rejected: bool = False) -> None:
+        self.errors.labels(code=code).inc()
+        if rejected:
+            self.rejected.labels(reason=code).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
