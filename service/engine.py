@@ -127,13 +127,6 @@ class Engine:
                 out.append(self.model.encoder.encode(policy, prompt))
             except InstructionTooLong as exc:
                 raise ApiError(ErrorCode.policy_too_long, str(exc), details) from exc
-            except Exception as exc:
-                # A description longer than the whole window makes the tokenizer itself fail
-                # (plain Exception "Truncation error: ...") before InstructionTooLong is raised.
-                if "Truncation error" not in str(exc):
-                    raise
-                message = f"policy {policy.id!r}: description is longer than the model window of {details['max_length']} tokens"
-                raise ApiError(ErrorCode.policy_too_long, message, details) from exc
         return out
 
     async def _encode(self, policies: Sequence[Policy], prompt: str) -> tuple[list[EncodedWindows], float]:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from service.api.routes import classify, health, metrics, policies
 from service.config import Settings
 from service.errors import install_error_handlers
-from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestContextMiddleware
 from service.runtime import Runtime
 
 
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (classify, policies, health, metrics):
         app.include_router(module.router)
     # Last added is outermost: request ids and access logs wrap the body limit, so a 413 has an id.
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_error=runtime.record_error)
     app.add_middleware(RequestContextMiddleware, on_error=runtime.record_error)
     return app

@@ -166,3 +166,24 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+# Body types a JSON-only API reads as JSON: `curl -d` sends form-urlencoded by default, and
+# many gateway hooks send text/plain or nothing; refusing them would only break clients.
+_JSON_LIKE = (b"", b"application/x-www-form-urlencoded", b"text/plain")
+
+
+class JsonBodyMiddleware:
+    """Treats POST bodies without a JSON content type as JSON (the API speaks nothing else)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() != b"content-type"]
+            declared = _header(scope, b"content-type")
+            kind = (declared or "").split(";")[0].strip().lower().encode("latin-1")
+            if kind in _JSON_LIKE:
+                scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
+        await self.app(scope, receive, send)

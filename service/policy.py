@@ -130,6 +130,11 @@ class InputEncoder:
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_length, stride=stride, strategy="only_second")
+        # A copy without truncation counts instruction tokens: the truncating one refuses a
+        # lone sequence and cannot say by how much a long description overflows.
+        self._counter = Tokenizer.from_str(tokenizer.to_str())
+        self._counter.no_truncation()
+        self._counter.no_padding()
         # Tokens added around a pair: [CLS] a [SEP] b [SEP] for BERT.
         self._special_pair = tokenizer.post_processor.num_special_tokens_to_add(True) if tokenizer.post_processor else 0
 
@@ -138,7 +143,7 @@ class InputEncoder:
         return cls(Tokenizer.from_file(str(tokenizer_json)), template, max_length, stride)
 
     def instruction_tokens(self, policy: Policy) -> int:
-        return len(self._tokenizer.encode(self.template.instruction_text(policy), add_special_tokens=False).ids)
+        return len(self._counter.encode(self.template.instruction_text(policy), add_special_tokens=False).ids)
 
     def check_policy(self, policy: Policy) -> None:
         """Raise InstructionTooLong if this policy cannot share a window with a prompt."""

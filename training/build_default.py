@@ -109,6 +109,8 @@ def build_default(
 
             def on_step(step: int, total: int, loss: float) -> None:
                 bar.update(task, completed=step, total=total, info=f"loss {loss:.4f}")
+                if not console.is_terminal and (step % 25 == 0 or step == total):
+                    console.print(f"fine-tune step {step}/{total} loss {loss:.4f}")  # logs without a live bar
 
             log = train_classifier(model, data, cfg, progress=on_step)
         tmp = run_dir / ".checkpoint.tmp"

@@ -65,6 +65,17 @@ def quantize_int8(onnx_dir: Path, out_dir: Path) -> Path:
     return Path(out_dir) / "model_quantized.onnx"
 
 
+def clean_tokenizer(path: Path) -> None:
+    """Drop the fixed padding/truncation a saved tokenizer carries: windows are the encoder's job,
+    and any other reader of the file would otherwise silently truncate at 128 tokens."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.no_truncation()
+    tok.save(str(path))
+
+
 def export_model_folder(
     checkpoint_dir: Path,
     out_dir: Path,
@@ -102,6 +113,7 @@ def export_model_folder(
                 shutil.copy2(src, final / fname)
         if not (final / "tokenizer.json").exists():
             raise FileNotFoundError(f"{checkpoint_dir} has no tokenizer.json (a fast tokenizer is required)")
+        clean_tokenizer(final / "tokenizer.json")
         manifest = Manifest(
             name=name,
             base_model=base_model,

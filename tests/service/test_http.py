@@ -281,3 +281,13 @@ def test_missing_model_stays_up_not_ready(tiny_model_dir: Path, tmp_path: Path) 
         r = httpx.post(s.url + "/v1/classify", json={"policy_id": "toxicity", "prompt": "hi"})
         assert_error(r, 503, "not_ready")
         assert s.proc.poll() is None
+
+
+def test_curl_style_body_without_json_content_type_is_read_as_json(client: httpx.Client) -> None:
+    """`curl -d '{...}'` sends application/x-www-form-urlencoded: the README's example must work."""
+    body = b'{"policy_id": "toxicity", "prompt": "hello there"}'
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"content-type": ctype} if ctype else {}
+        r = client.post("/v1/classify", content=body, headers=headers)
+        assert r.status_code == 200, (ctype, r.text)
+        assert r.json()["policy_id"] == "toxicity"

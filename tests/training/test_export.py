@@ -52,3 +52,8 @@ def test_a_failed_export_leaves_the_old_folder_untouched(tmp_path: Path) -> None
         export_model_folder(tmp_path / "no-such-checkpoint", out, name="x", base_model="x", max_length=64, stride=16, creation_command="x")
     assert sha256_file(out / "model.onnx") == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_exported_tokenizer_neither_pads_nor_truncates(tiny_model_dir: Path) -> None:
+    data = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    assert data["padding"] is None and data["truncation"] is None
