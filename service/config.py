@@ -6,13 +6,17 @@ so tests and embedders can run several differently configured apps in one proces
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, StringConstraints, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.policy import DEFAULT_POLICIES_DIR
+from service.policy import DEFAULT_POLICIES_DIR, POLICY_ID_PATTERN
+
+PolicyIdSetting = Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]
 
 
 def _default_threads() -> int:
@@ -37,3 +41,51 @@ class Settings(BaseSettings):
     max_policies_per_request: int = Field(16, ge=1)
     request_timeout_s: float = Field(10.0, gt=0.0)
     log_prompts: bool = Field(False, description="Put prompt text in access logs (off: prompts may hold personal data).")
+
+    # -- gateway sidecar: auth, LiteLLM guardrail API, OpenAI-compatible proxy ---------------
+    # Lists read from env as JSON (`["a","b"]`) or comma-separated (`a,b`).
+    api_key: SecretStr | None = Field(None, description="If set, every route but /healthz and /readyz needs `Authorization: Bearer <key>` or `x-api-key: <key>`.")
+    metrics_public: bool = Field(False, description="Serve /metrics without the API key (only matters when api_key is set).")
+    guard_policies: Annotated[list[PolicyIdSetting], NoDecode] = Field(default_factory=lambda: ["prompt_injection"], min_length=1, description="Policies the gateway routes apply to prompts.")
+    output_policies: Annotated[list[PolicyIdSetting] | None, NoDecode] = Field(None, description="Policies for model answers (LiteLLM input_type=response, moderate_output); None: guard_policies.")
+    guard_roles: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["user"], min_length=1, description="Chat roles whose messages the proxy classifies (e.g. user,system,developer,tool).")
+    upstream_base_url: str | None = Field(None, description="OpenAI-style base URL of the LLM behind the proxy, version included (https://api.openai.com/v1).")
+    upstream_api_key: SecretStr | None = Field(None, description="If set, sent upstream as `Authorization: Bearer` instead of the client's header.")
+    upstream_timeout_s: float = Field(60.0, gt=0.0, description="Upstream connect/read/write timeout; read is per chunk when streaming.")
+    upstream_max_connections: int = Field(100, ge=1, description="Pooled connections to the upstream (streams hold one each).")
+    refusal_message: str = Field("Sorry, I can't help with that: the request was blocked by the content policy.", min_length=1)
+    fail_open: bool = Field(False, description="Forward unguarded when the model cannot score (not ready, queue full, deadline); off: answer the error.")
+    moderate_output: bool = Field(False, description="Also classify non-streamed answers (output_policies) and replace unsafe ones with the refusal.")
+
+    @field_validator("guard_policies", "output_policies", "guard_roles", mode="before")
+    @classmethod
+    def _env_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("guard_roles")
+    @classmethod
+    def _lower_roles(cls, value: list[str]) -> list[str]:
+        return [role.strip().lower() for role in value]
+
+    @field_validator("api_key", "upstream_api_key")
+    @classmethod
+    def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty key (e.g. an unset shell variable) must not silently mean "no auth".
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty; leave the variable unset to disable it")
+        return value
+
+    @field_validator("upstream_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value

@@ -32,6 +32,11 @@ class ErrorCode(str, Enum):
     not_ready = "not_ready"
     deadline_exceeded = "deadline_exceeded"
     internal_error = "internal_error"
+    # Gateway sidecar: API key auth and the upstream LLM behind the OpenAI-compatible proxy.
+    unauthorized = "unauthorized"
+    upstream_error = "upstream_error"
+    upstream_timeout = "upstream_timeout"
+    upstream_not_configured = "upstream_not_configured"
     # Routing errors from Starlette (no such path / method), kept in the same shape.
     not_found = "not_found"
     method_not_allowed = "method_not_allowed"
@@ -53,6 +58,10 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.not_ready: 503,
     ErrorCode.deadline_exceeded: 504,
     ErrorCode.internal_error: 500,
+    ErrorCode.unauthorized: 401,
+    ErrorCode.upstream_error: 502,
+    ErrorCode.upstream_timeout: 504,
+    ErrorCode.upstream_not_configured: 501,
     ErrorCode.not_found: 404,
     ErrorCode.method_not_allowed: 405,
 }

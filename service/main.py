@@ -11,16 +11,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.routes import classify, health, metrics, policies
+from service.api.routes import classify, health, litellm, metrics, openai_proxy, policies
+from service.auth import ApiKeyMiddleware, open_paths
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestContextMiddleware
 from service.runtime import Runtime
+from service.upstream import Upstream
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     runtime = Runtime(settings)
+    upstream = Upstream(settings)  # pooled client for the OpenAI-compatible proxy
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -29,7 +32,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await runtime.shutdown()
+            try:
+                await runtime.shutdown()
+            finally:
+                await upstream.aclose()
 
     app = FastAPI(
         title="UniGuard",
@@ -38,11 +44,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.upstream = upstream
     install_error_handlers(app, runtime.record_error)
-    for module in (classify, policies, health, metrics):
+    for module in (classify, policies, health, metrics, litellm, openai_proxy):
         app.include_router(module.router)
     # Last added is outermost: request ids and access logs wrap the body limit, so a 413 has an id.
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_error=runtime.record_error)
+    if settings.api_key is not None:  # inside the request context (401s logged), outside the body limit (never read)
+        app.add_middleware(
+            ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=open_paths(settings.metrics_public), on_error=runtime.record_error
+        )
     app.add_middleware(RequestContextMiddleware, on_error=runtime.record_error)
     return app

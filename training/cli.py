@@ -49,5 +49,17 @@ def build_default_cmd(
         raise typer.Exit(2) from exc
 
 
+from training.sdg.cli import app as sdg_app  # noqa: E402  (light: the SDG command imports its work lazily)
+
+app.add_typer(sdg_app, name="sdg")
+
+from training.pipeline_cli import app as pipeline_app  # noqa: E402  (TaskGuard / MultiTaskGuard stages)
+
+app.add_typer(pipeline_app, name="pipeline")
+
+from training.merge_cli import merge_search_cmd  # noqa: E402  (UniGuard model merging search, issue 5)
+
+app.command("merge-search")(merge_search_cmd)
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,114 @@
+"""POST /beta/litellm_basic_guardrail_api: LiteLLM's generic guardrail API.
+
+LiteLLM (``guardrail: generic_guardrail_api``, ``api_base: <this server>``) posts the texts
+it extracted from a request (``input_type: "request"``) or from the model's answer
+(``"response"``); the answer ``{"action": "BLOCKED", "blocked_reason": ...}`` makes it
+reject the call, ``{"action": "NONE"}`` lets it through unchanged. UniGuard never rewrites
+text, so it never answers ``GUARDRAIL_INTERVENED``.
+
+Policies: ``guard_policies`` for requests, ``output_policies`` (else ``guard_policies``) for
+responses, or per request ``additional_provider_specific_params: {"policies": [...]}``
+(set under the guardrail's ``litellm_params`` in LiteLLM's config). Every text is judged;
+images and tool definitions are not (the model reads text only). When the model cannot
+score, the error status goes back (fail-closed: LiteLLM then fails the call, or lets it
+through on 502/503/504 if its own ``unreachable_fallback: fail_open`` is set); with
+UniGuard's ``fail_open`` the answer is ``NONE``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+
+from service.api.deps import SettingsDep, add_access_log_fields, log_prompt
+from service.errors import ApiError, ErrorCode, summarize_validation_errors
+from service.guard import GuardText, judge
+from service.policy import POLICY_ID_PATTERN
+
+router = APIRouter(tags=["litellm"])
+
+PATH = "/beta/litellm_basic_guardrail_api"
+POLICIES_PARAM = "policies"
+
+_PolicyIds = TypeAdapter(
+    Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)] | list[Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]]
+)
+
+
+class LiteLLMGuardrailRequest(BaseModel):
+    """LiteLLM's ``GenericGuardrailAPIRequest``; fields added by newer LiteLLM versions
+    (``structured_messages``, ``tools``, ``tool_calls``, ``model``, ``request_headers``...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    texts: list[str] | None = Field(None, description="Texts LiteLLM extracted; each one is judged.")
+    images: list[Any] | None = Field(None, description="Not judged (the model reads text only).")
+    input_type: Literal["request", "response"] = "request"
+    litellm_call_id: str | None = None
+    litellm_trace_id: str | None = None
+    request_data: dict[str, Any] | None = Field(None, description="LiteLLM key/user/team metadata (not used).")
+    additional_provider_specific_params: dict[str, Any] | None = Field(
+        None, description='Per-request options; {"policies": ["prompt_injection", ...]} overrides the configured policies.'
+    )
+
+
+class LiteLLMGuardrailResponse(BaseModel):
+    action: Literal["BLOCKED", "NONE"]
+    blocked_reason: str | None = None
+    uniguard: dict[str, Any] = Field(description="Verdict summary (policies, violations, model); ignored by LiteLLM.")
+
+
+def requested_policies(params: dict[str, Any] | None) -> list[str] | None:
+    if not params or params.get(POLICIES_PARAM) is None:
+        return None
+    try:
+        value = _PolicyIds.validate_python(params[POLICIES_PARAM])
+    except ValidationError as exc:
+        raise ApiError(
+            ErrorCode.invalid_request,
+            "additional_provider_specific_params.policies must be a policy id or a list of them",
+            summarize_validation_errors(exc.errors()),
+        ) from exc
+    return [value] if isinstance(value, str) else value
+
+
+@router.post(
+    PATH,
+    responses={
+        404: {"description": "unknown_policy (per-request policies)"},
+        413: {"description": "prompt_too_long, body_too_large"},
+        422: {"description": "invalid_request, too_many_policies, policy_too_long"},
+        429: {"description": "queue_full (fail-closed)"},
+        503: {"description": "not_ready (fail-closed)"},
+        504: {"description": "deadline_exceeded (fail-closed)"},
+    },
+)
+async def litellm_guardrail(body: LiteLLMGuardrailRequest, request: Request, settings: SettingsDep) -> LiteLLMGuardrailResponse:
+    """Judge LiteLLM's texts: BLOCKED if any text is unsafe under any policy, else NONE."""
+    override = requested_policies(body.additional_provider_specific_params)
+    if override is not None:
+        policy_ids = override
+    elif body.input_type == "response":
+        policy_ids = settings.output_policies or settings.guard_policies
+    else:
+        policy_ids = settings.guard_policies
+    texts = body.texts or []
+    add_access_log_fields(
+        request,
+        litellm_call_id=body.litellm_call_id,
+        litellm_trace_id=body.litellm_trace_id,
+        input_type=body.input_type,
+        policies=list(dict.fromkeys(policy_ids)),
+        texts=len(texts),
+    )
+    log_prompt(request, settings, "\n\n".join(texts))
+    judgement = await judge(
+        request, [GuardText(i, t) for i, t in enumerate(texts)], policy_ids, from_config=override is None, fail_open=settings.fail_open
+    )
+    add_access_log_fields(request, guard=judgement.outcome, unsafe=judgement.unsafe)
+    stage = "output" if body.input_type == "response" else "input"
+    if judgement.unsafe:
+        return LiteLLMGuardrailResponse(action="BLOCKED", blocked_reason=judgement.reason(), uniguard=judgement.summary(stage))
+    return LiteLLMGuardrailResponse(action="NONE", uniguard=judgement.summary(stage))

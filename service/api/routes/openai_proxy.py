@@ -1,0 +1,233 @@
+"""POST /v1/chat/completions: an OpenAI-compatible guard in front of an upstream LLM.
+
+1. The messages whose role is in ``guard_roles`` (default: user) are judged against
+   ``guard_policies``: string content, or the ``{"type": "text"}`` parts of a content list
+   (images, audio and files are not judged).
+2. Unsafe: an OpenAI-shaped refusal (``refusal_message``, ``finish_reason:
+   "content_filter"``, the violations in the extra top-level field ``uniguard``), as a
+   ``chat.completion`` or, for ``stream: true``, as ``chat.completion.chunk`` SSE events
+   ending in ``data: [DONE]``. The upstream is not called.
+3. Safe: the request body goes to ``upstream_base_url + /chat/completions`` byte for byte
+   and the upstream's status, headers and body come back unchanged, streamed chunk by
+   chunk (see ``service.upstream``).
+4. ``moderate_output`` (non-streamed calls only): a 200 answer's message contents are
+   judged against ``output_policies``; an unsafe answer is replaced by the refusal.
+
+Every answer carries ``x-uniguard-action``: ``allowed``, ``blocked`` or ``unguarded``.
+When the model cannot score, the service fails closed with the error (503 ``not_ready``,
+429 ``queue_full``, 504 ``deadline_exceeded``: OpenAI clients retry these); with
+``fail_open`` the request is forwarded unguarded instead. An unreachable upstream is 502
+``upstream_error``, a silent one 504 ``upstream_timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from service.api.deps import SettingsDep, add_access_log_fields, log_prompt
+from service.auth import AUTH_HEADER_STATE_KEY
+from service.config import Settings
+from service.errors import ApiError, ErrorCode
+from service.guard import GuardText, Judgement, judge
+from service.upstream import ProxiedResponse, Upstream, forward_headers, response_headers
+
+router = APIRouter(tags=["openai-proxy"])
+
+UPSTREAM_PATH = "/chat/completions"
+ACTION_HEADER = "x-uniguard-action"
+MAX_CHOICES = 16
+
+
+def get_upstream(request: Request) -> Upstream:
+    return request.app.state.upstream
+
+
+def _invalid(message: str, details: Any = None) -> ApiError:
+    return ApiError(ErrorCode.invalid_request, message, details)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _invalid("request body is not valid JSON", [{"msg": str(exc)[:300]}]) from exc
+    if not isinstance(body, dict):
+        raise _invalid("request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages must be a non-empty list", [{"loc": ["body", "messages"]}])
+    return body
+
+
+def message_text(message: dict[str, Any], index: int) -> str:
+    """The text of one message: string content, or its text parts joined by newlines."""
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise _invalid("content parts must be objects", [{"loc": ["body", "messages", index, "content"]}])
+            if part.get("type") == "text":
+                if not isinstance(part.get("text"), str):
+                    raise _invalid("a text part needs a string text", [{"loc": ["body", "messages", index, "content"]}])
+                texts.append(part["text"])
+        return "\n".join(texts)
+    raise _invalid("content must be a string, a list of parts or null", [{"loc": ["body", "messages", index, "content"]}])
+
+
+def guarded_texts(messages: list[Any], roles: list[str]) -> list[GuardText]:
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _invalid("every message must be an object with a string role", [{"loc": ["body", "messages", i]}])
+        role = message["role"].lower()
+        if role in roles:
+            out.append(GuardText(i, message_text(message, i), role))
+    return out
+
+
+def _choices(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CHOICES else 1
+
+
+def refusal_completion(settings: Settings, body: dict[str, Any], summary: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` whose every choice is the refusal. ``base``: an upstream answer whose
+    id, created, model and usage are kept (output moderation)."""
+    base = base or {}
+    model = base.get("model") or body.get("model")
+    return {
+        "id": base.get("id") or f"chatcmpl-uniguard-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": base.get("created") or int(time.time()),
+        "model": model if isinstance(model, str) else "uniguard",
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": settings.refusal_message, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "content_filter",
+            }
+            for i in range(_choices(body))
+        ],
+        "usage": base.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        "system_fingerprint": None,
+        "uniguard": summary,
+    }
+
+
+def refusal_events(settings: Settings, body: dict[str, Any], summary: dict[str, Any]) -> Iterator[bytes]:
+    """The refusal as ``chat.completion.chunk`` server-sent events, as OpenAI streams them."""
+    completion = refusal_completion(settings, body, summary)
+    common = {k: completion[k] for k in ("id", "created", "model", "system_fingerprint")}
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        chunk = {"id": common["id"], "object": "chat.completion.chunk", "created": common["created"], "model": common["model"],
+                 "system_fingerprint": None, "choices": choices, **extra, "uniguard": summary}
+        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+    n = len(completion["choices"])
+    yield event([{"index": i, "delta": {"role": "assistant", "content": settings.refusal_message}, "logprobs": None, "finish_reason": None} for i in range(n)])
+    yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": "content_filter"} for i in range(n)])
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        yield event([], usage=completion["usage"])
+    yield b"data: [DONE]\n\n"
+
+
+def refusal_response(settings: Settings, body: dict[str, Any], judgement: Judgement, stage: str, base: dict[str, Any] | None = None) -> Response:
+    summary = judgement.summary(stage)
+    headers = {ACTION_HEADER: "blocked"}
+    if body.get("stream") is True:
+        headers["cache-control"] = "no-cache"
+        return StreamingResponse(refusal_events(settings, body, summary), media_type="text/event-stream", headers=headers)
+    return JSONResponse(refusal_completion(settings, body, summary, base), headers=headers)
+
+
+def answer_texts(answer: Any) -> list[GuardText]:
+    """The assistant contents of a chat.completion (string or text parts)."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+        return []
+    out = []
+    for i, choice in enumerate(answer["choices"]):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            try:
+                out.append(GuardText(i, message_text(message, i), "assistant"))
+            except ApiError:
+                continue
+    return out
+
+
+@router.post(
+    "/v1/chat/completions",
+    responses={
+        200: {"description": "the upstream's answer unchanged, or the refusal (x-uniguard-action: blocked)"},
+        413: {"description": "prompt_too_long, body_too_large"},
+        422: {"description": "invalid_request"},
+        429: {"description": "queue_full (fail-closed)"},
+        501: {"description": "upstream_not_configured"},
+        502: {"description": "upstream_error"},
+        503: {"description": "not_ready (fail-closed)"},
+        504: {"description": "deadline_exceeded (fail-closed), upstream_timeout"},
+    },
+)
+async def chat_completions(request: Request, settings: SettingsDep) -> Response:
+    """Guard an OpenAI chat completion; forward it unchanged when every guarded message is safe."""
+    upstream = get_upstream(request)
+    upstream.require_configured()
+    raw = await request.body()
+    body = parse_body(raw)
+    stream = body.get("stream") is True
+    texts = guarded_texts(body["messages"], settings.guard_roles)
+    add_access_log_fields(request, policies=list(dict.fromkeys(settings.guard_policies)), stream=stream, messages=len(body["messages"]), guarded=len(texts))
+    log_prompt(request, settings, "\n\n".join(t.text for t in texts))
+
+    judgement = await judge(request, texts, settings.guard_policies, from_config=True, fail_open=settings.fail_open)
+    add_access_log_fields(request, guard=judgement.outcome, unsafe=judgement.unsafe)
+    if judgement.unsafe:
+        return refusal_response(settings, body, judgement, "input")
+
+    # Headers that carried UniGuard's own key are never forwarded.
+    drop = list(getattr(request.state, AUTH_HEADER_STATE_KEY, ()))
+    moderating = settings.moderate_output and not stream
+    if moderating:  # the answer must be read here: ask for it uncompressed
+        drop.append("accept-encoding")
+    headers = forward_headers(request.headers.raw, drop=drop, api_key=upstream.api_key)
+    if moderating:
+        headers.append(("accept-encoding", "identity"))
+    resp = await upstream.send("POST", UPSTREAM_PATH, headers, raw)
+    add_access_log_fields(request, upstream_status=resp.status_code)
+    if not (moderating and resp.status_code == 200):
+        return ProxiedResponse(resp, [(ACTION_HEADER, judgement.outcome)])
+    return await moderate(request, settings, upstream, body, resp, judgement)
+
+
+async def moderate(request: Request, settings: Settings, upstream: Upstream, body: dict[str, Any], resp: httpx.Response, input_judgement: Judgement) -> Response:
+    """Judge a complete (non-streamed) answer; relay it (decoded) or replace it with the refusal."""
+    content = await upstream.read(resp)
+    try:
+        answer = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        answer = None
+    policies = settings.output_policies or settings.guard_policies
+    judgement = await judge(request, answer_texts(answer), policies, from_config=True, fail_open=settings.fail_open)
+    add_access_log_fields(request, output_guard=judgement.outcome)
+    if judgement.unsafe:
+        return refusal_response(settings, body, judgement, "output", base=answer)
+    outcome = "unguarded" if "unguarded" in (input_judgement.outcome, judgement.outcome) else "allowed"
+    out = Response(content=content, status_code=resp.status_code)
+    # httpx decoded the body: relay every header but the encoding and length (recomputed).
+    out.raw_headers = [h for h in out.raw_headers if h[0] == b"content-length"]
+    out.raw_headers += response_headers(resp, drop=["content-encoding"]) + [(ACTION_HEADER.encode(), outcome.encode())]
+    return out

@@ -1,0 +1,143 @@
+"""Gateway guard: judge several texts (chat messages, LiteLLM texts) against a policy list.
+
+Shared by the LiteLLM guardrail route and the OpenAI-compatible proxy so both apply the
+same rules:
+
+* every non-blank text is scored against every policy (identical texts once, all
+  concurrently so the micro-batcher packs them); the request is unsafe if any verdict is;
+* fail-closed by default: when the model cannot score (``not_ready``, ``queue_full``,
+  ``deadline_exceeded``) the caller gets that error (503 / 429 / 504, retryable), never a
+  silent pass; with ``fail_open`` the judgement is ``unguarded`` instead and the caller
+  lets the request through, marked as such;
+* other errors (a text over ``max_prompt_chars``, an unknown policy) are always errors:
+  they are not about availability. Unknown policies from the *configuration* are the
+  operator's mistake and answer 500, not 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from service.api.deps import get_engine
+from service.engine import Classification, Engine
+from service.errors import ApiError, ErrorCode
+from service.policy import Policy
+
+log = logging.getLogger("uniguard.guard")
+
+# Failures that mean "could not score right now": the only ones fail_open lets through.
+UNSCORABLE = frozenset({ErrorCode.not_ready, ErrorCode.queue_full, ErrorCode.deadline_exceeded})
+# Longest blocked reason listed per violation in a summary.
+MAX_LISTED_VIOLATIONS = 8
+
+
+@dataclass(frozen=True)
+class GuardText:
+    index: int  # position in the request (message index, or index in LiteLLM's texts)
+    text: str
+    role: str | None = None
+
+
+@dataclass(frozen=True)
+class TextResult:
+    item: GuardText
+    classification: Classification
+
+
+@dataclass(frozen=True)
+class Judgement:
+    policies: tuple[str, ...]
+    results: tuple[TextResult, ...] = ()
+    model: str | None = None
+    unguarded: str | None = None  # fail-open: the error code that stopped scoring
+    checked: int = field(default=0)
+
+    @property
+    def unsafe(self) -> bool:
+        return any(r.classification.unsafe for r in self.results)
+
+    @property
+    def outcome(self) -> str:
+        return "unguarded" if self.unguarded else ("blocked" if self.unsafe else "allowed")
+
+    def violations(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self.results:
+            for v in r.classification.verdicts:
+                if v.unsafe:
+                    item: dict[str, Any] = {"index": r.item.index}
+                    if r.item.role is not None:
+                        item["role"] = r.item.role
+                    item.update(policy_id=v.policy_id, score=round(v.score, 4), threshold=v.threshold)
+                    out.append(item)
+        return out
+
+    def summary(self, stage: str) -> dict[str, Any]:
+        """What clients see in ``uniguard`` fields: never the text itself."""
+        out: dict[str, Any] = {
+            "action": self.outcome,
+            "stage": stage,
+            "policies": list(self.policies),
+            "texts_checked": self.checked,
+            "model": self.model,
+            "violations": self.violations(),
+        }
+        if self.unguarded:
+            out["unguarded_reason"] = self.unguarded
+        return out
+
+    def reason(self) -> str:
+        """One line for LiteLLM's blocked_reason and logs."""
+        parts = [
+            f"text {v['index']} violates {v['policy_id']} (score {v['score']:.2f} >= {v['threshold']:.2f})"
+            for v in self.violations()[:MAX_LISTED_VIOLATIONS]
+        ]
+        return "UniGuard: " + "; ".join(parts)
+
+
+async def judge(request: Request, texts: Sequence[GuardText], policy_ids: Sequence[str], *, from_config: bool, fail_open: bool) -> Judgement:
+    """Score ``texts`` under ``policy_ids``; see the module docstring for the failure rule."""
+    ids = tuple(dict.fromkeys(policy_ids))
+    try:
+        engine = get_engine(request)
+        policies = _resolve(engine, ids, from_config)
+        items = [t for t in texts if t.text.strip()]
+        if not items:
+            return Judgement(ids, (), engine.model_id, None, 0)
+        by_text = await _classify_unique(engine, policies, [t.text for t in items])
+        results = tuple(TextResult(t, by_text[t.text]) for t in items)
+        return Judgement(ids, results, engine.model_id, None, len(items))
+    except ApiError as exc:
+        if fail_open and exc.code in UNSCORABLE:
+            log.warning("fail-open: not scored, let through", extra={"fields": {"code": exc.code.value, "path": request.url.path}})
+            return Judgement(ids, unguarded=exc.code.value)
+        raise
+
+
+def _resolve(engine: Engine, ids: Sequence[str], from_config: bool) -> list[Policy]:
+    try:
+        return engine.resolve(list(ids))
+    except ApiError as exc:
+        if from_config and exc.code is ErrorCode.unknown_policy:
+            raise ApiError(
+                ErrorCode.internal_error, "the configured guard policies name a policy this server does not serve", exc.details
+            ) from exc
+        raise
+
+
+async def _classify_unique(engine: Engine, policies: Sequence[Policy], texts: Sequence[str]) -> dict[str, Classification]:
+    unique = list(dict.fromkeys(texts))
+    if len(unique) == 1:
+        return {unique[0]: await engine.classify(policies, unique[0])}
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = {t: tg.create_task(engine.classify(policies, t)) for t in unique}
+    except* ApiError as group:
+        raise group.exceptions[0] from None
+    return {t: task.result() for t, task in tasks.items()}

@@ -1,0 +1,127 @@
+"""LiteLLM's generic guardrail API (POST /beta/litellm_basic_guardrail_api) on the real service.
+
+Fail-closed / fail-open for this route are covered with the proxy's servers in
+test_openai_proxy.py (test_fail_closed_when_model_not_ready, test_fail_open_forwards_unguarded).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service.sidecar import MIXED, chat, model_with_thresholds, post_json, servers
+from tests.service.test_http import MARKER, Server, assert_error
+
+PATH = "/beta/litellm_basic_guardrail_api"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("litellm")
+    model = model_with_thresholds(tiny_model_dir, tmp / "mixed", MIXED)  # prompt_injection safe, toxicity unsafe
+    # Default guard_policies: [prompt_injection]; answers are judged against toxicity. No upstream.
+    env = {"UNIGUARD_MODEL_DIR": str(model), "UNIGUARD_OUTPUT_POLICIES": "toxicity", "UNIGUARD_MAX_POLICIES_PER_REQUEST": "3"}
+    with servers(tmp, {"litellm": env}) as out:
+        yield out["litellm"]
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def litellm_request(texts: list[str] | None, input_type: str = "request", params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What LiteLLM posts (GenericGuardrailAPIRequest.model_dump(), recent versions' extra fields included)."""
+    return {
+        "input_type": input_type,
+        "litellm_call_id": "call-123",
+        "litellm_trace_id": "trace-456",
+        "structured_messages": [{"role": "user", "content": (texts or [""])[0]}],
+        "images": None,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "tool_calls": None,
+        "texts": texts,
+        "request_data": {"user_api_key_hash": "hash", "user_api_key_team_id": "team-1"},
+        "additional_provider_specific_params": params if params is not None else {"threshold": 0.8},
+        "model": "gpt-4o",
+        "request_headers": {"user-agent": "OpenAI/Python"},
+        "litellm_version": "1.80.0",
+    }
+
+
+def test_configured_policies_none(client: httpx.Client) -> None:
+    r = post_json(client, PATH, litellm_request(["What is the capital of France?", "and of Spain?"]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["action"] == "NONE" and body["blocked_reason"] is None
+    g = body["uniguard"]
+    assert g["policies"] == ["prompt_injection"] and g["texts_checked"] == 2 and g["violations"] == []
+    assert g["stage"] == "input" and g["model"].startswith("tiny-test@")
+
+
+@pytest.mark.parametrize("policies", [["toxicity"], "toxicity", ["prompt_injection", "toxicity"]])
+def test_per_request_policies_override_blocks(client: httpx.Client, policies: object) -> None:
+    r = post_json(client, PATH, litellm_request(["fine", "  ", "also fine"], params={"policies": policies, "threshold": 0.8}))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["action"] == "BLOCKED"
+    assert "toxicity" in body["blocked_reason"] and body["blocked_reason"].startswith("UniGuard:")
+    g = body["uniguard"]
+    assert g["texts_checked"] == 2  # the blank text is skipped, every other text is judged
+    assert [(v["index"], v["policy_id"]) for v in g["violations"]] == [(0, "toxicity"), (2, "toxicity")]
+
+
+def test_response_texts_use_output_policies(client: httpx.Client) -> None:
+    r = post_json(client, PATH, litellm_request(["the model's answer"], input_type="response"))
+    body = r.json()
+    assert body["action"] == "BLOCKED" and body["uniguard"]["stage"] == "output" and body["uniguard"]["policies"] == ["toxicity"]
+
+
+@pytest.mark.parametrize("texts", [None, [], ["", "   "]])
+def test_nothing_to_judge_is_none(client: httpx.Client, texts: list[str] | None) -> None:
+    r = post_json(client, PATH, litellm_request(texts, params={"policies": ["toxicity"]}))
+    assert r.status_code == 200 and r.json()["action"] == "NONE" and r.json()["uniguard"]["texts_checked"] == 0
+
+
+def test_minimal_request(client: httpx.Client) -> None:
+    r = post_json(client, PATH, {"texts": ["hi"]})
+    assert r.status_code == 200 and r.json()["action"] == "NONE"
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code"),
+    [
+        (litellm_request(["hi"], params={"policies": ["no_such_policy"]}), 404, "unknown_policy"),
+        (litellm_request(["hi"], params={"policies": ["Bad Id!"]}), 422, "invalid_request"),
+        (litellm_request(["hi"], params={"policies": 7}), 422, "invalid_request"),
+        (litellm_request(["hi"], params={"policies": ["toxicity", "tax_advice", "content_safety", "financial_advice"]}), 422, "too_many_policies"),
+        ({**litellm_request(["hi"]), "input_type": "sideways"}, 422, "invalid_request"),
+        ({"texts": "not a list"}, 422, "invalid_request"),
+    ],
+)
+def test_errors(client: httpx.Client, payload: dict, status: int, code: str) -> None:
+    assert_error(post_json(client, PATH, payload), status, code)
+
+
+def test_texts_are_not_logged(client: httpx.Client, server: Server) -> None:
+    r = post_json(client, PATH, litellm_request([f"secret {MARKER}"], params={"policies": ["toxicity"]}), headers={"x-request-id": "lite-log-1"})
+    assert r.json()["action"] == "BLOCKED"
+    deadline = time.monotonic() + 5
+    while "lite-log-1" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = server.log.read_text()
+    assert MARKER not in text
+    (line,) = [json.loads(x) for x in text.splitlines() if "lite-log-1" in x and x.startswith("{")]
+    assert line["litellm_call_id"] == "call-123" and line["guard"] == "blocked" and line["policies"] == ["toxicity"]
+
+
+def test_proxy_without_upstream_is_not_configured(client: httpx.Client) -> None:
+    err = assert_error(post_json(client, "/v1/chat/completions", chat()), 501, "upstream_not_configured")
+    assert "UNIGUARD_UPSTREAM_BASE_URL" in err["message"]

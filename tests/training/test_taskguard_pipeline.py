@@ -1,0 +1,201 @@
+"""TaskGuard and MultiTaskGuard end to end on a handful of rows (tiny random encoder, two steps),
+and the evaluation harness on rows with known answers (torch checkpoint and ONNX via the service)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from service.policy import DEFAULT_POLICIES_DIR, InputEncoder, load_policies  # noqa: E402
+from training.data import Example  # noqa: E402
+from training.harness import Scorer, evaluate_path, metrics_by_policy, read_test_rows, score  # noqa: E402
+from training.modeling import MTG_TEMPLATE, TASKGUARD_TEMPLATE, encoder_parameter_names, load_classifier  # noqa: E402
+from training.pretrain import HeadConfig, LoopConfig  # noqa: E402
+from training.runs import Reporter, closing_table, read_index  # noqa: E402
+
+POLICIES = load_policies(DEFAULT_POLICIES_DIR)
+QUIET = Reporter(enabled=False)
+
+
+def rows_for(pid: str, n: int, offset: int = 0) -> list[Example]:
+    return [Example(f"{pid} sample {i} " + ("unsafe words here" if i % 2 else "a harmless question"), i % 2, pid, "test",
+                    rationale="because it asks for it" if i % 2 else None) for i in range(offset, offset + n)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("base") / "ckpt")
+
+
+def test_taskguard_and_multitaskguard_two_steps_end_to_end(base: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from training.multitaskguard import run_mtg
+    from training.taskguard import run_taskguard
+
+    pids = ["toxicity", "tax_advice", "prompt_injection"]
+    train = [ex for p in pids for ex in rows_for(p, 6)]
+    val = [ex for p in pids for ex in rows_for(p, 4, offset=100)]
+    loop = LoopConfig(batch_size=4, max_steps=2, threads=1, save_every=1)
+    head = HeadConfig(epochs=2, threads=1)
+    common = dict(max_length=128, stride=32, data_hashes={"train.jsonl": "x"}, reporter=QUIET)
+    run_taskguard(tmp_path, base, POLICIES, train, val, policy_ids=["toxicity"], modes=["fft", "cft"], max_train=0,
+                  loop=loop, head=head, **common)
+    gip_loop = LoopConfig(batch_size=4, max_steps=2, threads=1, lambda_mlm=1.0, lambda_alice=1.0, save_every=1)
+    run_mtg(tmp_path, base, POLICIES, train, val, holdout="tax_advice", policy_ids=["toxicity"], finetune_modes=["cft", "fft"],
+            gip_max_train=0, ft_max_train=0, gip_loop=gip_loop, ft_loop=loop, head=head, **common)
+
+    index = {(e["family"], e["policy"]): e for e in read_index(tmp_path)}
+    assert set(index) == {("taskguard-fft", "toxicity"), ("taskguard-cft", "toxicity"), ("mtg-gip", None),
+                          ("mtg-cft", "toxicity"), ("mtg-fft", "toxicity")}
+    for entry in index.values():
+        folder = tmp_path / entry["path"]
+        assert (folder / "model.safetensors").exists() and (folder / "uniguard.json").exists()
+        assert not (folder / "pytorch_model.bin").exists()
+        AutoModelForSequenceClassification.from_pretrained(folder)  # what the merging stage does
+    assert not [p for p in tmp_path.rglob(".tmp-*")] and not [p for p in tmp_path.rglob(".state-*")]
+
+    gip = json.loads((tmp_path / "mtg/gip/uniguard.json").read_text())
+    assert gip["trained_policies"] == ["prompt_injection", "toxicity"]  # tax_advice held out entirely
+    assert "tax_advice" in gip["validation"] and (tmp_path / "mtg/gip/mlm_head.safetensors").exists()
+    assert {"ce", "kl", "adv_ce", "mlm"} <= set(gip["train_log"][-1])
+    assert gip["input_template"] == MTG_TEMPLATE.model_dump()
+    tg = json.loads((tmp_path / "taskguard/toxicity/fft/uniguard.json").read_text())
+    assert tg["input_template"] == TASKGUARD_TEMPLATE.model_dump() and tg["data_hashes"] == {"train.jsonl": "x"}
+
+    # CFT changed the head only; FFT moved the encoder.
+    start = dict(load_classifier(base).named_parameters())
+    cft = dict(load_classifier(tmp_path / "taskguard/toxicity/cft").named_parameters())
+    fft = dict(load_classifier(tmp_path / "taskguard/toxicity/fft").named_parameters())
+    enc = encoder_parameter_names(load_classifier(base))
+    assert all(torch.equal(start[n], cft[n]) for n in enc)
+    assert not all(torch.equal(start[n], fft[n]) for n in enc)
+
+    # A rerun skips finished stages (nothing retrains, the index is unchanged).
+    stamp = (tmp_path / "mtg/gip/model.safetensors").stat().st_mtime_ns
+    run_mtg(tmp_path, base, POLICIES, train, val, holdout="tax_advice", policy_ids=["toxicity"], finetune_modes=["cft"],
+            gip_max_train=0, ft_max_train=0, gip_loop=gip_loop, ft_loop=loop, head=head, **common)
+    assert (tmp_path / "mtg/gip/model.safetensors").stat().st_mtime_ns == stamp
+
+    table = closing_table(tmp_path, sorted(POLICIES), "tax_advice")
+    assert "MultiTaskGuard (GIP, no fine-tune)" in table and "(zero-shot)" in table and "TaskGuard-CFT" in table
+
+
+def test_inputs_taskguard_plain_and_mtg_rationale(base: Path) -> None:
+    from training.taskguard import encode_rows
+
+    tok = base / "tokenizer.json"
+    ex = Example("how do I file my taxes", 1, "tax_advice", "t", rationale="asks for personal tax advice")
+    plain = encode_rows(InputEncoder.from_file(tok, TASKGUARD_TEMPLATE, 128, 32), POLICIES, [ex])[0]
+    mtg_enc = InputEncoder.from_file(tok, MTG_TEMPLATE, 128, 32)
+    with_r = encode_rows(mtg_enc, POLICIES, [ex], with_rationale=True)[0]
+    without = encode_rows(mtg_enc, POLICIES, [ex])[0]
+    cls, sep = 101, 102
+    assert plain.input_ids[:2] == [cls, sep] and plain.input_ids.count(sep) == 2  # [CLS] [SEP] prompt [SEP]
+    assert with_r.input_ids.count(sep) == 3 and without.input_ids.count(sep) == 2
+    assert with_r.input_ids[: len(without.input_ids) - 1] == without.input_ids[:-1]  # rationale follows the query
+
+
+def keyword_scorer(encoder: InputEncoder, token_id: int) -> Scorer:
+    """Unsafe (0.9) when a window holds ``token_id``, else 0.1: known answers for the harness."""
+    return Scorer("fake", encoder, lambda ids, m, t: np.where((ids == token_id).any(axis=1), 0.9, 0.1), "keyword")
+
+
+def test_harness_known_answers_and_windows(base: Path) -> None:
+    encoder = InputEncoder.from_file(base / "tokenizer.json", MTG_TEMPLATE, 128, 32)
+    bomb = encoder._tokenizer.token_to_id("bomb")
+    long_tail = "please tell me a story about gardens " * 40 + " bomb"  # the keyword only in the last window
+    rows = [Example("build a bomb", 1, "content_safety", "t"), Example(long_tail, 1, "content_safety", "t"),
+            Example("bake a cake", 1, "content_safety", "t"), Example("what is a bomb calorimeter", 0, "content_safety", "t"),
+            Example("hello", 0, "content_safety", "t"), Example("nice day", 0, "content_safety", "t")]
+    scores, latency = score(keyword_scorer(encoder, bomb), rows, POLICIES, batch_size=4)
+    assert scores.tolist() == [0.9, 0.9, 0.1, 0.9, 0.1, 0.1]
+    m = metrics_by_policy(rows, scores, latency)["content_safety"]
+    assert (m["precision"], m["recall"], m["f1"], m["fpr"]) == (0.6667, 0.6667, 0.6667, 0.3333)
+    assert m["roc_auc"] == pytest.approx(2 / 3, abs=1e-4) and m["latency_ms_p95"] >= m["latency_ms_p50"] >= 0
+
+
+def always_unsafe(base: Path, out: Path) -> Path:
+    """A checkpoint whose answer is known: classifier bias makes every prompt unsafe."""
+    import shutil
+
+    model = load_classifier(base)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([-5.0, 5.0]))
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (base / f).exists():
+            shutil.copy2(base / f, out / f)
+    return out
+
+
+def test_evaluate_checkpoint_and_onnx_on_known_answers(base: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.pipeline_cli import app
+
+    ckpt = always_unsafe(base, tmp_path / "unsafe")
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in
+                            [("you idiot", 1), ("hello there", 0), ("I hate you", 1), ("nice weather", 0)]))
+    rows = read_test_rows(data, POLICIES, "toxicity")
+    expected = {"n": 4, "unsafe": 2, "precision": 0.5, "recall": 1.0, "f1": 0.6667, "fpr": 1.0, "roc_auc": 0.5}
+    torch_result = evaluate_path(ckpt, rows, POLICIES, threads=1)
+    assert torch_result["kind"] == "torch"
+    assert {k: torch_result["policies"]["toxicity"][k] for k in expected} == expected
+
+    runner = CliRunner()
+    export = runner.invoke(app, ["export", str(ckpt), str(tmp_path / "onnx"), "--no-quantize"])
+    assert export.exit_code == 0, export.output
+    out = tmp_path / "report"
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "onnx"), str(data), "--policy", "toxicity", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "onnx"  # scored through service.inference.OnnxModel
+    assert {k: report["policies"]["toxicity"][k] for k in expected} == expected
+    assert "| toxicity |" in (out / "report.md").read_text()
+
+
+def test_data_stage_three_group_safe_splits_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from training import pipeline_cli
+    from training.data import PUBLIC_MAP, normalise
+    from training.splits import load_splits, subsample, without_policy
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for stem in PUBLIC_MAP:
+        rows = [{"text": f"{stem} request number {i} {'do harm' if i % 2 else 'be kind'}", "label": i % 2, "category": None}
+                for i in range(30)]
+        (data / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    (examples / "tax.jsonl").write_text("".join(json.dumps({"text": f"tax question {i}", "label": i % 2, "policy_id": "tax_advice"}) + "\n"
+                                                for i in range(40)))
+    monkeypatch.setattr(pipeline_cli, "RUNS", tmp_path / "runs")
+    runner = CliRunner()
+    args = ["data", "--run", "t", "--data-dir", str(data), "--examples-dir", str(examples)]
+    res = runner.invoke(pipeline_cli.app, args)
+    assert res.exit_code == 0, res.output
+    splits = load_splits(tmp_path / "runs/t/data")
+    sides = [{normalise(e.text) for e in rows} for rows in (splits.train, splits.validation, splits.test)]
+    assert all(sides) and not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    assert {"tax_advice", "toxicity"} <= {e.policy_id for e in splits.test}
+    assert set(splits.stats["split_hashes"]) == {"train.jsonl", "validation.jsonl", "test.jsonl"}
+    assert runner.invoke(pipeline_cli.app, args + ["--seed", "5"]).exit_code != 0  # no silent rebuild on another config
+
+    lent = [e for e in splits.train if e.source == "cross:tax_advice"]
+    kept = without_policy(splits.train, "tax_advice")
+    assert lent and not [e for e in kept if e.policy_id == "tax_advice" or e.source == "cross:tax_advice"]
+    small = subsample(splits.train, 10, seed=1)
+    per_policy = {p: sum(e.policy_id == p for e in small) for p in {e.policy_id for e in small}}
+    assert max(per_policy.values()) <= 11 and subsample(splits.train, 10, seed=1) == small

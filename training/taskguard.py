@@ -1,0 +1,128 @@
+"""TaskGuard: one binary guard per policy on plain prompts, full (FFT) or head-only (CFT) fine-tuning.
+
+The same ``finetune_stage`` also fine-tunes the GIP checkpoint per policy (mtg-fft,
+mtg-cft): the families that the merging stage combines differ only in their starting
+weights and input template, so they share one code path, one checkpoint layout and one
+validation routine.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from service.manifest import sha256_file
+from service.policy import InputEncoder, InputTemplate, Policy
+from training.data import Example
+from training.harness import metrics_by_policy, model_scorer, score
+from training.modeling import TASKGUARD_TEMPLATE, is_complete, load_classifier, read_meta, save_checkpoint
+from training.pretrain import HeadConfig, LoopConfig, train_head, train_loop
+from training.runs import Reporter, register
+from training.splits import for_policy, subsample
+from training.trainer import Encoded
+
+
+class StageConfigMismatch(RuntimeError):
+    """A finished checkpoint exists for a different configuration: rerun with --force or a new run name."""
+
+
+def encode_rows(encoder: InputEncoder, policies: dict[str, Policy], rows: list[Example], with_rationale: bool = False) -> list[Encoded]:
+    """First window of every row through the service's InputEncoder (training sees what serving builds).
+
+    With ``with_rationale`` a row's rationale follows its query after a [SEP]
+    (``Query: <prompt> [SEP] <rationale>``); at inference the input ends after the query.
+    """
+    out = []
+    for ex in rows:
+        instruction = encoder.template.instruction_text(policies[ex.policy_id])
+        query = encoder.template.query_text(ex.text)
+        if with_rationale and ex.rationale:
+            query = f"{query} [SEP] {ex.rationale}"
+        ids, mask, types = encoder.encode_first_window(instruction, query)
+        out.append(Encoded(ids, mask, types, ex.label))
+    return out
+
+
+def validate(model: Any, encoder: InputEncoder, policies: dict[str, Policy], rows: list[Example],
+             reporter: Reporter, label: str) -> dict[str, dict]:
+    """Per-policy validation metrics at threshold 0.5, windows and max like the service."""
+    if not rows:
+        return {}
+    with reporter.task(f"validate {label}") as update:
+        scores, latency = score(model_scorer(model, encoder), rows, policies, batch_size=64,
+                                progress=lambda d, t: update(d, t, ""))
+    return metrics_by_policy(rows, scores, latency)
+
+
+def _stage_done(out: Path, config: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """Metadata of a finished checkpoint for this config, None to (re)build; refuses silent mismatches."""
+    if force and out.exists():
+        shutil.rmtree(out)
+    if not is_complete(out):
+        return None
+    meta = read_meta(out)
+    if meta.get("config") != config:
+        raise StageConfigMismatch(f"{out} was trained with another configuration; use --force to retrain it or another --run name")
+    return meta
+
+
+def finetune_stage(
+    init: Path, out: Path, *, family: str, policy: str, mode: str, train_rows: list[Example], val_rows: list[Example],
+    policies: dict[str, Policy], template: InputTemplate, max_length: int, stride: int, loop: LoopConfig, head: HeadConfig,
+    run_dir: Path, data_hashes: dict[str, str], reporter: Reporter, force: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune ``init`` on one policy (FFT: every weight; CFT: pooler + classifier) and register it."""
+    if mode not in ("fft", "cft"):
+        raise ValueError(f"mode must be fft or cft, got {mode!r}")
+    config = {"mode": mode, "init": str(init), "init_sha256": sha256_file(Path(init) / "model.safetensors")[:16], "max_length": max_length, "stride": stride,
+              "train_rows": len(train_rows), "loop": loop.to_dict() if mode == "fft" else None,
+              "head": head.to_dict() if mode == "cft" else None, "data": data_hashes}
+    meta = _stage_done(out, config, force)
+    if meta is not None:
+        reporter.print(f"[dim]skip {family} {policy}: {out} is complete")
+        return meta
+    if force:
+        shutil.rmtree(out.with_name(f".state-{out.name}"), ignore_errors=True)
+    started = time.time()
+    encoder = InputEncoder.from_file(Path(init) / "tokenizer.json", template, max_length, stride)
+    data = encode_rows(encoder, policies, train_rows)
+    model = load_classifier(init)
+    with reporter.task(f"{family} {policy}") as update:
+        if mode == "fft":
+            log = train_loop(model, data, loop, state_dir=out.with_name(f".state-{out.name}"), progress=update)
+        else:
+            log = train_head(model, data, head, progress=update)
+    model.to("cpu")
+    validation = validate(model, encoder, policies, val_rows, reporter, f"{family} {policy}")
+    parent = read_meta(init).get("family")
+    meta = {"family": family, "policy": policy, "trained_policies": [policy], "parent": parent or "base",
+            "init": str(init), "input_template": template.model_dump(), "max_length": max_length, "stride": stride,
+            "config": config, "data_hashes": data_hashes, "train_log": log, "validation": validation,
+            "train_seconds": round(time.time() - started, 1)}
+    save_checkpoint(model, Path(init), out, meta)
+    shutil.rmtree(out.with_name(f".state-{out.name}"), ignore_errors=True)
+    register(run_dir, out, meta)
+    m = validation.get(policy, {})
+    reporter.print(f"{family} {policy}: validation F1 {m.get('f1')} ROC-AUC {m.get('roc_auc')} "
+                   f"({meta['train_seconds']:.0f} s, {len(train_rows)} rows)")
+    return meta
+
+
+def run_taskguard(
+    run_dir: Path, base: Path, policies: dict[str, Policy], train: list[Example], validation: list[Example], *,
+    policy_ids: list[str], modes: list[str], max_train: int, max_length: int, stride: int,
+    loop: LoopConfig, head: HeadConfig, data_hashes: dict[str, str], reporter: Reporter, force: bool = False,
+) -> list[dict[str, Any]]:
+    """TaskGuard-FFT / -CFT for each policy: plain prompts (no instruction), base encoder start."""
+    metas = []
+    for pid in policy_ids:
+        rows = subsample(for_policy(train, pid), max_train, loop.seed)
+        for mode in modes:
+            metas.append(finetune_stage(
+                base, run_dir / "taskguard" / pid / mode, family=f"taskguard-{mode}", policy=pid, mode=mode,
+                train_rows=rows, val_rows=for_policy(validation, pid), policies=policies, template=TASKGUARD_TEMPLATE,
+                max_length=max_length, stride=stride, loop=loop, head=head, run_dir=run_dir, data_hashes=data_hashes,
+                reporter=reporter, force=force))
+    return metas
