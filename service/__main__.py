@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from service.config import Settings
 from service.logs import configure_logging
 from service.main import create_app
+from service.server import GracefulServer
 
 
 def main() -> None:
@@ -19,14 +20,17 @@ def main() -> None:
     except ValidationError as exc:
         print(f"uniguard: invalid UNIGUARD_* setting:\n{exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep our JSON logging
         access_log=False,  # RequestContextMiddleware writes the access log
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,  # in-flight requests finish first
     )
+    # SIGTERM: readiness off, drain, stop accepting, finish in-flight work; SIGHUP: hot reload.
+    GracefulServer(config, app.state.runtime, drain_s=settings.shutdown_drain_s).run()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -34,13 +34,33 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     threads: int = Field(default_factory=_default_threads, ge=1, description="onnxruntime intra-op threads.")
     max_batch_size: int = Field(32, ge=1, description="Most windows run in one model call.")
-    max_wait_ms: float = Field(2.0, ge=0.0, description="Longest a window waits for batch-mates.")
+    max_batch_tokens: int = Field(4096, ge=1, description="Most padded tokens (windows x longest window) in one model call.")
+    max_wait_ms: float = Field(0.0, ge=0.0, description="Longest the oldest window waits for batch-mates while the model is idle (0: dispatch at once; batches still form while the model is busy).")
+    max_padding: float = Field(0.2, ge=0.0, le=1.0, description="Length bucketing: most padding of any window in a batch, as a share of the longest window (1: no bucketing).")
+    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime execution provider: cpu (int8 file), cuda (fp16 file), auto (cuda if available and exported).")
+    device_id: int = Field(0, ge=0, description="CUDA device for provider cuda.")
+    spinning: bool = Field(False, description="onnxruntime intra-op threads busy-wait between work (off: they leave the CPU to the event loop).")
     max_queue: int = Field(1024, ge=1, description="Most windows waiting; beyond it requests get 429.")
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_prompt_chars: int = Field(100_000, ge=1)
     max_policies_per_request: int = Field(16, ge=1)
     request_timeout_s: float = Field(10.0, gt=0.0)
     log_prompts: bool = Field(False, description="Put prompt text in access logs (off: prompts may hold personal data).")
+
+    # -- operations: thresholds, reloads, shutdown ---------------------------------------
+    thresholds: dict[PolicyIdSetting, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict,
+        description='Per-policy threshold overrides (calibrated scale), e.g. {"toxicity": 0.7}; win over the manifest.',
+    )
+    admin_enabled: bool | None = Field(
+        None,
+        description="POST /admin/reload: None (default) = on when api_key is set (the key is then required); "
+        "true without api_key = loopback clients only; false = off (SIGHUP still reloads).",
+    )
+    shutdown_drain_s: float = Field(
+        2.0, ge=0.0, le=300.0,
+        description="On SIGTERM, answer /readyz 503 and keep serving this long before refusing new connections.",
+    )
 
     # -- gateway sidecar: auth, LiteLLM guardrail API, OpenAI-compatible proxy ---------------
     # Lists read from env as JSON (`["a","b"]`) or comma-separated (`a,b`).

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.batching import BatcherClosed, MicroBatcher, QueueFull
+from service.calibration import apply_calibration
 from service.config import Settings
 from service.errors import ApiError, ErrorCode
 from service.inference import OnnxModel
@@ -34,7 +35,7 @@ WARM_UP_POLICY = Policy(id="warm-up", name="warm-up", description="Block nothing
 class PolicyVerdict:
     policy_id: str
     unsafe: bool
-    score: float  # max unsafe probability over the prompt's windows
+    score: float  # max unsafe probability over the prompt's windows (calibrated if the manifest says how)
     threshold: float
     windows: int
     trained: bool  # the model was calibrated on this exact policy description
@@ -79,6 +80,9 @@ class Engine:
         self.policies: Mapping[str, Policy] = dict(policies)
         self.settings = settings
         self.metrics = metrics
+        if metrics is not None:  # verdict series at 0 for every served policy; which model serves how
+            metrics.init_policies(self.policies)
+            metrics.set_model(model.id, model.provider, model.precision)
 
     @property
     def model_id(self) -> str:
@@ -86,11 +90,23 @@ class Engine:
 
     def threshold(self, policy: Policy) -> tuple[float, bool]:
         """(threshold, trained): calibrated only if the model saw this exact description."""
+        threshold, trained, _ = self.threshold_info(policy)
+        return threshold, trained
+
+    def threshold_info(self, policy: Policy) -> tuple[float, bool, str]:
+        """(threshold, trained, source): source is ``config`` (UNIGUARD_THRESHOLDS, served
+        policies only), ``manifest`` (chosen on validation for this exact description) or
+        ``default`` (zero-shot: the manifest's default threshold)."""
         manifest = self.model.manifest
         entry = manifest.policies.get(policy.id)
-        if entry is not None and entry.description_sha256 == policy.description_sha256():
-            return entry.threshold, True
-        return manifest.default_threshold, False
+        trained = entry is not None and entry.description_sha256 == policy.description_sha256()
+        override = self.settings.thresholds.get(policy.id)
+        if override is not None and self.policies.get(policy.id) == policy:
+            return override, trained, "config"
+        if trained:
+            assert entry is not None
+            return entry.threshold, True, "manifest"
+        return manifest.default_threshold, False, "default"
 
     def resolve(self, policy_ids: str | Sequence[str]) -> list[Policy]:
         """Served policies by id, deduplicated in request order; ApiError for bad lists."""
@@ -113,8 +129,11 @@ class Engine:
             raise ApiError(ErrorCode.too_many_policies, f"{n} policies in one request; at most {limit}", {"count": n, "max": limit})
 
     def check_prompt(self, prompt: str) -> None:
-        if not prompt.strip():
+        if not prompt.replace("\ufeff", "").strip():  # byte-order marks count as blank too
             raise ApiError(ErrorCode.empty_prompt, "prompt is empty")
+        if not _encodable(prompt):
+            # JSON can escape lone UTF-16 surrogates ("\ud800"); no tokenizer can read them.
+            raise ApiError(ErrorCode.invalid_request, "prompt is not valid Unicode (it contains a lone UTF-16 surrogate)")
         limit = self.settings.max_prompt_chars
         if len(prompt) > limit:
             raise ApiError(ErrorCode.prompt_too_long, f"prompt has {len(prompt)} characters; at most {limit}", {"chars": len(prompt), "max": limit})
@@ -147,6 +166,9 @@ class Engine:
         self.check_prompt(prompt)
         if not policies:
             raise ApiError(ErrorCode.invalid_request, "no policy given")
+        for policy in policies:
+            if not _encodable(policy.description):
+                raise ApiError(ErrorCode.invalid_request, f"policy {policy.id!r}: description is not valid Unicode (lone UTF-16 surrogate)")
         self._check_count(len(policies))
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
@@ -169,7 +191,8 @@ class Engine:
         verdicts = []
         offset = 0
         for policy, n in zip(policies, counts, strict=True):
-            score = float(np.max(result.probabilities[offset : offset + n]))
+            # Calibration is increasing, so the most unsafe window stays the most unsafe.
+            score = float(apply_calibration(self.model.manifest.calibration, np.max(result.probabilities[offset : offset + n])))
             offset += n
             threshold, trained = self.threshold(policy)
             verdicts.append(PolicyVerdict(policy.id, score >= threshold, score, threshold, n, trained))
@@ -186,6 +209,14 @@ class Engine:
         """One real pass through tokenizer, batcher and model before the service says ready."""
         await asyncio.to_thread(self.model.warm_up)
         await self.batcher.submit(self.model.encoder.encode(WARM_UP_POLICY, "Hello, how are you?"))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _concat(encoded: Sequence[EncodedWindows]) -> EncodedWindows:

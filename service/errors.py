@@ -40,6 +40,9 @@ class ErrorCode(str, Enum):
     # Routing errors from Starlette (no such path / method), kept in the same shape.
     not_found = "not_found"
     method_not_allowed = "method_not_allowed"
+    # Operations: admin endpoints.
+    forbidden = "forbidden"
+    reload_failed = "reload_failed"
 
     @property
     def status(self) -> int:
@@ -64,6 +67,8 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.upstream_not_configured: 501,
     ErrorCode.not_found: 404,
     ErrorCode.method_not_allowed: 405,
+    ErrorCode.forbidden: 403,
+    ErrorCode.reload_failed: 422,
 }
 
 # Load shedding / admission refusals: counted as rejections as well as errors.
@@ -149,6 +154,16 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[ErrorCode], None] |
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:
+            # FastAPI's answer to a body json.loads cannot even start on (bytes that are not
+            # UTF-8, nesting deeper than the parser's recursion limit): same code and status
+            # as any other unreadable JSON.
+            _count(ErrorCode.invalid_request)
+            return error_response(
+                ErrorCode.invalid_request,
+                "request body is not valid JSON (it must be UTF-8 and nested at most a few hundred levels deep)",
+                [{"loc": ["body"], "type": "json_invalid", "msg": str(exc.detail)[:MAX_MSG_CHARS]}],
+            )
         code = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed}.get(exc.status_code)
         if code is None:
             code = ErrorCode.invalid_request if 400 <= exc.status_code < 500 else ErrorCode.internal_error

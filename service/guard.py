@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import Request
 
-from service.api.deps import get_engine
+from service.api.deps import get_engine, get_metrics
 from service.engine import Classification, Engine
 from service.errors import ApiError, ErrorCode
 from service.policy import Policy
@@ -103,6 +103,12 @@ class Judgement:
 
 async def judge(request: Request, texts: Sequence[GuardText], policy_ids: Sequence[str], *, from_config: bool, fail_open: bool) -> Judgement:
     """Score ``texts`` under ``policy_ids``; see the module docstring for the failure rule."""
+    judgement = await _judge(request, texts, policy_ids, from_config=from_config, fail_open=fail_open)
+    get_metrics(request).observe_gateway(request.url.path, judgement.outcome)  # route: one of the two gateway paths
+    return judgement
+
+
+async def _judge(request: Request, texts: Sequence[GuardText], policy_ids: Sequence[str], *, from_config: bool, fail_open: bool) -> Judgement:
     ids = tuple(dict.fromkeys(policy_ids))
     try:
         engine = get_engine(request)

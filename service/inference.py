@@ -8,23 +8,69 @@ problem, never at the first request with a numpy traceback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from service.manifest import MANIFEST_FILE, Manifest, read_manifest, sha256_file
+from service.manifest import MANIFEST_FILE, Manifest, ModelFile, read_manifest, sha256_file
 from service.policy import InputEncoder
 
 log = logging.getLogger("uniguard.inference")
 
-PROVIDER = "CPUExecutionProvider"
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDER = CPU  # the default provider (int8 model file)
+PROVIDER_CHOICES = {"cpu": CPU, "cuda": CUDA}
 FEED_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class ModelLoadError(RuntimeError):
     """A model folder that cannot be served; the message says which file and why."""
+
+
+def select_provider(requested: str, available: Sequence[str], manifest: Manifest) -> tuple[str, ModelFile]:
+    """Which execution provider serves, and from which of the manifest's files.
+
+    ``requested``: ``cpu`` (the int8 file on CPUExecutionProvider), ``cuda`` (the fp16 file
+    on CUDAExecutionProvider; an error if either is missing) or ``auto`` (CUDA when
+    onnxruntime-gpu offers it *and* the manifest lists a CUDA file, else CPU).
+    """
+    has_cuda_file = any(f.provider == CUDA for f in manifest.files)
+    if requested == "cuda":
+        if CUDA not in available:
+            raise ModelLoadError(
+                f"UNIGUARD_PROVIDER=cuda but this onnxruntime offers {list(available)}: install the gpu extra "
+                "(onnxruntime-gpu instead of onnxruntime) and run on a machine with an NVIDIA driver"
+            )
+        if not has_cuda_file:
+            raise ModelLoadError(f"UNIGUARD_PROVIDER=cuda but the manifest lists no model file for {CUDA} (export it with fp16)")
+        return CUDA, manifest.model_file(CUDA)
+    if requested == "auto" and CUDA in available and has_cuda_file:
+        return CUDA, manifest.model_file(CUDA)
+    if requested not in ("auto", "cpu"):
+        raise ModelLoadError(f"unknown provider {requested!r}: use auto, cpu or cuda")
+    if requested == "auto" and CUDA in available:
+        log.warning("CUDAExecutionProvider is available but the manifest lists no fp16 CUDA file: serving the CPU file")
+    try:
+        return CPU, manifest.model_file(CPU)
+    except KeyError:
+        if CUDA in available and has_cuda_file:  # a GPU-only folder asked for auto/cpu
+            raise ModelLoadError(f"the manifest lists no model file for {CPU}; use UNIGUARD_PROVIDER=cuda") from None
+        raise
+
+
+def _preload_cuda_libraries() -> None:
+    """onnxruntime-gpu installed with its ``cuda,cudnn`` extras finds the NVIDIA pip wheels'
+    libraries only once they are preloaded (no-op for a system-wide CUDA install)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # missing wheels: the system libraries may still do
+            log.warning("onnxruntime.preload_dlls failed: %s", exc)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -40,11 +86,19 @@ class OnnxModel:
     batcher's); onnxruntime parallelises inside a call with ``intra_op_num_threads``.
     """
 
-    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession, encoder: InputEncoder) -> None:
+    def __init__(
+        self, folder: Path, manifest: Manifest, session: ort.InferenceSession, encoder: InputEncoder, *, io_binding: bool = False, device_id: int = 0
+    ) -> None:
         self.folder = folder
         self.manifest = manifest
         self.session = session
         self.encoder = encoder
+        self.provider = session.get_providers()[0]
+        served = next((f for f in manifest.files if f.provider == self.provider), manifest.files[0])
+        self.precision = served.precision
+        # IO binding: inputs copied to the device once, logits left there and copied back once.
+        self.io_binding = io_binding
+        self._device = ("cuda", device_id) if self.provider == CUDA else ("cpu", 0)
         self.input_names = [i.name for i in session.get_inputs()]
         unknown = [n for n in self.input_names if n not in FEED_NAMES]
         if unknown:
@@ -60,7 +114,20 @@ class OnnxModel:
         return f"{self.manifest.name}@{self.manifest.version}"
 
     @classmethod
-    def load(cls, folder: Path | str, threads: int = 1) -> "OnnxModel":
+    def load(
+        cls,
+        folder: Path | str,
+        threads: int = 1,
+        *,
+        provider: str = "auto",
+        device_id: int = 0,
+        io_binding: bool | None = None,
+        spinning: bool = True,
+    ) -> "OnnxModel":
+        """Check and load a model folder. ``provider``: auto | cpu | cuda (see ``select_provider``);
+        ``io_binding``: None = on for CUDA, off for CPU; ``spinning``: onnxruntime's intra-op
+        threads busy-wait for work (fastest alone, but they take the CPU from an event loop
+        sharing the machine: the service turns it off)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"model folder {folder} does not exist (set UNIGUARD_MODEL_DIR)")
@@ -72,7 +139,7 @@ class OnnxModel:
         except (ValidationError, ValueError, OSError) as exc:
             raise ModelLoadError(f"{manifest_path} is invalid: {exc}") from exc
         try:
-            entry = manifest.model_file(PROVIDER)
+            chosen, entry = select_provider(provider, ort.get_available_providers(), manifest)
         except KeyError as exc:
             raise ModelLoadError(f"{manifest_path}: {exc.args[0]}") from exc
         model_path = cls._inside(folder, entry.path)
@@ -88,12 +155,31 @@ class OnnxModel:
         except Exception as exc:  # tokenizers raises plain Exception on a bad file
             raise ModelLoadError(f"{tokenizer_path}: cannot load tokenizer: {exc}") from exc
         try:
-            session = ort.InferenceSession(str(model_path), cls._session_options(threads), providers=[PROVIDER])
+            session = ort.InferenceSession(str(model_path), cls._session_options(threads, spinning), providers=cls._providers(chosen, device_id))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from exc
-        model = cls(folder, manifest, session, encoder)
-        log.info("model loaded", extra={"fields": {"model": model.id, "path": str(folder), "inputs": model.input_names}})
+        if session.get_providers()[0] != chosen:
+            # onnxruntime-gpu without a usable GPU/driver silently falls back to CPU: the fp16
+            # file must not be served that way.
+            if provider == "cuda":
+                raise ModelLoadError(f"{model_path}: {chosen} could not be initialised (no GPU or driver?); got {session.get_providers()}")
+            log.warning("CUDA could not be initialised; serving the CPU file", extra={"fields": {"providers": session.get_providers()}})
+            return cls.load(folder, threads, provider="cpu", io_binding=io_binding, spinning=spinning)
+        use_binding = chosen == CUDA if io_binding is None else io_binding
+        model = cls(folder, manifest, session, encoder, io_binding=use_binding, device_id=device_id)
+        log.info(
+            "model loaded",
+            extra={"fields": {"model": model.id, "path": str(folder), "inputs": model.input_names, "provider": chosen,
+                              "file": entry.path, "precision": entry.precision, "io_binding": use_binding}},
+        )
         return model
+
+    @staticmethod
+    def _providers(chosen: str, device_id: int) -> list[str | tuple[str, dict[str, object]]]:
+        if chosen == CUDA:
+            _preload_cuda_libraries()
+            return [(CUDA, {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}), CPU]
+        return [CPU]
 
     @staticmethod
     def _inside(folder: Path, rel: str) -> Path:
@@ -103,13 +189,14 @@ class OnnxModel:
         return path
 
     @staticmethod
-    def _session_options(threads: int) -> ort.SessionOptions:
+    def _session_options(threads: int, spinning: bool = True) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         return so
 
     def _pad_id(self) -> int:
@@ -127,7 +214,15 @@ class OnnxModel:
         """Unsafe probability of each row of a padded [batch, seq] int64 batch."""
         arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         feeds = {name: np.ascontiguousarray(arrays[name], dtype=np.int64) for name in self.input_names}
-        (logits,) = self.session.run([self.output_name], feeds)
+        if self.io_binding:
+            binding = self.session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)
+            binding.bind_output(self.output_name, *self._device)
+            self.session.run_with_iobinding(binding)
+            (logits,) = binding.copy_outputs_to_cpu()
+        else:
+            (logits,) = self.session.run([self.output_name], feeds)
         return softmax(np.asarray(logits, dtype=np.float32))[:, self.unsafe_label]
 
     def warm_up(self) -> None:

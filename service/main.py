@@ -11,12 +11,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.routes import classify, health, litellm, metrics, openai_proxy, policies
+from service.api.openapi import install_openapi
+from service.api.routes import admin, classify, health, litellm, metrics, openai_proxy, policies
 from service.auth import ApiKeyMiddleware, open_paths
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestContextMiddleware
-from service.runtime import Runtime
+from service.runtime import EngineLeaseMiddleware, Runtime
 from service.upstream import Upstream
 
 
@@ -46,9 +47,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.upstream = upstream
     install_error_handlers(app, runtime.record_error)
-    for module in (classify, policies, health, metrics, litellm, openai_proxy):
+    for module in (classify, policies, health, metrics, litellm, openai_proxy, admin):
         app.include_router(module.router)
+    install_openapi(app, settings)
     # Last added is outermost: request ids and access logs wrap the body limit, so a 413 has an id.
+    # Innermost: a request pins the engine it first uses until it ends (hot reload, see runtime).
+    app.add_middleware(EngineLeaseMiddleware, runtime=runtime)
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_error=runtime.record_error)
     if settings.api_key is not None:  # inside the request context (401s logged), outside the body limit (never read)

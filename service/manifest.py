@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.calibration import Calibration
 from service.policy import InputTemplate
 
 MANIFEST_FILE = "manifest.json"
@@ -61,6 +62,12 @@ class Manifest(BaseModel):
     files: list[ModelFile]
     tokenizer_file: str = "tokenizer.json"
     policies: dict[str, PolicyEntry] = Field(default_factory=dict)
+    # Fitted on validation scores; None: scores are the raw softmax probability.
+    calibration: Calibration | None = None
+    # How the per-policy thresholds were chosen, e.g. {"kind": "best_f1"} or {"kind": "max_fpr", "max_fpr": 0.05}.
+    threshold_target: dict[str, object] | None = None
+    # sha256 of the other files the model needs (tokenizer.json, config.json), checked at load.
+    checksums: dict[str, str] = Field(default_factory=dict)
     data_hashes: dict[str, str] = Field(default_factory=dict)
     training: dict[str, object] = Field(default_factory=dict)
 

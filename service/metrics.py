@@ -6,14 +6,19 @@ Labels are bounded on purpose: a policy label is a served policy id or the liter
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-# 0.1 ms .. 10 s: CPU inference of a batch sits in the low milliseconds.
+# 50 us .. 10 s, about three buckets per decade: queue waits sit at tens of microseconds,
+# CPU inference of a batch at milliseconds, an overloaded request at seconds.
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+    0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+BATCH_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+PADDING_BUCKETS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 INLINE_POLICY_LABEL = "inline"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -46,11 +51,38 @@ class Metrics:
         self.batch_tokens = Histogram(
             "uniguard_batch_tokens", "Real (unpadded) tokens per model call.", buckets=BATCH_TOKEN_BUCKETS, registry=r
         )
+        self.batch_padded_tokens = Histogram(
+            "uniguard_batch_padded_tokens", "Tokens the model computed per call (windows x longest window).", buckets=BATCH_TOKEN_BUCKETS, registry=r
+        )
+        self.batch_padding = Histogram(
+            "uniguard_batch_padding_ratio", "Share of a model call's tokens that are padding.", buckets=PADDING_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("uniguard_queue_depth", "Windows waiting for a batch.", registry=r)
         self.rejected = Counter("uniguard_rejected_total", "Requests refused to shed load, by reason.", ["reason"], registry=r)
         self.errors = Counter("uniguard_errors_total", "Error responses, by error code.", ["code"], registry=r)
+        self.reloads = Counter("uniguard_reloads_total", "Hot reloads (admin or SIGHUP), by outcome.", ["outcome"], registry=r)
+        self.gateway = Counter(
+            "uniguard_gateway_judgements_total", "Gateway judgements (LiteLLM guardrail, OpenAI proxy), by route and action.",
+            ["route", "action"], registry=r,
+        )
+        self.model_info = Gauge(
+            "uniguard_model_info", "The served model (1 for the current one).", ["model", "provider", "precision"], registry=r
+        )
 
     # -- engine ------------------------------------------------------------------------
+
+    def init_policies(self, policy_ids: Iterable[str]) -> None:
+        """Create each served policy's verdict series at 0 (an unsafe rate of 0 is data; a missing series is not)."""
+        for pid in [*policy_ids, INLINE_POLICY_LABEL]:
+            for verdict in ("safe", "unsafe"):
+                self.requests.labels(policy=pid, verdict=verdict)
+
+    def set_model(self, model: str, provider: str, precision: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model=model, provider=provider, precision=precision).set(1)
+
+    def observe_gateway(self, route: str, action: str) -> None:
+        self.gateway.labels(route=route, action=action).inc()
 
     def observe_verdict(self, policy_label: str, verdict: str) -> None:
         self.requests.labels(policy=policy_label, verdict=verdict).inc()
@@ -66,10 +98,13 @@ class Metrics:
     def observe_queue_time(self, seconds: float) -> None:
         self.queue_time.observe(seconds)
 
-    def observe_batch(self, size: int, tokens: int, inference_s: float) -> None:
+    def observe_batch(self, size: int, tokens: int, inference_s: float, padded_tokens: int | None = None) -> None:
         self.batch_size.observe(size)
         self.batch_tokens.observe(tokens)
         self.inference_time.observe(inference_s)
+        if padded_tokens:
+            self.batch_padded_tokens.observe(padded_tokens)
+            self.batch_padding.observe(1.0 - tokens / padded_tokens)
 
     def observe_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
@@ -80,6 +115,11 @@ class Metrics:
         self.errors.labels(code=code).inc()
         if rejected:
             self.rejected.labels(reason=code).inc()
+
+    # -- runtime -----------------------------------------------------------------------
+
+    def record_reload(self, ok: bool) -> None:
+        self.reloads.labels(outcome="ok" if ok else "failed").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

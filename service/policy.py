@@ -137,13 +137,21 @@ class InputEncoder:
         self._counter.no_padding()
         # Tokens added around a pair: [CLS] a [SEP] b [SEP] for BERT.
         self._special_pair = tokenizer.post_processor.num_special_tokens_to_add(True) if tokenizer.post_processor else 0
+        self._instruction_counts: dict[str, int] = {}
 
     @classmethod
     def from_file(cls, tokenizer_json: Path, template: InputTemplate, max_length: int, stride: int) -> "InputEncoder":
         return cls(Tokenizer.from_file(str(tokenizer_json)), template, max_length, stride)
 
     def instruction_tokens(self, policy: Policy) -> int:
-        return len(self._counter.encode(self.template.instruction_text(policy), add_special_tokens=False).ids)
+        text = self.template.instruction_text(policy)
+        count = self._instruction_counts.get(text)
+        if count is None:  # once per description: it is checked on every request
+            count = len(self._counter.encode(text, add_special_tokens=False).ids)
+            if len(self._instruction_counts) >= 4096:  # inline policies are request data: bound the cache
+                self._instruction_counts.clear()
+            self._instruction_counts[text] = count
+        return count
 
     def check_policy(self, policy: Policy) -> None:
         """Raise InstructionTooLong if this policy cannot share a window with a prompt."""

@@ -21,7 +21,8 @@ from service.manifest import MANIFEST_FILE, read_manifest
 from service.policy import InputEncoder, InputTemplate, Policy, load_policies
 from training.card import render_card
 from training.data import Dataset, Example, build_dataset, file_sha256, summary_rows
-from training.evaluate import choose_thresholds, report, score_examples
+from training.calibration import ThresholdTarget, calibrate_validation
+from training.evaluate import report, score_examples
 from training.export import atomic_replace_dir, export_model_folder, write_json_atomic
 from training.trainer import Encoded, TrainConfig, train_classifier
 
@@ -80,7 +81,7 @@ def mean_f1(policies_report: dict[str, dict]) -> float:
 
 def build_default(
     data_dir: Path, examples_dir: Path, policies_dir: Path, out_dir: Path, run_dir: Path,
-    *, max_length: int, stride: int, cfg: TrainConfig, force: bool,
+    *, max_length: int, stride: int, cfg: TrainConfig, force: bool, threshold_target: str = "best-f1",
 ) -> None:
     started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,9 +131,12 @@ def build_default(
     )
     with progress_bar() as bar:
         task = bar.add_task("score validation (onnxruntime int8)", total=None, info="")
-        scores, latency = score_examples(export_dir, validation, policies,
+        scores, _ = score_examples(export_dir, validation, policies,
                                          progress=lambda d, t: bar.update(task, completed=d, total=t))
-    thresholds = choose_thresholds(validation, scores)
+    # Temperature scaling on the raw scores; thresholds and the report on calibrated scores
+    # (what the service answers). Writes reliability.png next to the card.
+    cal = calibrate_validation(validation, scores, ThresholdTarget.parse(threshold_target), export_dir, "uniguard-default: validation reliability")
+    scores, thresholds = cal.scores, cal.thresholds
     rep = report(validation, scores, thresholds)
     manifest = read_manifest(export_dir)
     for pid, policy in policies.items():
@@ -143,10 +147,12 @@ def build_default(
             "validation": entry["overall"] if entry else None,
             "validation_by_source": entry["by_source"] if entry else {},
         }
+    manifest.calibration = cal.fit.manifest_entry()
+    manifest.threshold_target = cal.target.as_dict()
     manifest = type(manifest).model_validate(manifest.model_dump())
     write_json_atomic(export_dir / MANIFEST_FILE, json.loads(manifest.model_dump_json()))
     card = render_card(manifest, rep, validation_rows=len(validation), train_rows=len(train),
-                       p50_ms=float(1000 * sorted(latency)[len(latency) // 2]), minutes=(time.time() - started) / 60)
+                       minutes=(time.time() - started) / 60, calibration=cal.section)
     (export_dir / "CARD.md").write_text(card, encoding="utf-8")
     print_table("Validation per policy (onnxruntime int8, source-balanced thresholds)",
                 ["policy", "threshold", "n", "precision", "recall", "F1", "FPR", "ROC-AUC"],

@@ -9,7 +9,11 @@ def _f(v: object) -> str:
     return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
-def render_card(manifest: Manifest, rep: dict[str, dict], *, validation_rows: int, train_rows: int, p50_ms: float, minutes: float) -> str:
+def render_card(
+    manifest: Manifest, rep: dict[str, dict], *, validation_rows: int, train_rows: int, minutes: float | None,
+    calibration: str | None = None,
+) -> str:
+    """``calibration``: the section ``training.calibration`` renders (reliability diagram, ECE)."""
     lines = [
         f"# {manifest.name}@{manifest.version}",
         "",
@@ -22,13 +26,18 @@ def render_card(manifest: Manifest, rep: dict[str, dict], *, validation_rows: in
         f"- Format: ONNX, dynamic int8 (onnxruntime quantiser through optimum), CPU",
         f"- Training rows: {train_rows}; validation rows: {validation_rows} (stratified by policy, source and label; "
         "every copy of a text on one side)",
-        f"- Built by: `{manifest.creation_command}` in {minutes:.1f} min on CPU",
-        f"- Validation scoring latency (batched, per window, amortised): p50 {p50_ms:.2f} ms",
+        f"- Built by: `{manifest.creation_command}`" + (f" in {minutes:.1f} min on CPU" if minutes is not None else ""),
         "",
         "## Validation per policy",
         "",
-        "Thresholds maximise F1 on the validation split with every source weighted equally, so that a",
-        "large source (long jailbreak dumps, Alpaca) does not set a policy's threshold alone.",
+        *(
+            ["Thresholds are the lowest whose false-positive rate on the validation split is at most "
+             f"{(manifest.threshold_target or {}).get('max_fpr')}, with every source weighted equally, so that a"]
+            if (manifest.threshold_target or {}).get("kind") == "max_fpr"
+            else ["Thresholds maximise F1 on the validation split with every source weighted equally, so that a"]
+        ),
+        "large source (long jailbreak dumps, Alpaca) does not set a policy's threshold alone."
+        + (" Scores and thresholds are calibrated (see Calibration)." if manifest.calibration is not None else ""),
         "",
         "| policy | threshold | n | unsafe | precision | recall | F1 | FPR | ROC-AUC |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -44,6 +53,8 @@ def render_card(manifest: Manifest, rep: dict[str, dict], *, validation_rows: in
     for pid, e in rep.items():
         for src, s in e["by_source"].items():
             lines.append(f"| {pid} | {src} | {s['n']} | {s['unsafe']} | {_f(s['recall'])} | {_f(s['fpr'])} | {_f(s['f1'])} |")
+    if calibration:
+        lines += ["", calibration.rstrip("\n")]
     lines += [
         "",
         "## Limits",

@@ -33,6 +33,7 @@ def build_default_cmd(
     lr: float = typer.Option(8e-5),
     seed: int = typer.Option(13),
     force: bool = typer.Option(False, help="Replace the output even if its validation F1 is higher."),
+    threshold_target: str = typer.Option("best-f1", help="Per-policy threshold target: best-f1, or max-fpr:<rate>."),
 ) -> None:
     """Train, calibrate and export the shipped multi-policy model (CPU, ~25 min on 2 cores)."""
     from training.build_default import build_default
@@ -43,10 +44,36 @@ def build_default_cmd(
         raise typer.BadParameter(f"{data_dir} is not a folder of JSONL files", param_hint="--data-dir")
     try:
         build_default(data_dir, examples_dir, policies_dir, out, run_dir, max_length=max_length, stride=stride,
-                      cfg=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed), force=force)
+                      cfg=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed), force=force,
+                      threshold_target=threshold_target)
     except DataError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    model_dir: Path = typer.Option(REPO / "models" / "default", help="Exported model folder to calibrate in place."),
+    validation: Path = typer.Option(REPO / "runs" / "default" / "validation.jsonl", help="Validation rows (JSONL: text, label, policy_id, source)."),
+    policies_dir: Path = typer.Option(DEFAULT_POLICIES_DIR, help="Folder of policy YAML files."),
+    threshold_target: str = typer.Option("best-f1", help="Per-policy threshold target: best-f1, or max-fpr:<rate> (e.g. max-fpr:0.05)."),
+    threads: int = typer.Option(0, help="onnxruntime threads for scoring (0: all cores)."),
+) -> None:
+    """Fit temperature scaling on validation scores, choose per-policy thresholds on the calibrated
+    scores, and rewrite manifest.json, CARD.md and reliability.png of MODEL_DIR atomically."""
+    from training.calibration import ThresholdTarget, calibrate_model_dir
+
+    for path, hint in ((model_dir, "--model-dir"), (validation, "--validation")):
+        if not path.exists():
+            raise typer.BadParameter(f"{path} does not exist", param_hint=hint)
+    try:
+        target = ThresholdTarget.parse(threshold_target)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--threshold-target") from exc
+    summary = calibrate_model_dir(model_dir, validation, policies_dir=policies_dir, target=target, threads=threads)
+    import json
+
+    typer.echo(json.dumps(summary, indent=2))
 
 
 from training.sdg.cli import app as sdg_app  # noqa: E402  (light: the SDG command imports its work lazily)

@@ -131,8 +131,9 @@ class Budget:
         "prompt_injection": 400, "toxicity": 300, "content_safety": 400, "financial_advice": 350, "tax_advice": 350,
     })
     cross_negatives: int = 160  # per (source policy -> target policy) pair
-    # Hand-written rows are few and precise: repeat them in training (not in validation).
-    handwritten_repeat: int = 1
+    # Few, precise rows aimed at known failure modes (hand-written near-misses, short and
+    # German injections) are repeated in training, never in validation.
+    source_repeat: dict[str, int] = field(default_factory=lambda: {"handwritten": 2, "deepset_prompt_injections": 2})
 
 
 # Benign-pool rows that touch a policy's topic are not lent to it: "what stocks should I buy"
@@ -285,7 +286,7 @@ def build_dataset(
     val_set = set(val_texts)
     train = [ex for ex in chosen if normalise(ex.text) not in val_set]
     validation = [ex for ex in chosen if normalise(ex.text) in val_set]
-    train = train + [ex for ex in train if ex.source == "handwritten"] * (budget.handwritten_repeat - 1)
+    train = train + [ex for ex in train for _ in range(budget.source_repeat.get(ex.source, 1) - 1)]
     rng.shuffle(train)
     stats = {"duplicates_removed": dropped_dupes, "public_rows": len(public), "handwritten_rows": len(handwritten)}
     return Dataset(train=train, validation=validation, stats=stats)

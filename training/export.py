@@ -65,6 +65,40 @@ def quantize_int8(onnx_dir: Path, out_dir: Path) -> Path:
     return Path(out_dir) / "model_quantized.onnx"
 
 
+FP16_FILE = "model_fp16.onnx"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def convert_fp16(fp32_model: Path, out: Path) -> Path:
+    """fp16 copy for CUDAExecutionProvider: onnxruntime's BERT optimiser (fused attention,
+    skip layer norm, GELU: the GPU kernels) then its float16 converter. Inputs and outputs
+    keep their types (int64 ids in, float32 logits out), so the service feeds both files
+    alike. Runs on CPU without a GPU (offline python fusions only)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = optimize_model(str(fp32_model), model_type="bert", num_heads=0, hidden_size=0, opt_level=0, use_gpu=True)
+    model.convert_float_to_float16(keep_io_types=True)
+    model.save_model_to_file(str(out))
+    return Path(out)
+
+
+def add_fp16_file(model_dir: Path, checkpoint_dir: Path) -> Manifest:
+    """Add the fp16 CUDA file to an existing model folder (from the checkpoint it was exported from)."""
+    import tempfile
+
+    from service.manifest import read_manifest
+
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    with tempfile.TemporaryDirectory(prefix=".tmp-fp16-", dir=model_dir.parent) as tmp:
+        fp16 = convert_fp16(export_onnx(checkpoint_dir, Path(tmp) / "onnx"), Path(tmp) / FP16_FILE)
+        entry = ModelFile(path=FP16_FILE, sha256=sha256_file(fp16), provider=CUDA_PROVIDER, precision="fp16")
+        fp16.replace(model_dir / FP16_FILE)
+    manifest.files = [f for f in manifest.files if f.provider != CUDA_PROVIDER] + [entry]
+    write_json_atomic(model_dir / MANIFEST_FILE, json.loads(manifest.model_dump_json()))
+    return manifest
+
+
 def clean_tokenizer(path: Path) -> None:
     """Drop the fixed padding/truncation a saved tokenizer carries: windows are the encoder's job,
     and any other reader of the file would otherwise silently truncate at 128 tokens."""
@@ -90,8 +124,12 @@ def export_model_folder(
     training: dict | None = None,
     card: str | None = None,
     quantize: bool = True,
+    fp16: bool = False,
 ) -> Manifest:
-    """Build ``out_dir`` (model.onnx, tokenizer, config, manifest, card) atomically."""
+    """Build ``out_dir`` (model.onnx, tokenizer, config, manifest, card) atomically.
+
+    ``fp16``: also write ``model_fp16.onnx`` for CUDAExecutionProvider (listed second in the
+    manifest's ``files``; the CPU file stays first and names the model version)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = out_dir.with_name(f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}")
@@ -106,6 +144,10 @@ def export_model_folder(
         else:
             model_src, precision = fp32, "fp32"
         shutil.copy2(model_src, final / "model.onnx")
+        files = [ModelFile(path="model.onnx", sha256=sha256_file(final / "model.onnx"), precision=precision)]
+        if fp16:
+            convert_fp16(fp32, final / FP16_FILE)
+            files.append(ModelFile(path=FP16_FILE, sha256=sha256_file(final / FP16_FILE), provider=CUDA_PROVIDER, precision="fp16"))
         shutil.copy2(Path(checkpoint_dir) / "config.json", final / "config.json")
         for fname in TOKENIZER_FILES:
             src = Path(checkpoint_dir) / fname
@@ -121,10 +163,12 @@ def export_model_folder(
             creation_command=creation_command,
             max_length=max_length,
             stride=stride,
-            files=[ModelFile(path="model.onnx", sha256=sha256_file(final / "model.onnx"), precision=precision)],
+            files=files,
             policies=policies or {},
             data_hashes=data_hashes or {},
             training=training or {},
+            # The service refuses a folder whose tokenizer or config was swapped or truncated.
+            checksums={f: sha256_file(final / f) for f in ("tokenizer.json", "config.json") if (final / f).exists()},
         )
         (final / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
         if card is not None:
@@ -134,3 +178,11 @@ def export_model_folder(
         return manifest
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+if __name__ == "__main__":  # python -m training.export add-fp16 MODEL_DIR CHECKPOINT_DIR
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "add-fp16":
+        raise SystemExit("usage: python -m training.export add-fp16 MODEL_DIR CHECKPOINT_DIR")
+    print(add_fp16_file(Path(sys.argv[2]), Path(sys.argv[3])).model_dump_json(include={"files"}, indent=2))

@@ -20,7 +20,7 @@ from training.modeling import MLM_HEAD_FILE, MTG_TEMPLATE, load_classifier, load
 from training.pretrain import HeadConfig, LoopConfig, train_loop
 from training.runs import Reporter, register
 from training.splits import for_policy, subsample, without_policy
-from training.taskguard import _stage_done, encode_rows, finetune_stage, validate
+from training.taskguard import stage_done, encode_rows, finetune_stage, validate
 
 
 def gip_stage(
@@ -39,7 +39,7 @@ def gip_stage(
     trained = sorted({ex.policy_id for ex in rows})
     config = {"holdout": holdout, "max_length": max_length, "stride": stride, "train_rows": len(rows),
               "loop": loop.to_dict(), "data": data_hashes, "init": str(base)}
-    meta = _stage_done(out, config, force)
+    meta = stage_done(out, config, force)
     if meta is not None:
         reporter.print(f"[dim]skip mtg-gip: {out} is complete")
         return meta

@@ -98,7 +98,8 @@ def read_rows(path: Path) -> list[Example]:
     """Rows of a split file (or any JSONL with text/label/policy_id; extra keys ignored)."""
     fields = set(Example.__dataclass_fields__)
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    # split("\n"), not splitlines(): texts may hold U+2028 / U+0085, which splitlines() breaks on.
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
         if line.strip():
             row = json.loads(line)
             out.append(Example(**{k: v for k, v in row.items() if k in fields}))

@@ -56,7 +56,7 @@ def validate(model: Any, encoder: InputEncoder, policies: dict[str, Policy], row
     return metrics_by_policy(rows, scores, latency)
 
 
-def _stage_done(out: Path, config: dict[str, Any], force: bool) -> dict[str, Any] | None:
+def stage_done(out: Path, config: dict[str, Any], force: bool) -> dict[str, Any] | None:
     """Metadata of a finished checkpoint for this config, None to (re)build; refuses silent mismatches."""
     if force and out.exists():
         shutil.rmtree(out)
@@ -79,7 +79,7 @@ def finetune_stage(
     config = {"mode": mode, "init": str(init), "init_sha256": sha256_file(Path(init) / "model.safetensors")[:16], "max_length": max_length, "stride": stride,
               "train_rows": len(train_rows), "loop": loop.to_dict() if mode == "fft" else None,
               "head": head.to_dict() if mode == "cft" else None, "data": data_hashes}
-    meta = _stage_done(out, config, force)
+    meta = stage_done(out, config, force)
     if meta is not None:
         reporter.print(f"[dim]skip {family} {policy}: {out} is complete")
         return meta

@@ -8,9 +8,8 @@ from fastapi import Depends, Request
 
 from service.config import Settings
 from service.engine import Engine
-from service.errors import ApiError, ErrorCode
 from service.metrics import Metrics
-from service.runtime import Runtime
+from service.runtime import LEASE_STATE_KEY, Runtime
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -26,17 +25,36 @@ def get_metrics(request: Request) -> Metrics:
 
 
 def get_engine(request: Request) -> Engine:
-    """The engine, or 503 not_ready (loading, failed to load, or shutting down)."""
-    runtime = get_runtime(request)
-    if not runtime.ready or runtime.engine is None:
-        raise ApiError(ErrorCode.not_ready, runtime.not_ready_reason or "not ready")
-    return runtime.engine
+    """The engine this request uses, or 503 not_ready (loading, failed to load, or shutting down).
+
+    The first call pins the serving engine to the request (``EngineLease``): later calls in
+    the same request get the same engine even if a reload switched versions meanwhile.
+    """
+    lease = request.scope.get("state", {}).get(LEASE_STATE_KEY)
+    return get_runtime(request).engine_for(lease)
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+async def _engine_dep(request: Request) -> Engine:
+    # async: resolved on the event loop, no threadpool hop per request
+    return get_engine(request)
+
+
+async def _runtime_dep(request: Request) -> Runtime:
+    return get_runtime(request)  # async for the same reason: a sync dependency costs a thread hop
+
+
+async def _settings_dep(request: Request) -> Settings:
+    return get_settings(request)
+
+
+async def _metrics_dep(request: Request) -> Metrics:
+    return get_metrics(request)
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime_dep)]
+SettingsDep = Annotated[Settings, Depends(_settings_dep)]
+MetricsDep = Annotated[Metrics, Depends(_metrics_dep)]
+EngineDep = Annotated[Engine, Depends(_engine_dep)]
 
 
 # Longest prompt excerpt put in an access log line when log_prompts is on.

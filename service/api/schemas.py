@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from service.engine import Classification, PolicyVerdict, Timings
+from service.errors import ErrorCode
 from service.policy import POLICY_ID_PATTERN, Policy
 
 PolicyId = Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]
@@ -15,11 +16,27 @@ PolicyId = Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]
 class ClassifyRequest(BaseModel):
     """Exactly one of ``policy_id`` (served policy id or list of ids) or ``policy`` (inline)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # What _one_policy_source enforces, for clients and fuzzers reading the schema.
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["policy_id"], "properties": {"policy_id": {"not": {"type": "null"}}}},
+                {"required": ["policy"], "properties": {"policy": {"not": {"type": "null"}}}},
+            ]
+        },
+    )
 
-    policy_id: PolicyId | list[PolicyId] | None = Field(None, description="Served policy id, or a list of ids.")
+    policy_id: PolicyId | Annotated[list[PolicyId], Field(min_length=1)] | None = Field(None, description="Served policy id, or a list of ids.")
     policy: Policy | None = Field(None, description="An inline policy, scored zero-shot unless the model knows it.")
-    prompt: str = Field(description="Text to judge. Long prompts are scored window by window, never truncated.")
+    prompt: str = Field(
+        description="Text to judge. Long prompts are scored window by window, never truncated. "
+        "A prompt without a non-blank character answers 422 empty_prompt; one over UNIGUARD_MAX_PROMPT_CHARS 413 prompt_too_long.",
+        # Documented for clients and fuzzers; enforced by the engine with its own error codes.
+        # The pattern (ECMA-262, whose \s includes U+FEFF) is "a character Python's str.strip() keeps
+        # and that is not U+FEFF": the engine's own definition of a non-blank prompt.
+        json_schema_extra={"minLength": 1, "pattern": r"[^\s\x1c-\x1f\x85]"},
+    )
 
     @model_validator(mode="after")
     def _one_policy_source(self) -> "ClassifyRequest":
@@ -84,6 +101,9 @@ class PolicyOut(BaseModel):
     disallowed: list[str]
     threshold: float
     trained: bool = Field(description="The model was trained and calibrated on this exact description.")
+    threshold_source: Literal["config", "manifest", "default"] = Field(
+        description="config: UNIGUARD_THRESHOLDS; manifest: chosen on validation data; default: zero-shot default."
+    )
 
 
 class PoliciesResponse(BaseModel):
@@ -98,3 +118,26 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     status: Literal["ready"] = "ready"
     model: str
+
+
+class ErrorInfo(BaseModel):
+    code: ErrorCode = Field(description="Stable error code; clients switch on it.")
+    message: str = Field(description="What went wrong, for humans.")
+    details: Any = Field(None, description="Small JSON value with specifics (limits, unknown ids, validation errors), or null.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer, whatever the route or status."""
+
+    error: ErrorInfo
+
+
+class ReloadResponse(BaseModel):
+    """Outcome of a successful hot reload."""
+
+    status: Literal["reloaded"] = "reloaded"
+    model: str = Field(description="name@version now serving.")
+    previous_model: str | None = Field(description="name@version that served before (None if nothing did).")
+    policies: list[str]
+    warnings: list[str] = Field(description="Problems that do not stop serving (a policy too long for the window, unknown threshold overrides).")
+    elapsed_ms: float

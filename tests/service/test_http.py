@@ -55,7 +55,8 @@ class Server:
 def serve(log: Path, **env: str) -> Iterator[Server]:
     port = _free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("UNIGUARD_")}
-    full_env.update({"UNIGUARD_HOST": "127.0.0.1", "UNIGUARD_PORT": str(port), "UNIGUARD_THREADS": "1", **env})
+    # No SIGTERM drain delay by default: terminate() below should not wait for a load balancer.
+    full_env.update({"UNIGUARD_HOST": "127.0.0.1", "UNIGUARD_PORT": str(port), "UNIGUARD_THREADS": "1", "UNIGUARD_SHUTDOWN_DRAIN_S": "0", **env})
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
     try:

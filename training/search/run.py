@@ -50,6 +50,7 @@ class SearchSettings(BaseModel):
     reward: str = Field("rank", pattern="^(rank|raw)$")
     policies: list[str] = Field(default_factory=list, description="Policy ids to keep from the validation file (all when empty).")
     max_rows: int = Field(0, ge=0, description="Stratified subsample of validation rows for the search (0: all).")
+    max_windows: int = Field(0, ge=0, description="Windows scored per row in the search (0: all, as the service does).")
     max_length: int | None = Field(None, gt=16, description="Window; None: what the sources were trained with (else 128).")
     stride: int | None = Field(None, ge=0)
     threads: int = Field(0, ge=0)
@@ -150,7 +151,8 @@ def search_meta(sources: list[CheckpointSource], validation_path: Path, rows: li
         "base": "auto" if base is None else str(base),
         "params": settings.params.model_dump(),
         "subsets": {n: subsets[n].model_dump(include={"include", "exclude"}) for n in settings.subsets},
-        "seed": settings.seed, "reward": settings.reward, "top_k": settings.top_k, "max_rows": settings.max_rows,
+        "seed": settings.seed, "reward": settings.reward, "top_k": settings.top_k,
+        "max_rows": settings.max_rows, "max_windows": settings.max_windows,
         "max_length": settings.max_length, "stride": settings.stride,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -192,7 +194,7 @@ def run_search(sources: list[CheckpointSource], validation_path: Path, policies_
     settings = settings.model_copy(update={"max_length": max_length, "stride": stride})
     log = TrialLog(log_path)
     log.open(search_meta(sources, validation_path, rows, settings, base, subsets))
-    validation = ValidationSet(rows, policies, sources[0].path / "tokenizer.json", max_length, stride)
+    validation = ValidationSet(rows, policies, sources[0].path / "tokenizer.json", max_length, stride, settings.max_windows)
 
     # 1. every source alone: the baselines, and the ranking that picks the top-k.
     singles = {r["source"]: r for r in log.of_kind("single")}

@@ -100,7 +100,7 @@ def export_winner(result: SearchResult, objective: MergeObjective, *, params: Me
     manifest = type(manifest).model_validate(manifest.model_dump())
     write_json_atomic(export_dir / MANIFEST_FILE, json.loads(manifest.model_dump_json()))
     card = render_card(manifest, rep, validation_rows=len(validation_rows), train_rows=0,
-                       p50_ms=float(1000 * sorted(latency)[len(latency) // 2]), minutes=(time.time() - started) / 60)
+                       minutes=(time.time() - started) / 60)
     card += "\n## Merge recipe\n\n" + "\n".join(
         f"- {k}: `{json.dumps(v, ensure_ascii=False)}`" for k, v in training.items() if k not in ("recipe", "instruction")) + "\n"
     (export_dir / "CARD.md").write_text(card, encoding="utf-8")

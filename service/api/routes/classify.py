@@ -5,21 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from service.api.deps import EngineDep, SettingsDep, add_access_log_fields, log_prompt
+from service.api.openapi import error_responses
 from service.api.schemas import ClassifyManyResponse, ClassifyRequest, ClassifyResponse
 from service.engine import Timings
+from service.errors import ErrorCode
 from service.metrics import INLINE_POLICY_LABEL
 
 router = APIRouter(tags=["classify"])
 
 # Documented in OpenAPI; all answer the error shape of service.errors.
-_ERRORS: dict[int | str, dict[str, object]] = {
-    404: {"description": "unknown_policy"},
-    413: {"description": "prompt_too_long, body_too_large"},
-    422: {"description": "invalid_request, empty_prompt, policy_too_long, too_many_policies"},
-    429: {"description": "queue_full (see Retry-After)"},
-    503: {"description": "not_ready"},
-    504: {"description": "deadline_exceeded"},
-}
+_ERRORS = error_responses(
+    ErrorCode.unknown_policy, ErrorCode.prompt_too_long, ErrorCode.body_too_large, ErrorCode.invalid_request,
+    ErrorCode.empty_prompt, ErrorCode.policy_too_long, ErrorCode.too_many_policies, ErrorCode.queue_full,
+    ErrorCode.not_ready, ErrorCode.deadline_exceeded,
+    notes={ErrorCode.queue_full: "see Retry-After"},
+)
 
 
 def set_timing_headers(response: Response, t: Timings) -> None:

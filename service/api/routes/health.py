@@ -11,6 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.api.deps import RuntimeDep
+from service.api.openapi import error_responses
 from service.api.schemas import HealthResponse, ReadyResponse
 from service.errors import ErrorCode, error_response
 
@@ -22,7 +23,7 @@ async def healthz() -> HealthResponse:
     return HealthResponse()
 
 
-@router.get("/readyz", response_model=ReadyResponse, responses={503: {"description": "not_ready"}})
+@router.get("/readyz", response_model=ReadyResponse, responses=error_responses(ErrorCode.not_ready, notes={ErrorCode.not_ready: "loading, load error, or shutting down; message says which"}))
 async def readyz(runtime: RuntimeDep) -> ReadyResponse | JSONResponse:
     if not runtime.ready or runtime.engine is None:
         return error_response(ErrorCode.not_ready, runtime.not_ready_reason or "not ready")

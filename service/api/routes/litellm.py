@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 from service.api.deps import SettingsDep, add_access_log_fields, log_prompt
+from service.api.openapi import error_responses
 from service.errors import ApiError, ErrorCode, summarize_validation_errors
 from service.guard import GuardText, judge
 from service.policy import POLICY_ID_PATTERN
@@ -76,14 +77,13 @@ def requested_policies(params: dict[str, Any] | None) -> list[str] | None:
 
 @router.post(
     PATH,
-    responses={
-        404: {"description": "unknown_policy (per-request policies)"},
-        413: {"description": "prompt_too_long, body_too_large"},
-        422: {"description": "invalid_request, too_many_policies, policy_too_long"},
-        429: {"description": "queue_full (fail-closed)"},
-        503: {"description": "not_ready (fail-closed)"},
-        504: {"description": "deadline_exceeded (fail-closed)"},
-    },
+    responses=error_responses(
+        ErrorCode.unknown_policy, ErrorCode.prompt_too_long, ErrorCode.body_too_large, ErrorCode.invalid_request,
+        ErrorCode.too_many_policies, ErrorCode.policy_too_long, ErrorCode.queue_full, ErrorCode.internal_error,
+        ErrorCode.not_ready, ErrorCode.deadline_exceeded,
+        notes={ErrorCode.unknown_policy: "per-request policies", ErrorCode.internal_error: "configured policies not served",
+               ErrorCode.queue_full: "fail-closed", ErrorCode.not_ready: "fail-closed", ErrorCode.deadline_exceeded: "fail-closed"},
+    ),
 )
 async def litellm_guardrail(body: LiteLLMGuardrailRequest, request: Request, settings: SettingsDep) -> LiteLLMGuardrailResponse:
     """Judge LiteLLM's texts: BLOCKED if any text is unsafe under any policy, else NONE."""

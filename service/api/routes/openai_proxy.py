@@ -33,6 +33,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from service.api.deps import SettingsDep, add_access_log_fields, log_prompt
+from service.api.openapi import error_responses
 from service.auth import AUTH_HEADER_STATE_KEY
 from service.config import Settings
 from service.errors import ApiError, ErrorCode
@@ -57,7 +58,7 @@ def _invalid(message: str, details: Any = None) -> ApiError:
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise _invalid("request body is not valid JSON", [{"msg": str(exc)[:300]}]) from exc
     if not isinstance(body, dict):
         raise _invalid("request body must be a JSON object")
@@ -169,18 +170,55 @@ def answer_texts(answer: Any) -> list[GuardText]:
     return out
 
 
+# The request body as the proxy reads it: only what it checks is constrained, the rest goes
+# upstream untouched (documented, not validated by FastAPI: the raw bytes are forwarded).
+CHAT_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["messages"],
+    "additionalProperties": True,
+    "properties": {
+        "model": {"description": "Forwarded as is."},
+        "stream": {"description": "true: the answer (or the refusal) is streamed as server-sent events."},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role"],
+                "additionalProperties": True,
+                "properties": {
+                    "role": {"type": "string"},
+                    "content": {
+                        "description": "For roles in UNIGUARD_GUARD_ROLES: a string, null, or a list of part objects whose "
+                        '{"type": "text"} parts carry a string "text" (422 otherwise). Other roles are forwarded unread.'
+                    },
+                },
+            },
+        },
+    },
+}
+
+
 @router.post(
     "/v1/chat/completions",
     responses={
-        200: {"description": "the upstream's answer unchanged, or the refusal (x-uniguard-action: blocked)"},
-        413: {"description": "prompt_too_long, body_too_large"},
-        422: {"description": "invalid_request"},
-        429: {"description": "queue_full (fail-closed)"},
-        501: {"description": "upstream_not_configured"},
-        502: {"description": "upstream_error"},
-        503: {"description": "not_ready (fail-closed)"},
-        504: {"description": "deadline_exceeded (fail-closed), upstream_timeout"},
+        200: {
+            "description": "the upstream's answer unchanged, or the refusal (x-uniguard-action: blocked)",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                # one schema per server-sent event
+                "text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}},
+            },
+        },
+        **error_responses(
+            ErrorCode.prompt_too_long, ErrorCode.body_too_large, ErrorCode.invalid_request, ErrorCode.queue_full,
+            ErrorCode.internal_error, ErrorCode.upstream_not_configured, ErrorCode.upstream_error, ErrorCode.not_ready,
+            ErrorCode.deadline_exceeded, ErrorCode.upstream_timeout,
+            notes={ErrorCode.queue_full: "fail-closed", ErrorCode.not_ready: "fail-closed", ErrorCode.deadline_exceeded: "fail-closed",
+                   ErrorCode.internal_error: "configured policies not served"},
+        ),
     },
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}},
 )
 async def chat_completions(request: Request, settings: SettingsDep) -> Response:
     """Guard an OpenAI chat completion; forward it unchanged when every guarded message is safe."""

@@ -5,20 +5,22 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.deps import EngineDep
+from service.api.openapi import error_responses
+from service.errors import ErrorCode
 from service.api.schemas import PoliciesResponse, PolicyOut
 
 router = APIRouter(tags=["policies"])
 
 
-@router.get("/v1/policies")
+@router.get("/v1/policies", responses=error_responses(ErrorCode.not_ready))
 async def list_policies(engine: EngineDep) -> PoliciesResponse:
     out = []
     for policy in engine.policies.values():
-        threshold, trained = engine.threshold(policy)
+        threshold, trained, source = engine.threshold_info(policy)
         out.append(
             PolicyOut(
                 id=policy.id, name=policy.name, description=policy.description, allowed=policy.allowed,
-                disallowed=policy.disallowed, threshold=threshold, trained=trained,
+                disallowed=policy.disallowed, threshold=threshold, trained=trained, threshold_source=source,  # type: ignore[arg-type]
             )
         )
     return PoliciesResponse(model=engine.model_id, policies=out)

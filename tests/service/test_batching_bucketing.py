@@ -1,0 +1,179 @@
+"""Batch forming: length bucketing, the token bound, continuous batching, and tokenisation
+that does not wait behind inference (real tiny model, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import MicroBatcher, _Job, _Window, select_batch
+from service.engine import THREADED_TOKENIZE_CHARS
+from service.inference import OnnxModel
+from service.policy import EncodedWindows, Policy
+from tests.service.conftest import running_engine
+
+
+def fake_windows(lengths: list[int]) -> list[_Window]:
+    out = []
+    for seq, n in enumerate(lengths):
+        job = _Job.__new__(_Job)  # select_batch reads lengths and arrival order only
+        out.append(_Window(job, 0, n, seq))
+    return out
+
+
+def padding(batch: list[_Window]) -> float:
+    longest = max(w.length for w in batch)
+    return 1 - sum(w.length for w in batch) / (longest * len(batch))
+
+
+def test_select_batch_takes_the_oldest_and_its_nearest_lengths() -> None:
+    lengths = [60, 128, 20, 62, 127, 21, 59, 126, 22, 61]
+    live = fake_windows(lengths)
+    batch = select_batch(live, max_size=4, max_tokens=10_000, max_padding=0.2)
+    assert live[0] in batch  # the oldest always goes
+    assert sorted(w.length for w in batch) == [59, 60, 61, 62]
+    assert padding(batch) <= 0.2
+    # Oldest is long: its mates are the long ones.
+    batch = select_batch(live[1:], max_size=8, max_tokens=10_000, max_padding=0.2)
+    assert sorted(w.length for w in batch) == [126, 127, 128]
+
+
+def test_select_batch_respects_size_tokens_and_padding() -> None:
+    live = fake_windows([100] * 10)
+    assert len(select_batch(live, max_size=8, max_tokens=10_000, max_padding=0.2)) == 8
+    assert len(select_batch(live, max_size=8, max_tokens=350, max_padding=0.2)) == 3
+    # A window over the token bound still runs, alone.
+    assert len(select_batch(fake_windows([500, 500]), max_size=8, max_tokens=100, max_padding=0.2)) == 1
+    # No bucketing (max_padding=1): everything fits in one batch whatever the lengths.
+    mixed = fake_windows([10, 128, 10, 128])
+    assert len(select_batch(mixed, max_size=8, max_tokens=10_000, max_padding=1.0)) == 4
+    assert sorted(w.length for w in select_batch(fake_windows([60, 128, 126, 127, 59]), 8, 10_000, 0.2)) == [59, 60]
+    assert sorted(w.length for w in select_batch(mixed, max_size=8, max_tokens=10_000, max_padding=0.2)) == [10, 10]
+
+
+class Gate:
+    """Holds the inference thread inside its first model call until opened."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model = model
+        self.open = threading.Event()
+        self.entered = threading.Event()
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.open.wait(10)
+        return self.model.run(ids, mask, types)
+
+
+def mixed_submissions(model: OnnxModel, policies: dict[str, Policy]) -> list[EncodedWindows]:
+    short = [model.encoder.encode(policies["toxicity"], f"hi {i}") for i in range(6)]
+    long_prompt = " ".join(f"token{i}" for i in range(300))
+    longs = [model.encoder.encode(policies["prompt_injection"], long_prompt + str(i)) for i in range(2)]
+    mid = [model.encoder.encode(policies["tax_advice"], "How do I file my taxes as a freelancer in Germany this year? " * 2) for _ in range(4)]
+    subs = [short[0], longs[0], mid[0], short[1], mid[1], short[2], longs[1], short[3], mid[2], short[4], mid[3], short[5]]
+    assert any(s.count > 2 for s in subs)  # multi-window jobs are in the mix
+    return subs
+
+
+def run_mixed(model: OnnxModel, policies: dict[str, Policy], max_padding: float) -> tuple[MicroBatcher, list[np.ndarray]]:
+    gate = Gate(model)
+    subs = mixed_submissions(model, policies)
+
+    async def main() -> tuple[MicroBatcher, list[np.ndarray]]:
+        b = MicroBatcher(gate.run, max_batch_size=8, max_padding=max_padding, pad_id=model.pad_id)
+        await b.start()
+        first = asyncio.create_task(b.submit(model.encoder.encode(policies["toxicity"], "held")))
+        await asyncio.to_thread(gate.entered.wait, 10)  # the thread holds a batch: the rest queue up
+        tasks = [asyncio.create_task(b.submit(s)) for s in subs]
+        await asyncio.sleep(0.01)
+        gate.open.set()
+        results = await asyncio.gather(*tasks)
+        await first
+        await b.stop()
+        return b, [r.probabilities for r in results]
+
+    return asyncio.run(main())
+
+
+def test_bucketing_cuts_padding_and_keeps_every_answer_in_place(tiny_model: OnnxModel, shipped_policies: dict[str, Policy]) -> None:
+    bucketed, probs = run_mixed(tiny_model, shipped_policies, max_padding=0.2)
+    fifo, probs_fifo = run_mixed(tiny_model, shipped_policies, max_padding=1.0)
+    queued = list(bucketed.history)[1:]  # after the held batch
+    assert all(r.size <= 8 for r in queued)
+    assert all(r.padding <= 0.2 + 1e-9 for r in queued)  # no row padded by more than 20 %
+    padded = sum(r.padded_tokens for r in queued)
+    padded_fifo = sum(r.padded_tokens for r in list(fifo.history)[1:])
+    assert padded < padded_fifo  # less computed padding than packing in arrival order
+    # Windows were reordered across jobs: each probability must still land on its own window.
+    subs = mixed_submissions(tiny_model, shipped_policies)
+    for enc, got in zip(subs, probs, strict=True):
+        alone = np.array([tiny_model.run(ids[None], m[None], t[None])[0] for ids, m, t in zip(enc.input_ids, enc.attention_mask, enc.token_type_ids)])
+        assert got.shape == (enc.count,)
+        np.testing.assert_allclose(got, alone, atol=2e-3)  # int8: batch-mates nudge activation scales
+    for a, b in zip(probs, probs_fifo, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def test_token_bound_splits_batches(tiny_model: OnnxModel, shipped_policies: dict[str, Policy]) -> None:
+    long_prompt = " ".join(f"word{i}" for i in range(400))
+    enc = tiny_model.encoder.encode(shipped_policies["prompt_injection"], long_prompt)
+    assert enc.count >= 6
+
+    async def main() -> MicroBatcher:
+        b = MicroBatcher(tiny_model.run, max_batch_size=32, max_batch_tokens=2 * tiny_model.manifest.max_length, max_wait_ms=0)
+        await b.start()
+        r = await b.submit(enc)
+        await b.stop()
+        assert r.probabilities.shape == (enc.count,)
+        return b
+
+    b = asyncio.run(main())
+    assert all(r.padded_tokens <= 2 * tiny_model.manifest.max_length for r in b.history)
+    assert sum(r.size for r in b.history) == enc.count
+
+
+@pytest.mark.parametrize(("max_wait_ms", "lone_wait_ok"), [(0.0, lambda s: s < 0.05), (150.0, lambda s: s >= 0.14)])
+def test_lone_request_waits_only_when_told(tiny_model: OnnxModel, shipped_policies: dict[str, Policy], max_wait_ms: float, lone_wait_ok) -> None:
+    """Continuous batching (max_wait 0): an idle model takes a lone window at once."""
+    enc = tiny_model.encoder.encode(shipped_policies["toxicity"], "hello")
+
+    async def main() -> list[float]:
+        b = MicroBatcher(tiny_model.run, max_wait_ms=max_wait_ms)
+        await b.start()
+        waits = []
+        for _ in range(3):
+            waits.append((await b.submit(enc)).queue_s)
+            await asyncio.sleep(0.01)
+        await b.stop()
+        return waits
+
+    waits = asyncio.run(main())
+    assert lone_wait_ok(min(waits)), waits
+
+
+def test_tokenising_does_not_wait_behind_inference(tiny_model: OnnxModel, shipped_policies: dict[str, Policy]) -> None:
+    """A long prompt is tokenised in a worker thread while a batch holds the model."""
+    gate = Gate(tiny_model)
+    model = tiny_model
+    long_prompt = "tell me about the history of rome " * (THREADED_TOKENIZE_CHARS // 20)
+
+    async def body() -> None:
+        async with running_engine(model, shipped_policies, max_wait_ms=0) as engine:
+            engine.batcher._run_fn = gate.run
+            held = asyncio.create_task(engine.classify(engine.resolve("toxicity"), "first"))
+            await asyncio.to_thread(gate.entered.wait, 10)
+            started = time.perf_counter()
+            long_task = asyncio.create_task(engine.classify(engine.resolve("prompt_injection"), long_prompt))
+            while engine.batcher.depth == 0:  # tokenised and queued, though the model is still busy
+                assert time.perf_counter() - started < 10 and not gate.open.is_set()
+                await asyncio.sleep(0.005)
+            assert not held.done()
+            gate.open.set()
+            first, second = await asyncio.gather(held, long_task)
+            assert first.verdicts[0].windows == 1 and second.verdicts[0].windows > 1
+
+    asyncio.run(body())
