@@ -56,6 +56,7 @@ class Row:
     windows_per_s: float = 0.0  # model work done: what "% of raw" compares
     cpu_ms_per_window: float | None = None  # CPU spent per window (all threads): robust to a busy machine
     pct_of_raw_cpu: float | None = None  # raw CPU per window / service CPU per window
+    outside_model_p50_ms: float | None = None  # service: latency minus its own model time (x-inference-time)
     note: str = ""
 
 
@@ -68,8 +69,8 @@ class Report:
     def markdown(self) -> str:
         head = (
             "| mode | clients | windows/batch | throughput (req/s) | p50 ms | p95 ms | p99 ms | % of raw at same batch "
-            "| added p50 ms | CPU ms/window | % of raw, CPU |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            "| added p50 ms | outside model p50 ms | CPU ms/window | % of raw, CPU |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         )
         lines = []
         for r in self.rows:
@@ -79,6 +80,7 @@ class Report:
                 f"| {r.p50_ms:.2f} | {r.p95_ms:.2f} | {r.p99_ms:.2f} "
                 f"| {f'{r.pct_of_raw:.0f} %' if r.pct_of_raw is not None else '–'} "
                 f"| {f'{r.added_p50_ms:+.2f}' if r.added_p50_ms is not None else '–'} "
+                f"| {f'{r.outside_model_p50_ms:.2f}' if r.outside_model_p50_ms is not None else '–'} "
                 f"| {f'{r.cpu_ms_per_window:.1f}' if r.cpu_ms_per_window is not None else '–'} "
                 f"| {f'{r.pct_of_raw_cpu:.0f} %' if r.pct_of_raw_cpu is not None else '–'} |"
             )
@@ -286,15 +288,16 @@ def metric_value(text: str, name: str) -> float:
 
 async def drive(
     port: int, bodies: list[bytes], clients: int, seconds: float, warmup: float, snapshot: Callable[[], Awaitable[str]]
-) -> tuple[list[tuple[int, float]], int, float, str, str]:
+) -> tuple[list[tuple[int, float]], list[float], int, float, str, str]:
     """``clients`` connections, each sending the next request as soon as its answer is in.
 
     Warm-up lasts ``warmup`` seconds and at least until every client has had two answers
     (steady state: with a slow model, 64 clients queue for seconds). Returns the measured
-    (request index, latency) pairs, the error count, the measured time and ``snapshot()``
-    (the service's /metrics) at its start and end."""
+    (request index, latency) pairs, each one's latency outside the service's model call, the
+    error count, the measured time and ``snapshot()`` (/metrics) at its start and end."""
     counter = 0
     samples: list[tuple[int, float]] = []
+    outside: list[float] = []  # latency minus the service's own model time (x-inference-time)
     errors = 0
     answered = 0
     measuring = False
@@ -308,12 +311,13 @@ async def drive(
                 index = counter
                 counter += 1
                 t0 = time.perf_counter()
-                status, _, _ = await conn.request(bodies[index % len(bodies)])
+                status, headers, _ = await conn.request(bodies[index % len(bodies)])
                 done = time.perf_counter()
                 answered += 1
                 if measuring and done <= stop_at:
                     if status == 200:
                         samples.append((index, done - t0))
+                        outside.append(done - t0 - float(headers.get(b"x-inference-time", b"0")) / 1e3)
                     else:
                         errors += 1
         finally:
@@ -333,7 +337,7 @@ async def drive(
     last = await snapshot()
     elapsed = time.perf_counter() - t_start
     await asyncio.gather(*tasks)
-    return samples, errors, elapsed, first, last
+    return samples, outside, errors, elapsed, first, last
 
 
 async def bench_service(
@@ -345,7 +349,7 @@ async def bench_service(
         cpu.append(process_cpu_s(service.proc.pid))
         return await service.metrics()
 
-    samples, errors, elapsed, before, after = await drive(service.port, bodies, clients, seconds, warmup, snapshot)
+    samples, outside, errors, elapsed, before, after = await drive(service.port, bodies, clients, seconds, warmup, snapshot)
     latencies = [lat for _, lat in samples]
 
     def delta(name: str) -> float:
@@ -358,7 +362,8 @@ async def bench_service(
     p50, p95, p99 = percentiles(latencies)
     row = Row("service", clients, windows / batches if batches else 0.0, len(latencies) / elapsed, p50, p95, p99,
               errors=errors, requests=len(latencies), padding=1 - real / padded if padded else None, windows_per_s=windows / elapsed,
-              cpu_ms_per_window=(cpu[1] - cpu[0]) * 1e3 / windows if windows else None)
+              cpu_ms_per_window=(cpu[1] - cpu[0]) * 1e3 / windows if windows else None,
+              outside_model_p50_ms=float(np.median(outside)) * 1e3 if outside else None)
     return row, samples
 
 

@@ -107,10 +107,12 @@ def taskguard(
     run: str = typer.Option("issue4", help=RUN_HELP),
     policy: list[str] = typer.Option([], help="Policies to train (repeatable; default all)."),
     modes: str = typer.Option("fft,cft", help="fft (all weights) and/or cft (pooler + classifier)."),
-    max_train: int = typer.Option(800, help="Training rows per policy (0: all; GPU: 0)."),
+    max_train: int = typer.Option(600, help="Training rows per policy (0: all; GPU: 0)."),
     max_length: int = typer.Option(128), stride: int = typer.Option(32),
-    epochs: float = typer.Option(1.0), batch_size: int = typer.Option(16), lr: float = typer.Option(5e-5),
+    epochs: float = typer.Option(1.0), batch_size: int = typer.Option(16), lr: float = typer.Option(8e-5),
     head_epochs: int = typer.Option(30), head_lr: float = typer.Option(1e-3),
+    threads: int = typer.Option(1, help="Torch threads (0: all cores). 1 by default: on a shared 2-core box, "
+                                        "2 oversubscribed OpenMP threads ran 5x slower than 1."),
     seed: int = typer.Option(13), device: str = typer.Option("cpu"), force: bool = typer.Option(False),
 ) -> None:
     """TaskGuard-FFT / -CFT: one binary guard per policy on plain prompts (no instruction)."""
@@ -122,8 +124,8 @@ def taskguard(
     splits, policies, hashes = _data(run, show=False, any_config=True)
     run_taskguard(RUNS / run, _base(), policies, splits.train, splits.validation, policy_ids=policy or sorted(policies),
                   modes=_csv(modes), max_train=max_train, max_length=max_length, stride=stride,
-                  loop=LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device),
-                  head=HeadConfig(epochs=head_epochs, lr=head_lr, seed=seed, device=device),
+                  loop=LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, threads=threads),
+                  head=HeadConfig(epochs=head_epochs, lr=head_lr, seed=seed, device=device, threads=threads),
                   data_hashes=hashes, reporter=Reporter(), force=force)
     _record(RUNS / run, "taskguard", args, started)
 
@@ -134,15 +136,17 @@ def mtg(
     holdout: str = typer.Option("tax_advice", help="Policy kept out of GIP for the zero-shot check ('' for none)."),
     policy: list[str] = typer.Option([], help="Policies to fine-tune the GIP model on (default all)."),
     finetune: str = typer.Option("cft,fft", help="Per-policy fine-tunes of the GIP checkpoint ('' for none)."),
-    gip_max_train: int = typer.Option(500, help="GIP training rows per policy (0: all; GPU: 0)."),
-    ft_max_train: int = typer.Option(400, help="Fine-tuning rows per policy (0: all)."),
+    gip_max_train: int = typer.Option(300, help="GIP training rows per policy (0: all; GPU: 0)."),
+    ft_max_train: int = typer.Option(300, help="Fine-tuning rows per policy (0: all)."),
     max_length: int = typer.Option(128), stride: int = typer.Option(32),
-    gip_epochs: float = typer.Option(1.0), batch_size: int = typer.Option(16), gip_lr: float = typer.Option(5e-5),
+    gip_epochs: float = typer.Option(1.0), batch_size: int = typer.Option(16), gip_lr: float = typer.Option(8e-5),
     lambda_mlm: float = typer.Option(1.0), lambda_alice: float = typer.Option(1.0), lambda_cls: float = typer.Option(1.0),
     alice_eps: float = typer.Option(0.05, help="Per-token L2 radius of the embedding perturbation."),
     mlm_probability: float = typer.Option(0.15),
-    ft_epochs: float = typer.Option(1.0), ft_lr: float = typer.Option(3e-5),
+    ft_epochs: float = typer.Option(1.0), ft_lr: float = typer.Option(5e-5),
     head_epochs: int = typer.Option(30), head_lr: float = typer.Option(1e-3), save_every: int = typer.Option(50),
+    threads: int = typer.Option(1, help="Torch threads (0: all cores). 1 by default: on a shared 2-core box, "
+                                        "2 oversubscribed OpenMP threads ran 5x slower than 1."),
     seed: int = typer.Option(13), device: str = typer.Option("cpu"), force: bool = typer.Option(False),
 ) -> None:
     """MultiTaskGuard: GIP (λ1·MLM + λ2·ALICE + λ3·CE on instruction inputs), then per-policy CFT / FFT."""
@@ -156,12 +160,12 @@ def mtg(
         raise typer.BadParameter(f"unknown policy {holdout!r}", param_hint="--holdout")
     gip = LoopConfig(epochs=gip_epochs, batch_size=batch_size, lr=gip_lr, seed=seed, device=device, lambda_mlm=lambda_mlm,
                      lambda_alice=lambda_alice, lambda_cls=lambda_cls, alice_eps=alice_eps, mlm_probability=mlm_probability,
-                     save_every=save_every)
+                     save_every=save_every, threads=threads)
     run_mtg(RUNS / run, _base(), policies, splits.train, splits.validation, holdout=holdout or None,
             policy_ids=policy or sorted(policies), finetune_modes=_csv(finetune), gip_max_train=gip_max_train,
             ft_max_train=ft_max_train, max_length=max_length, stride=stride, gip_loop=gip,
-            ft_loop=LoopConfig(epochs=ft_epochs, batch_size=batch_size, lr=ft_lr, seed=seed, device=device),
-            head=HeadConfig(epochs=head_epochs, lr=head_lr, seed=seed, device=device),
+            ft_loop=LoopConfig(epochs=ft_epochs, batch_size=batch_size, lr=ft_lr, seed=seed, device=device, threads=threads),
+            head=HeadConfig(epochs=head_epochs, lr=head_lr, seed=seed, device=device, threads=threads),
             data_hashes=hashes, reporter=Reporter(), force=force)
     _record(RUNS / run, "mtg", args, started)
 

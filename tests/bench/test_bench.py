@@ -19,6 +19,7 @@ def test_bench_runs_raw_and_service_and_compares_them(tiny_model_dir: Path, tmp_
         assert row.requests > 0 and row.errors == 0 and row.rps > 0 and row.p50_ms <= row.p99_ms
         assert row.pct_of_raw is not None and row.pct_of_raw > 0 and row.batch >= 1
     assert service[1].added_p50_ms is not None  # paired with the raw request-by-request times
+    assert service[1].outside_model_p50_ms is not None and service[1].outside_model_p50_ms > 0
     table = report.markdown()
     assert table.count("\n") == len(report.rows) + 2 and "% of raw at same batch" in table
     assert all(r.cpu_ms_per_window and r.cpu_ms_per_window > 0 for r in report.rows)
