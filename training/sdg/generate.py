@@ -72,9 +72,9 @@ def plausible(text: str) -> bool:
 
 
 def clean_paraphrase(text: str) -> str:
-    """First paragraph of a rewrite, without quotes or a 'Rewritten message:' lead-in."""
+    """First line of a rewrite, without quotes or a 'Rewritten message:' lead-in (small models ramble on)."""
     text = re.sub(r"^\s*(rewritten( message)?|paraphrase|message)\s*:\s*", "", text.strip(), flags=re.I)
-    text = text.split("\n\n")[0].strip()
+    text = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return text.strip("\"'“”").strip()
 
 

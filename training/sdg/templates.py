@@ -188,7 +188,7 @@ class TemplateGenerator:
             persona = f"{f['persona']}. " if rng.random() < 0.4 else ""
             if persona:
                 base = base[0].upper() + base[1:]
-            elif prefix.endswith(", ") and not re.match(r"I\b", base):
+            elif prefix.endswith((", ", "but ")) and not re.match(r"I\b", base):
                 base = base[0].lower() + base[1:]
             text = f"{prefix}{persona}{base}{rng.choice(SUFFIXES)}"
             rationale = ("A reworded example of a prompt the policy blocks." if label
