@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -73,7 +74,7 @@ def generate_cmd(
     from training.sdg.generate import Generator, SDGConfig, load_seeds, summary_table
     from training.sdg.refine import ReviewConfig
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)  # logs keep the whole table
     known = load_policies(policies_dir)
     missing = [p for p in policy if p not in known]
     if missing:

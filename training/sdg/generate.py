@@ -73,7 +73,7 @@ def plausible(text: str) -> bool:
 
 def clean_paraphrase(text: str) -> str:
     """First line of a rewrite, without quotes or a 'Rewritten message:' lead-in (small models ramble on)."""
-    text = re.sub(r"^\s*(rewritten( message)?|paraphrase|message)\s*:\s*", "", text.strip(), flags=re.I)
+    text = re.sub(r"^\s*(rewrite (the |this )?message|rewritten( message)?|paraphrase|message)\s*:\s*", "", text.strip(), flags=re.I)
     text = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return text.strip("\"'“”").strip()
 
