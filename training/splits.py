@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.data import Budget, Example, build_dataset, file_sha256, normalise
+from training.data import Budget, Example, build_dataset, file_sha256, normalise, read_examples
 
 SPLITS = ("train", "validation", "test")
 
@@ -73,6 +73,34 @@ def build_splits(
     ds = build_dataset(data_dir, example_files, policies, val_fraction=held_fraction, seed=seed, budget=budget)
     validation, test = split_by_text(ds.validation, test_fraction / held_fraction, seed + 1)
     return Splits(ds.train, validation, test, dict(ds.stats))
+
+
+def add_train_only(splits: Splits, files: list[Path], policies: set[str]) -> dict[str, dict[str, int]]:
+    """Generated rows join the training split only, after the split is drawn.
+
+    Validation and test then stay the same real (public + hand-written) rows with or without
+    the generated data, which is what makes a with/without comparison fair, and a model is
+    never selected on its generator's own text. A generated text already held out is dropped
+    (it would leak), as is one already in train for the same policy.
+    """
+    held = {normalise(ex.text) for ex in splits.validation + splits.test}
+    trained = {(ex.policy_id, normalise(ex.text)) for ex in splits.train}
+    counts: dict[str, dict[str, int]] = {}
+    for path in files:
+        c = counts.setdefault(Path(path).name, {"rows": 0, "added": 0, "held_out_text": 0, "duplicate": 0})
+        for ex in read_examples(Path(path), policies):
+            c["rows"] += 1
+            key = normalise(ex.text)
+            if key in held:
+                c["held_out_text"] += 1
+            elif (ex.policy_id, key) in trained:
+                c["duplicate"] += 1
+            else:
+                trained.add((ex.policy_id, key))
+                splits.train.append(ex)
+                c["added"] += 1
+    splits.stats["train_only"] = counts
+    return counts
 
 
 def summary_rows(splits: Splits) -> list[tuple[str, str, int, float]]:

@@ -56,6 +56,17 @@ def validate(model: Any, encoder: InputEncoder, policies: dict[str, Policy], row
     return metrics_by_policy(rows, scores, latency)
 
 
+RUNTIME_KEYS = ("threads", "device", "save_every")
+
+
+def _identity(config: Any) -> Any:
+    """A stage config without the settings that change speed, not results (threads, device, checkpoint cadence)."""
+    if not isinstance(config, dict):
+        return config
+    return {k: ({kk: vv for kk, vv in v.items() if kk not in RUNTIME_KEYS} if isinstance(v, dict) and k in ("loop", "head") else v)
+            for k, v in config.items()}
+
+
 def stage_done(out: Path, config: dict[str, Any], force: bool) -> dict[str, Any] | None:
     """Metadata of a finished checkpoint for this config, None to (re)build; refuses silent mismatches."""
     if force and out.exists():
@@ -63,7 +74,7 @@ def stage_done(out: Path, config: dict[str, Any], force: bool) -> dict[str, Any]
     if not is_complete(out):
         return None
     meta = read_meta(out)
-    if meta.get("config") != config:
+    if _identity(meta.get("config")) != _identity(config):
         raise StageConfigMismatch(f"{out} was trained with another configuration; use --force to retrain it or another --run name")
     return meta
 

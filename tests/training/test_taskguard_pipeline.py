@@ -164,12 +164,10 @@ def test_evaluate_checkpoint_and_onnx_on_known_answers(base: Path, tmp_path: Pat
     assert "| toxicity |" in (out / "report.md").read_text()
 
 
-def test_data_stage_three_group_safe_splits_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from typer.testing import CliRunner
-
+def _data_cli_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Tiny public files (every mapped stem) + one hand-written file; runs go under tmp_path."""
     from training import pipeline_cli
-    from training.data import PUBLIC_MAP, normalise
-    from training.splits import load_splits, subsample, without_policy
+    from training.data import PUBLIC_MAP
 
     data = tmp_path / "data"
     data.mkdir()
@@ -182,8 +180,18 @@ def test_data_stage_three_group_safe_splits_and_cli(tmp_path: Path, monkeypatch:
     (examples / "tax.jsonl").write_text("".join(json.dumps({"text": f"tax question {i}", "label": i % 2, "policy_id": "tax_advice"}) + "\n"
                                                 for i in range(40)))
     monkeypatch.setattr(pipeline_cli, "RUNS", tmp_path / "runs")
+    return ["data", "--data-dir", str(data), "--examples-dir", str(examples)]
+
+
+def test_data_stage_three_group_safe_splits_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from training import pipeline_cli
+    from training.data import normalise
+    from training.splits import load_splits, subsample, without_policy
+
     runner = CliRunner()
-    args = ["data", "--run", "t", "--data-dir", str(data), "--examples-dir", str(examples)]
+    args = _data_cli_args(tmp_path, monkeypatch) + ["--run", "t"]
     res = runner.invoke(pipeline_cli.app, args)
     assert res.exit_code == 0, res.output
     splits = load_splits(tmp_path / "runs/t/data")
@@ -199,3 +207,47 @@ def test_data_stage_three_group_safe_splits_and_cli(tmp_path: Path, monkeypatch:
     small = subsample(splits.train, 10, seed=1)
     per_policy = {p: sum(e.policy_id == p for e in small) for p in {e.policy_id for e in small}}
     assert max(per_policy.values()) <= 11 and subsample(splits.train, 10, seed=1) == small
+
+
+def test_data_stage_train_only_rows_leave_validation_and_test_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from training import pipeline_cli
+    from training.splits import load_splits
+
+    runner = CliRunner()
+    base = _data_cli_args(tmp_path, monkeypatch)
+    assert runner.invoke(pipeline_cli.app, base + ["--run", "without"]).exit_code == 0
+    without = load_splits(tmp_path / "runs/without/data")
+    held_text = without.validation[0].text
+    generated = [{"text": f"synthetic tax prompt {i}", "label": 1, "policy_id": "tax_advice", "source": "synthetic",
+                  "rationale": "asks for a personal deduction"} for i in range(5)]
+    generated.append({"text": held_text, "label": 1, "policy_id": "tax_advice", "source": "synthetic"})  # would leak
+    generated.append(dict(generated[0]))  # duplicate
+    synth = tmp_path / "sdg_tax.jsonl"
+    synth.write_text("".join(json.dumps(r) + "\n" for r in generated))
+    res = runner.invoke(pipeline_cli.app, base + ["--run", "with", "--train-only", str(synth)])
+    assert res.exit_code == 0, res.output
+    assert "5 of 7 rows added to train (1 already held out, 1 duplicates)" in res.output.replace("\n", " ")
+    with_ = load_splits(tmp_path / "runs/with/data")
+    assert [e.to_json() for e in with_.validation] == [e.to_json() for e in without.validation]
+    assert [e.to_json() for e in with_.test] == [e.to_json() for e in without.test]
+    added = [e for e in with_.train if e.source == "synthetic"]
+    assert len(added) == 5 and len(with_.train) == len(without.train) + 5
+    assert added[0].rationale == "asks for a personal deduction"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x", "label": 1, "policy_id": "no_such_policy"}) + "\n")
+    res = runner.invoke(pipeline_cli.app, base + ["--run", "bad", "--train-only", str(bad)])
+    assert res.exit_code != 0 and "no_such_policy" in str(res.exception or res.output)
+
+
+def test_stage_identity_ignores_speed_settings_only() -> None:
+    from training.taskguard import _identity
+
+    a = {"mode": "fft", "loop": LoopConfig(threads=1).to_dict(), "head": None, "train_rows": 10}
+    b = {"mode": "fft", "loop": LoopConfig(threads=0, save_every=7).to_dict(), "head": None, "train_rows": 10}
+    assert _identity(a) == _identity(b)  # a resumed run on another machine reuses the checkpoint
+    c = {"mode": "fft", "loop": LoopConfig(threads=1, lr=1e-3).to_dict(), "head": None, "train_rows": 10}
+    assert _identity(a) != _identity(c)  # a changed hyper-parameter does not
+    assert _identity({**a, "head": HeadConfig(threads=2).to_dict()}) == _identity({**a, "head": HeadConfig(threads=1).to_dict()})
