@@ -49,7 +49,7 @@ def gip_stage(
     started = time.time()
     encoder = InputEncoder.from_file(Path(base) / "tokenizer.json", MTG_TEMPLATE, max_length, stride)
     data = encode_rows(encoder, policies, rows, with_rationale=True)
-    model = load_classifier(base)
+    model = load_classifier(base, seed=loop.seed)
     head = load_mlm_head(model, base)
     masker = make_masker(AutoTokenizer.from_pretrained(str(base)), loop.mlm_probability, seed=loop.seed)
     with reporter.task(f"mtg-gip ({len(rows)} rows, {len(trained)} policies)") as update:

@@ -99,7 +99,7 @@ def finetune_stage(
     started = time.time()
     encoder = InputEncoder.from_file(Path(init) / "tokenizer.json", template, max_length, stride)
     data = encode_rows(encoder, policies, train_rows)
-    model = load_classifier(init)
+    model = load_classifier(init, seed=(loop if mode == "fft" else head).seed)
     with reporter.task(f"{family} {policy}") as update:
         if mode == "fft":
             log = train_loop(model, data, loop, state_dir=out.with_name(f".state-{out.name}"), progress=update)

@@ -251,3 +251,25 @@ def test_stage_identity_ignores_speed_settings_only() -> None:
     c = {"mode": "fft", "loop": LoopConfig(threads=1, lr=1e-3).to_dict(), "head": None, "train_rows": 10}
     assert _identity(a) != _identity(c)  # a changed hyper-parameter does not
     assert _identity({**a, "head": HeadConfig(threads=2).to_dict()}) == _identity({**a, "head": HeadConfig(threads=1).to_dict()})
+
+
+def test_fresh_heads_are_seeded(base: Path, tmp_path: Path) -> None:
+    """Same seed, same fresh classifier and MLM heads: a stage rerun starts where the first did."""
+    from transformers import BertModel
+
+    from training.modeling import load_mlm_head
+
+    encoder_only = tmp_path / "encoder"  # a base like the shipped one: BertModel, no classifier
+    BertModel.from_pretrained(base).save_pretrained(encoder_only)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (base / name).exists():
+            (encoder_only / name).write_bytes((base / name).read_bytes())
+
+    def heads(seed: int) -> list:
+        model = load_classifier(encoder_only, seed=seed)
+        mlm = load_mlm_head(model, encoder_only)
+        return [model.classifier.weight.detach().clone(), mlm.predictions.transform.dense.weight.detach().clone()]
+
+    first, again, other = heads(13), heads(13), heads(14)
+    assert all((a == b).all() for a, b in zip(first, again))
+    assert not any((a == b).all() for a, b in zip(first, other))
