@@ -25,7 +25,7 @@ import yaml
 
 from service.metrics import Metrics
 from tests.deploy.helpers import DEPLOY
-from tests.service.test_http import serve
+from tests.service.test_http import serve, stop_process
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "uniguard.json"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -131,12 +131,7 @@ def stack(prometheus_bin: str, tiny_model_dir: Path, tmp_path_factory: pytest.Te
                 time.sleep(0.1)
             yield server.url, prom
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 10)
             log.close()
 
 

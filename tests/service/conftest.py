@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.batching import MicroBatcher
@@ -14,6 +16,28 @@ from service.engine import Engine
 from service.inference import OnnxModel
 from service.metrics import Metrics
 from service.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
+from tests.upstream_server import UpstreamServer
+
+
+class Gate:
+    """Wraps model.run so a test can hold the inference thread inside its first batch until opened."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model = model
+        self.open = threading.Event()
+        self.entered = threading.Event()
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.open.wait(10)
+        return self.model.run(ids, mask, types)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[UpstreamServer]:
+    """A real chat-completions upstream on a loopback port, for the sidecar tests."""
+    with UpstreamServer() as up:
+        yield up
 
 
 @pytest.fixture(scope="session")

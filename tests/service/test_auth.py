@@ -97,12 +97,6 @@ def test_empty_key_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamServer]:
-    with UpstreamServer() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("auth")
     env = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 import pytest
@@ -11,24 +10,11 @@ import pytest
 from service.batching import BatcherClosed, MicroBatcher, QueueFull
 from service.inference import OnnxModel
 from service.policy import EncodedWindows, Policy
+from tests.service.conftest import Gate
 
 
 def windows(model: OnnxModel, policy: Policy, prompt: str) -> EncodedWindows:
     return model.encoder.encode(policy, prompt)
-
-
-class Gate:
-    """Wraps model.run so a test can hold the worker inside a batch."""
-
-    def __init__(self, model: OnnxModel) -> None:
-        self.model = model
-        self.open = threading.Event()
-        self.entered = threading.Event()
-
-    def run(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
-        self.entered.set()
-        self.open.wait(10)
-        return self.model.run(ids, mask, types)
 
 
 async def wait_entered(gate: Gate) -> None:

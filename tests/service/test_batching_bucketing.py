@@ -4,7 +4,6 @@ that does not wait behind inference (real tiny model, no HTTP)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ from service.batching import MicroBatcher, _Job, _Window, select_batch
 from service.engine import THREADED_TOKENIZE_CHARS
 from service.inference import OnnxModel
 from service.policy import EncodedWindows, Policy
-from tests.service.conftest import running_engine
+from tests.service.conftest import Gate, running_engine
 
 
 def fake_windows(lengths: list[int]) -> list[_Window]:
@@ -53,20 +52,6 @@ def test_select_batch_respects_size_tokens_and_padding() -> None:
     assert len(select_batch(mixed, max_size=8, max_tokens=10_000, max_padding=1.0)) == 4
     assert sorted(w.length for w in select_batch(fake_windows([60, 128, 126, 127, 59]), 8, 10_000, 0.2)) == [59, 60]
     assert sorted(w.length for w in select_batch(mixed, max_size=8, max_tokens=10_000, max_padding=0.2)) == [10, 10]
-
-
-class Gate:
-    """Holds the inference thread inside its first model call until opened."""
-
-    def __init__(self, model: OnnxModel) -> None:
-        self.model = model
-        self.open = threading.Event()
-        self.entered = threading.Event()
-
-    def run(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
-        self.entered.set()
-        self.open.wait(10)
-        return self.model.run(ids, mask, types)
 
 
 def mixed_submissions(model: OnnxModel, policies: dict[str, Policy]) -> list[EncodedWindows]:

@@ -41,12 +41,6 @@ TIMEOUT_S = 15.0  # "no hang": any answer slower than this fails the test
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamServer]:
-    with UpstreamServer() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def fuzz_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
     with serve(

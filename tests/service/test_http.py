@@ -51,6 +51,16 @@ class Server:
         pytest.fail(f"{path} never answered {status} (last: {last}):\n{self.log.read_text()[-3000:]}")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def serve(log: Path, **env: str) -> Iterator[Server]:
     port = _free_port()
@@ -62,12 +72,7 @@ def serve(log: Path, **env: str) -> Iterator[Server]:
     try:
         yield Server(f"http://127.0.0.1:{port}", proc, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
 
 
 @pytest.fixture(scope="module")

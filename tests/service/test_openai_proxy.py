@@ -26,12 +26,6 @@ def _dead_port() -> int:
         return int(s.getsockname()[1])  # closed again: nothing listens there
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamServer]:
-    with UpstreamServer() as up:
-        yield up
-
-
 @pytest.fixture(autouse=True)
 def _fresh_records(upstream: UpstreamServer) -> None:
     upstream.clear()

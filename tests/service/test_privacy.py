@@ -27,12 +27,6 @@ AUTH = {"x-api-key": KEY}
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamServer]:
-    with UpstreamServer() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def pair(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) -> Iterator[dict[str, Server]]:
     common = {
         "UNIGUARD_MODEL_DIR": str(tiny_model_dir),

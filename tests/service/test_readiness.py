@@ -26,6 +26,11 @@ from tests.service.sidecar import servers
 from tests.service.test_http import Server, assert_error
 
 
+def _edit_config(folder: Path, **changes: object) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
 def _edit_manifest(folder: Path, **changes: object) -> None:
     path = folder / "manifest.json"
     data = json.loads(path.read_text())
@@ -149,27 +154,21 @@ def test_the_fixture_folder_passes_and_is_fingerprinted(tiny_model_dir: Path) ->
 
 
 def test_config_position_table_shorter_than_the_window(copy: Path) -> None:
-    config = json.loads((copy / "config.json").read_text())
-    config["max_position_embeddings"] = 64
-    (copy / "config.json").write_text(json.dumps(config))
+    _edit_config(copy, max_position_embeddings=64)
     _edit_manifest(copy, checksums={})
     with pytest.raises(ModelLoadError, match="max_position_embeddings 64 is below the manifest max_length 128"):
         load_and_validate(copy, threads=1)
 
 
 def test_config_labels_disagreeing_with_the_manifest(copy: Path) -> None:
-    config = json.loads((copy / "config.json").read_text())
-    config["id2label"] = {"0": "unsafe", "1": "safe"}  # swapped: every score would be inverted
-    (copy / "config.json").write_text(json.dumps(config))
+    _edit_config(copy, id2label={"0": "unsafe", "1": "safe"})  # swapped: every score would be inverted
     _edit_manifest(copy, checksums={})
     with pytest.raises(ModelLoadError, match="id2label"):
         load_and_validate(copy, threads=1)
 
 
 def test_swapped_config_is_caught_by_its_checksum(copy: Path) -> None:
-    config = json.loads((copy / "config.json").read_text())
-    config["hidden_dropout_prob"] = 0.3
-    (copy / "config.json").write_text(json.dumps(config))
+    _edit_config(copy, hidden_dropout_prob=0.3)
     with pytest.raises(ModelLoadError, match="config.json: sha256 .* does not match manifest checksums"):
         load_and_validate(copy, threads=1)
 
