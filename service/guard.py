@@ -12,21 +12,23 @@ same rules:
 * other errors (a text over ``max_prompt_chars``, an unknown policy) are always errors:
   they are not about availability. Unknown policies from the *configuration* are the
   operator's mistake and answer 500, not 404.
+
+Nothing here knows about HTTP: routes pass the engine (as ``get_engine``, called inside the
+failure rule so that "no engine" (``not_ready``) fails open like any other unscorable error),
+the metrics and the route name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
-
-from service.api.deps import get_engine, get_metrics
 from service.engine import Classification, Engine
 from service.errors import ApiError, ErrorCode
+from service.metrics import Metrics
 from service.policy import Policy
 
 log = logging.getLogger("uniguard.guard")
@@ -35,6 +37,9 @@ log = logging.getLogger("uniguard.guard")
 UNSCORABLE = frozenset({ErrorCode.not_ready, ErrorCode.queue_full, ErrorCode.deadline_exceeded})
 # Longest blocked reason listed per violation in a summary.
 MAX_LISTED_VIOLATIONS = 8
+
+# The engine a request uses: returns it, or raises ApiError not_ready when there is none.
+EngineSource = Callable[[], Engine]
 
 
 @dataclass(frozen=True)
@@ -101,17 +106,37 @@ class Judgement:
         return "UniGuard: " + "; ".join(parts)
 
 
-async def judge(request: Request, texts: Sequence[GuardText], policy_ids: Sequence[str], *, from_config: bool, fail_open: bool) -> Judgement:
-    """Score ``texts`` under ``policy_ids``; see the module docstring for the failure rule."""
-    judgement = await _judge(request, texts, policy_ids, from_config=from_config, fail_open=fail_open)
-    get_metrics(request).observe_gateway(request.url.path, judgement.outcome)  # route: one of the two gateway paths
+async def judge(
+    get_engine: EngineSource,
+    metrics: Metrics,
+    texts: Sequence[GuardText],
+    policy_ids: Sequence[str],
+    *,
+    route: str,
+    from_config: bool,
+    fail_open: bool,
+) -> Judgement:
+    """Score ``texts`` under ``policy_ids``; see the module docstring for the failure rule.
+
+    ``route`` (one of the gateway paths) labels the outcome in the metrics and the logs.
+    """
+    judgement = await _judge(get_engine, texts, policy_ids, route=route, from_config=from_config, fail_open=fail_open)
+    metrics.observe_gateway(route, judgement.outcome)
     return judgement
 
 
-async def _judge(request: Request, texts: Sequence[GuardText], policy_ids: Sequence[str], *, from_config: bool, fail_open: bool) -> Judgement:
+async def _judge(
+    get_engine: EngineSource,
+    texts: Sequence[GuardText],
+    policy_ids: Sequence[str],
+    *,
+    route: str,
+    from_config: bool,
+    fail_open: bool,
+) -> Judgement:
     ids = tuple(dict.fromkeys(policy_ids))
     try:
-        engine = get_engine(request)
+        engine = get_engine()
         policies = _resolve(engine, ids, from_config)
         items = [t for t in texts if t.text.strip()]
         if not items:
@@ -121,7 +146,7 @@ async def _judge(request: Request, texts: Sequence[GuardText], policy_ids: Seque
         return Judgement(ids, results, engine.model_id, None, len(items))
     except ApiError as exc:
         if fail_open and exc.code in UNSCORABLE:
-            log.warning("fail-open: not scored, let through", extra={"fields": {"code": exc.code.value, "path": request.url.path}})
+            log.warning("fail-open: not scored, let through", extra={"fields": {"code": exc.code.value, "path": route}})
             return Judgement(ids, unguarded=exc.code.value)
         raise
 

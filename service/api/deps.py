@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from service.config import Settings
 from service.engine import Engine
+from service.guard import EngineSource
 from service.metrics import Metrics
 from service.runtime import LEASE_STATE_KEY, Runtime
 
@@ -39,6 +41,11 @@ async def _engine_dep(request: Request) -> Engine:
     return get_engine(request)
 
 
+async def _engine_source_dep(request: Request) -> EngineSource:
+    # Not resolved yet: the gateway routes let service.guard decide what "no engine" means (fail-open).
+    return partial(get_engine, request)
+
+
 async def _runtime_dep(request: Request) -> Runtime:
     return get_runtime(request)  # async for the same reason: a sync dependency costs a thread hop
 
@@ -55,6 +62,7 @@ RuntimeDep = Annotated[Runtime, Depends(_runtime_dep)]
 SettingsDep = Annotated[Settings, Depends(_settings_dep)]
 MetricsDep = Annotated[Metrics, Depends(_metrics_dep)]
 EngineDep = Annotated[Engine, Depends(_engine_dep)]
+EngineSourceDep = Annotated[EngineSource, Depends(_engine_source_dep)]
 
 
 # Longest prompt excerpt put in an access log line when log_prompts is on.

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
-from service.api.deps import SettingsDep, add_access_log_fields, log_prompt
+from service.api.deps import EngineSourceDep, MetricsDep, SettingsDep, add_access_log_fields, log_prompt
 from service.api.openapi import error_responses
 from service.errors import ApiError, ErrorCode, summarize_validation_errors
 from service.guard import GuardText, judge
@@ -85,7 +85,9 @@ def requested_policies(params: dict[str, Any] | None) -> list[str] | None:
                ErrorCode.queue_full: "fail-closed", ErrorCode.not_ready: "fail-closed", ErrorCode.deadline_exceeded: "fail-closed"},
     ),
 )
-async def litellm_guardrail(body: LiteLLMGuardrailRequest, request: Request, settings: SettingsDep) -> LiteLLMGuardrailResponse:
+async def litellm_guardrail(
+    body: LiteLLMGuardrailRequest, request: Request, settings: SettingsDep, engine: EngineSourceDep, metrics: MetricsDep
+) -> LiteLLMGuardrailResponse:
     """Judge LiteLLM's texts: BLOCKED if any text is unsafe under any policy, else NONE."""
     override = requested_policies(body.additional_provider_specific_params)
     if override is not None:
@@ -105,7 +107,13 @@ async def litellm_guardrail(body: LiteLLMGuardrailRequest, request: Request, set
     )
     log_prompt(request, settings, "\n\n".join(texts))
     judgement = await judge(
-        request, [GuardText(i, t) for i, t in enumerate(texts)], policy_ids, from_config=override is None, fail_open=settings.fail_open
+        engine,
+        metrics,
+        [GuardText(i, t) for i, t in enumerate(texts)],
+        policy_ids,
+        route=PATH,
+        from_config=override is None,
+        fail_open=settings.fail_open,
     )
     add_access_log_fields(request, guard=judgement.outcome, unsafe=judgement.unsafe)
     stage = "output" if body.input_type == "response" else "input"

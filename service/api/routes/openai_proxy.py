@@ -32,16 +32,18 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from service.api.deps import SettingsDep, add_access_log_fields, log_prompt
+from service.api.deps import EngineSourceDep, MetricsDep, SettingsDep, add_access_log_fields, log_prompt
 from service.api.openapi import error_responses
 from service.auth import AUTH_HEADER_STATE_KEY
 from service.config import Settings
 from service.errors import ApiError, ErrorCode
-from service.guard import GuardText, Judgement, judge
+from service.guard import EngineSource, GuardText, Judgement, judge
+from service.metrics import Metrics
 from service.upstream import ProxiedResponse, Upstream, forward_headers, response_headers
 
 router = APIRouter(tags=["openai-proxy"])
 
+PATH = "/v1/chat/completions"
 UPSTREAM_PATH = "/chat/completions"
 ACTION_HEADER = "x-uniguard-action"
 MAX_CHOICES = 16
@@ -200,7 +202,7 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
 
 
 @router.post(
-    "/v1/chat/completions",
+    PATH,
     responses={
         200: {
             "description": "the upstream's answer unchanged, or the refusal (x-uniguard-action: blocked)",
@@ -220,7 +222,9 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
     },
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}},
 )
-async def chat_completions(request: Request, settings: SettingsDep) -> Response:
+async def chat_completions(
+    request: Request, settings: SettingsDep, engine: EngineSourceDep, metrics: MetricsDep
+) -> Response:
     """Guard an OpenAI chat completion; forward it unchanged when every guarded message is safe."""
     upstream = get_upstream(request)
     upstream.require_configured()
@@ -231,7 +235,9 @@ async def chat_completions(request: Request, settings: SettingsDep) -> Response:
     add_access_log_fields(request, policies=list(dict.fromkeys(settings.guard_policies)), stream=stream, messages=len(body["messages"]), guarded=len(texts))
     log_prompt(request, settings, "\n\n".join(t.text for t in texts))
 
-    judgement = await judge(request, texts, settings.guard_policies, from_config=True, fail_open=settings.fail_open)
+    judgement = await judge(
+        engine, metrics, texts, settings.guard_policies, route=PATH, from_config=True, fail_open=settings.fail_open
+    )
     add_access_log_fields(request, guard=judgement.outcome, unsafe=judgement.unsafe)
     if judgement.unsafe:
         return refusal_response(settings, body, judgement, "input")
@@ -248,10 +254,19 @@ async def chat_completions(request: Request, settings: SettingsDep) -> Response:
     add_access_log_fields(request, upstream_status=resp.status_code)
     if not (moderating and resp.status_code == 200):
         return ProxiedResponse(resp, [(ACTION_HEADER, judgement.outcome)])
-    return await moderate(request, settings, upstream, body, resp, judgement)
+    return await moderate(request, settings, engine, metrics, upstream, body, resp, judgement)
 
 
-async def moderate(request: Request, settings: Settings, upstream: Upstream, body: dict[str, Any], resp: httpx.Response, input_judgement: Judgement) -> Response:
+async def moderate(
+    request: Request,
+    settings: Settings,
+    engine: EngineSource,
+    metrics: Metrics,
+    upstream: Upstream,
+    body: dict[str, Any],
+    resp: httpx.Response,
+    input_judgement: Judgement,
+) -> Response:
     """Judge a complete (non-streamed) answer; relay it (decoded) or replace it with the refusal."""
     content = await upstream.read(resp)
     try:
@@ -259,7 +274,9 @@ async def moderate(request: Request, settings: Settings, upstream: Upstream, bod
     except (ValueError, UnicodeDecodeError):
         answer = None
     policies = settings.output_policies or settings.guard_policies
-    judgement = await judge(request, answer_texts(answer), policies, from_config=True, fail_open=settings.fail_open)
+    judgement = await judge(
+        engine, metrics, answer_texts(answer), policies, route=PATH, from_config=True, fail_open=settings.fail_open
+    )
     add_access_log_fields(request, output_guard=judgement.outcome)
     if judgement.unsafe:
         return refusal_response(settings, body, judgement, "output", base=answer)
