@@ -62,6 +62,14 @@ def select_provider(requested: str, available: Sequence[str], manifest: Manifest
         raise
 
 
+def path_inside(folder: Path, rel: str) -> Path:
+    """``folder / rel`` for a path named in a manifest; ModelLoadError if it leaves the folder."""
+    path = (folder / rel).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ModelLoadError(f"{folder}: manifest path {rel!r} points outside the model folder")
+    return path
+
+
 def _preload_cuda_libraries() -> None:
     """onnxruntime-gpu installed with its ``cuda,cudnn`` extras finds the NVIDIA pip wheels'
     libraries only once they are preloaded (no-op for a system-wide CUDA install)."""
@@ -142,8 +150,8 @@ class OnnxModel:
             chosen, entry = select_provider(provider, ort.get_available_providers(), manifest)
         except KeyError as exc:
             raise ModelLoadError(f"{manifest_path}: {exc.args[0]}") from exc
-        model_path = cls._inside(folder, entry.path)
-        tokenizer_path = cls._inside(folder, manifest.tokenizer_file)
+        model_path = path_inside(folder, entry.path)
+        tokenizer_path = path_inside(folder, manifest.tokenizer_file)
         for path in (model_path, tokenizer_path):
             if not path.is_file():
                 raise ModelLoadError(f"{path} is missing (listed in {manifest_path})")
@@ -182,13 +190,6 @@ class OnnxModel:
         return [CPU]
 
     @staticmethod
-    def _inside(folder: Path, rel: str) -> Path:
-        path = (folder / rel).resolve()
-        if not path.is_relative_to(folder.resolve()):
-            raise ModelLoadError(f"{folder}: manifest path {rel!r} points outside the model folder")
-        return path
-
-    @staticmethod
     def _session_options(threads: int, spinning: bool = True) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -201,8 +202,8 @@ class OnnxModel:
 
     def _pad_id(self) -> int:
         # Padded positions are masked out; [PAD] (0 for BERT) is what training padded with.
-        tid = self.encoder._tokenizer.token_to_id("[PAD]")
-        return int(tid) if tid is not None else 0
+        tid = self.encoder.token_id("[PAD]")
+        return tid if tid is not None else 0
 
     def _check_output(self) -> None:
         shape = next(o.shape for o in self.session.get_outputs() if o.name == self.output_name)

@@ -143,6 +143,15 @@ class InputEncoder:
     def from_file(cls, tokenizer_json: Path, template: InputTemplate, max_length: int, stride: int) -> "InputEncoder":
         return cls(Tokenizer.from_file(str(tokenizer_json)), template, max_length, stride)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token -> id of the tokenizer, added tokens included."""
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of one token (``[PAD]``, ``[CLS]``...), None if the tokenizer has no such token."""
+        tid = self._tokenizer.token_to_id(token)
+        return None if tid is None else int(tid)
+
     def instruction_tokens(self, policy: Policy) -> int:
         text = self.template.instruction_text(policy)
         count = self._instruction_counts.get(text)

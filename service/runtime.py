@@ -160,18 +160,19 @@ class Runtime:
         policies = await asyncio.to_thread(load_policies, s.policies_dir)
         if not policies:
             raise ValueError(f"no *.yaml policies in {s.policies_dir}")
-        load_options = {k: getattr(s, k) for k in ("provider", "device_id", "spinning") if hasattr(s, k)}
-        model = await asyncio.to_thread(load_and_validate, s.model_dir, s.threads, **load_options)
+        model = await asyncio.to_thread(
+            load_and_validate, s.model_dir, s.threads, provider=s.provider, device_id=s.device_id, spinning=s.spinning
+        )
         warnings = policy_warnings(model, policies, s.thresholds)
-        batch_options = {k: getattr(s, k) for k in ("max_batch_tokens", "max_padding") if hasattr(s, k)}
         batcher = MicroBatcher(
             model.run,
             max_batch_size=s.max_batch_size,
+            max_batch_tokens=s.max_batch_tokens,
             max_wait_ms=s.max_wait_ms,
+            max_padding=s.max_padding,
             max_queue=s.max_queue,
             pad_id=model.pad_id,
             observer=self.metrics,
-            **batch_options,
         )
         await batcher.start()
         try:
@@ -299,8 +300,7 @@ class Runtime:
 
 def _announce(metrics: Metrics, engine: Engine) -> None:
     """uniguard_model_info names the serving model."""
-    model = engine.model
-    metrics.set_model(model.id, str(getattr(model, "provider", "CPUExecutionProvider")), str(getattr(model, "precision", "")))
+    metrics.set_model(engine.model.id, engine.model.provider, engine.model.precision)
 
 
 def _ms(started: float) -> float:

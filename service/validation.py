@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.inference import ModelLoadError, OnnxModel
+from service.inference import ModelLoadError, OnnxModel, path_inside
 from service.manifest import sha256_file
 from service.policy import InstructionTooLong, Policy
 
@@ -38,7 +38,7 @@ CONFIG_FILE = "config.json"
 
 def check_checksums(model: OnnxModel) -> None:
     for rel, expected in model.manifest.checksums.items():
-        path = OnnxModel._inside(model.folder, rel)
+        path = path_inside(model.folder, rel)
         if not path.is_file():
             raise ModelLoadError(f"{path} is missing (fingerprinted in manifest.json checksums)")
         actual = sha256_file(path)
@@ -63,8 +63,7 @@ def _read_config(folder: Path) -> dict | None:
 
 def tokenizer_max_id(model: OnnxModel) -> tuple[int, int]:
     """(vocabulary size, largest token id) of the tokenizer, added tokens included."""
-    tok = model.encoder._tokenizer
-    vocab = tok.get_vocab(with_added_tokens=True)
+    vocab = model.encoder.vocabulary()
     return len(vocab), max(vocab.values()) if vocab else -1
 
 
@@ -99,10 +98,7 @@ def check_config(model: OnnxModel) -> None:
 def probe_vocabulary(model: OnnxModel) -> None:
     """Run the tokenizer's largest id through onnxruntime: a smaller embedding table fails here."""
     _, max_id = tokenizer_max_id(model)
-    tok = model.encoder._tokenizer
-    cls = tok.token_to_id("[CLS]")
-    sep = tok.token_to_id("[SEP]")
-    row = [t for t in (cls, max_id, sep) if t is not None]
+    row = [t for t in (model.encoder.token_id("[CLS]"), max_id, model.encoder.token_id("[SEP]")) if t is not None]
     ids = np.asarray([row], dtype=np.int64)
     try:
         probs = model.run(ids, np.ones_like(ids), np.zeros_like(ids))
@@ -122,9 +118,11 @@ def validate_model(model: OnnxModel) -> None:
     probe_vocabulary(model)
 
 
-def load_and_validate(folder: Path, threads: int, **load_options: object) -> OnnxModel:
-    """``OnnxModel.load`` plus ``validate_model``: blocking, run it in a thread."""
-    model = OnnxModel.load(folder, threads, **load_options)  # type: ignore[arg-type]
+def load_and_validate(
+    folder: Path, threads: int, *, provider: str = "auto", device_id: int = 0, spinning: bool = True
+) -> OnnxModel:
+    """``OnnxModel.load`` (same options) plus ``validate_model``: blocking, run it in a thread."""
+    model = OnnxModel.load(folder, threads, provider=provider, device_id=device_id, spinning=spinning)
     validate_model(model)
     return model
 
