@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class Row:
 
 @dataclass
 class Report:
-    machine: dict[str, object]
+    machine: Machine
     settings: dict[str, object]
     rows: list[Row] = field(default_factory=list)
 
@@ -90,7 +91,21 @@ class Report:
         return json.dumps({"machine": self.machine, "settings": self.settings, "rows": [asdict(r) for r in self.rows]}, indent=2)
 
 
-def machine_info(threads: int) -> dict[str, object]:
+class Machine(TypedDict, total=False):
+    """Where a benchmark ran (``machine_info``; provider and the load after are added by the run)."""
+
+    cpu: str
+    cores: int | None
+    threads: int
+    python: str
+    onnxruntime: str
+    load_average_before: tuple[float, float, float]
+    load_average_after: tuple[float, float, float]
+    other_busy_processes: list[str]
+    provider: str
+
+
+def machine_info(threads: int) -> Machine:
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -57,7 +58,7 @@ class Sample:
 
 def rss_mib(pid: int) -> float:
     proc = psutil.Process(pid)
-    total = proc.memory_info().rss
+    total: int = proc.memory_info().rss  # psutil ships no types
     for child in proc.children(recursive=True):
         try:
             total += child.memory_info().rss
@@ -67,7 +68,7 @@ def rss_mib(pid: int) -> float:
 
 
 async def measure_capacity(service: ServiceProcess, bodies: list[bytes], clients: int, seconds: float) -> float:
-    samples, errors, elapsed, _, _ = await drive(service.port, bodies, clients, seconds, warmup=3.0, snapshot=service.metrics)
+    samples, _, errors, elapsed, _, _ = await drive(service.port, bodies, clients, seconds, warmup=3.0, snapshot=service.metrics)
     if not samples:
         raise RuntimeError(f"capacity run answered nothing ({errors} errors)")
     return len(samples) / elapsed
@@ -170,7 +171,7 @@ def print_table(rows: list[Sample]) -> None:
               f"{r.p99_ms if r.p99_ms is not None else '-':>8} {r.errors:6d} {r.late:5d} {r.queue_depth:6.0f}")
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, object]:
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     env = dict(kv.split("=", 1) for kv in args.env)
     threads = args.threads or os.cpu_count() or 1
     service = ServiceProcess(args.model_dir, threads, env, args.log_dir / "soak-service.log")
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.minutes <= 0 or args.interval <= 0 or not 0 < args.fraction <= 1:
         ap.error("--minutes and --interval must be positive, --fraction in (0, 1]")
     result = asyncio.run(main_async(args))
-    return 1 if result["summary"]["errors"] else 0  # type: ignore[index]
+    return 1 if result["summary"]["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -28,6 +29,10 @@ from service.policy import EncodedWindows, InstructionTooLong, Policy
 # Prompts longer than this are tokenised in a worker thread so the event loop stays free.
 THREADED_TOKENIZE_CHARS = 4096
 
+Verdict = Literal["safe", "unsafe"]
+# Where a threshold came from: UNIGUARD_THRESHOLDS, the manifest (trained), or the zero-shot default.
+ThresholdSource = Literal["config", "manifest", "default"]
+
 WARM_UP_POLICY = Policy(id="warm-up", name="warm-up", description="Block nothing; this is a warm-up.")
 
 
@@ -41,7 +46,7 @@ class PolicyVerdict:
     trained: bool  # the model was calibrated on this exact policy description
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> Verdict:
         return "unsafe" if self.unsafe else "safe"
 
 
@@ -93,7 +98,7 @@ class Engine:
         threshold, trained, _ = self.threshold_info(policy)
         return threshold, trained
 
-    def threshold_info(self, policy: Policy) -> tuple[float, bool, str]:
+    def threshold_info(self, policy: Policy) -> tuple[float, bool, ThresholdSource]:
         """(threshold, trained, source): source is ``config`` (UNIGUARD_THRESHOLDS, served
         policies only), ``manifest`` (chosen on validation for this exact description) or
         ``default`` (zero-shot: the manifest's default threshold)."""

@@ -83,8 +83,9 @@ def _preload_cuda_libraries() -> None:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    e: np.ndarray = np.exp(z)
+    probs: np.ndarray = e / e.sum(axis=-1, keepdims=True)  # numpy's stubs type keepdims reductions as Any
+    return probs
 
 
 class OnnxModel:

@@ -10,7 +10,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
@@ -30,7 +30,8 @@ OnError = Callable[[ErrorCode], None]
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
+    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())  # ASGI: raw (name, value) pairs
+    for key, value in headers:
         if key.lower() == name:
             return value.decode("latin-1")
     return None

@@ -145,7 +145,8 @@ class InputEncoder:
 
     def vocabulary(self) -> dict[str, int]:
         """Token -> id of the tokenizer, added tokens included."""
-        return self._tokenizer.get_vocab(with_added_tokens=True)
+        vocab: dict[str, int] = self._tokenizer.get_vocab(with_added_tokens=True)  # tokenizers ships no types
+        return vocab
 
     def token_id(self, token: str) -> int | None:
         """The id of one token (``[PAD]``, ``[CLS]``...), None if the tokenizer has no such token."""

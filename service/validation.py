@@ -24,6 +24,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def check_checksums(model: OnnxModel) -> None:
             )
 
 
-def _read_config(folder: Path) -> dict | None:
+def _read_config(folder: Path) -> dict[str, Any] | None:
     path = folder / CONFIG_FILE
     if not path.is_file():
         return None

@@ -15,7 +15,8 @@ from service.runtime import LEASE_STATE_KEY, Runtime
 
 
 def get_runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
+    runtime: Runtime = request.app.state.runtime  # set by create_app; Starlette's State is untyped
+    return runtime
 
 
 def get_settings(request: Request) -> Settings:

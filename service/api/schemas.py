@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from service.engine import Classification, PolicyVerdict, Timings
+from service.engine import Classification, PolicyVerdict, ThresholdSource, Timings, Verdict
 from service.errors import ErrorCode
 from service.policy import POLICY_ID_PATTERN, Policy
 
@@ -58,7 +58,7 @@ class LatencyMs(BaseModel):
 
 class VerdictOut(BaseModel):
     policy_id: str
-    verdict: Literal["safe", "unsafe"]
+    verdict: Verdict
     unsafe: bool
     score: float = Field(description="Highest unsafe probability over the prompt's windows.")
     threshold: float
@@ -66,7 +66,7 @@ class VerdictOut(BaseModel):
 
     @classmethod
     def of(cls, v: PolicyVerdict) -> "VerdictOut":
-        return cls(policy_id=v.policy_id, verdict=v.verdict, unsafe=v.unsafe, score=v.score, threshold=v.threshold, windows=v.windows)  # type: ignore[arg-type]
+        return cls(policy_id=v.policy_id, verdict=v.verdict, unsafe=v.unsafe, score=v.score, threshold=v.threshold, windows=v.windows)
 
 
 class ClassifyResponse(VerdictOut):
@@ -101,7 +101,7 @@ class PolicyOut(BaseModel):
     disallowed: list[str]
     threshold: float
     trained: bool = Field(description="The model was trained and calibrated on this exact description.")
-    threshold_source: Literal["config", "manifest", "default"] = Field(
+    threshold_source: ThresholdSource = Field(
         description="config: UNIGUARD_THRESHOLDS; manifest: chosen on validation data; default: zero-shot default."
     )
 

@@ -50,7 +50,8 @@ MAX_CHOICES = 16
 
 
 def get_upstream(request: Request) -> Upstream:
-    return request.app.state.upstream
+    upstream: Upstream = request.app.state.upstream  # set by create_app; Starlette's State is untyped
+    return upstream
 
 
 def _invalid(message: str, details: Any = None) -> ApiError:

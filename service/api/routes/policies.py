@@ -20,7 +20,7 @@ async def list_policies(engine: EngineDep) -> PoliciesResponse:
         out.append(
             PolicyOut(
                 id=policy.id, name=policy.name, description=policy.description, allowed=policy.allowed,
-                disallowed=policy.disallowed, threshold=threshold, trained=trained, threshold_source=source,  # type: ignore[arg-type]
+                disallowed=policy.disallowed, threshold=threshold, trained=trained, threshold_source=source,
             )
         )
     return PoliciesResponse(model=engine.model_id, policies=out)
