@@ -25,7 +25,7 @@ from locust import HttpUser, between, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: bench.workload
 
-from bench.workload import POLICIES, load_prompts  # noqa: E402
+from bench.workload import POLICIES, load_prompts
 
 PROMPTS = load_prompts()
 INLINE_POLICY = {

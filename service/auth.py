@@ -39,7 +39,9 @@ def _digest(value: str) -> bytes:
 class ApiKeyMiddleware:
     """401 ``unauthorized`` (with ``WWW-Authenticate: Bearer``) unless the request has the key."""
 
-    def __init__(self, app: ASGIApp, api_key: str, open_paths: Iterable[str] = OPEN_PATHS, on_error: OnError | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str, open_paths: Iterable[str] = OPEN_PATHS, on_error: OnError | None = None
+    ) -> None:
         if not api_key:
             raise ValueError("api_key must not be empty")
         self.app = app

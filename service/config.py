@@ -28,24 +28,45 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="UNIGUARD_", extra="ignore", protected_namespaces=())
 
-    model_dir: Path = Field(Path("models/default"), description="Model folder (model.onnx, tokenizer.json, manifest.json).")
+    model_dir: Path = Field(
+        Path("models/default"), description="Model folder (model.onnx, tokenizer.json, manifest.json)."
+    )
     policies_dir: Path = Field(DEFAULT_POLICIES_DIR, description="Folder of *.yaml policies served by id.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     threads: int = Field(default_factory=_default_threads, ge=1, description="onnxruntime intra-op threads.")
     max_batch_size: int = Field(32, ge=1, description="Most windows run in one model call.")
-    max_batch_tokens: int = Field(4096, ge=1, description="Most padded tokens (windows x longest window) in one model call.")
-    max_wait_ms: float = Field(0.0, ge=0.0, description="Longest the oldest window waits for batch-mates while the model is idle (0: dispatch at once; batches still form while the model is busy).")
-    max_padding: float = Field(0.2, ge=0.0, le=1.0, description="Length bucketing: most padding of any window in a batch, as a share of the longest window (1: no bucketing).")
-    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime execution provider: cpu (int8 file), cuda (fp16 file), auto (cuda if available and exported).")
+    max_batch_tokens: int = Field(
+        4096, ge=1, description="Most padded tokens (windows x longest window) in one model call."
+    )
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0.0,
+        description="Longest the oldest window waits for batch-mates while the model is idle (0: dispatch at once; batches still form while the model is busy).",
+    )
+    max_padding: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Length bucketing: most padding of any window in a batch, as a share of the longest window (1: no bucketing).",
+    )
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="onnxruntime execution provider: cpu (int8 file), cuda (fp16 file), auto (cuda if available and exported).",
+    )
     device_id: int = Field(0, ge=0, description="CUDA device for provider cuda.")
-    spinning: bool = Field(False, description="onnxruntime intra-op threads busy-wait between work (off: they leave the CPU to the event loop).")
+    spinning: bool = Field(
+        False,
+        description="onnxruntime intra-op threads busy-wait between work (off: they leave the CPU to the event loop).",
+    )
     max_queue: int = Field(1024, ge=1, description="Most windows waiting; beyond it requests get 429.")
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_prompt_chars: int = Field(100_000, ge=1)
     max_policies_per_request: int = Field(16, ge=1)
     request_timeout_s: float = Field(10.0, gt=0.0)
-    log_prompts: bool = Field(False, description="Put prompt text in access logs (off: prompts may hold personal data).")
+    log_prompts: bool = Field(
+        False, description="Put prompt text in access logs (off: prompts may hold personal data)."
+    )
 
     # -- operations: thresholds, reloads, shutdown ---------------------------------------
     thresholds: dict[PolicyIdSetting, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
@@ -58,24 +79,59 @@ class Settings(BaseSettings):
         "true without api_key = loopback clients only; false = off (SIGHUP still reloads).",
     )
     shutdown_drain_s: float = Field(
-        2.0, ge=0.0, le=300.0,
+        2.0,
+        ge=0.0,
+        le=300.0,
         description="On SIGTERM, answer /readyz 503 and keep serving this long before refusing new connections.",
     )
 
     # -- gateway sidecar: auth, LiteLLM guardrail API, OpenAI-compatible proxy ---------------
     # Lists read from env as JSON (`["a","b"]`) or comma-separated (`a,b`).
-    api_key: SecretStr | None = Field(None, description="If set, every route but /healthz and /readyz needs `Authorization: Bearer <key>` or `x-api-key: <key>`.")
-    metrics_public: bool = Field(False, description="Serve /metrics without the API key (only matters when api_key is set).")
-    guard_policies: Annotated[list[PolicyIdSetting], NoDecode] = Field(default_factory=lambda: ["prompt_injection"], min_length=1, description="Policies the gateway routes apply to prompts.")
-    output_policies: Annotated[list[PolicyIdSetting] | None, NoDecode] = Field(None, description="Policies for model answers (LiteLLM input_type=response, moderate_output); None: guard_policies.")
-    guard_roles: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["user"], min_length=1, description="Chat roles whose messages the proxy classifies (e.g. user,system,developer,tool).")
-    upstream_base_url: str | None = Field(None, description="OpenAI-style base URL of the LLM behind the proxy, version included (https://api.openai.com/v1).")
-    upstream_api_key: SecretStr | None = Field(None, description="If set, sent upstream as `Authorization: Bearer` instead of the client's header.")
-    upstream_timeout_s: float = Field(60.0, gt=0.0, description="Upstream connect/read/write timeout; read is per chunk when streaming.")
-    upstream_max_connections: int = Field(100, ge=1, description="Pooled connections to the upstream (streams hold one each).")
-    refusal_message: str = Field("Sorry, I can't help with that: the request was blocked by the content policy.", min_length=1)
-    fail_open: bool = Field(False, description="Forward unguarded when the model cannot score (not ready, queue full, deadline); off: answer the error.")
-    moderate_output: bool = Field(False, description="Also classify non-streamed answers (output_policies) and replace unsafe ones with the refusal.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="If set, every route but /healthz and /readyz needs `Authorization: Bearer <key>` or `x-api-key: <key>`.",
+    )
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without the API key (only matters when api_key is set)."
+    )
+    guard_policies: Annotated[list[PolicyIdSetting], NoDecode] = Field(
+        default_factory=lambda: ["prompt_injection"],
+        min_length=1,
+        description="Policies the gateway routes apply to prompts.",
+    )
+    output_policies: Annotated[list[PolicyIdSetting] | None, NoDecode] = Field(
+        None,
+        description="Policies for model answers (LiteLLM input_type=response, moderate_output); None: guard_policies.",
+    )
+    guard_roles: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["user"],
+        min_length=1,
+        description="Chat roles whose messages the proxy classifies (e.g. user,system,developer,tool).",
+    )
+    upstream_base_url: str | None = Field(
+        None,
+        description="OpenAI-style base URL of the LLM behind the proxy, version included (https://api.openai.com/v1).",
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None, description="If set, sent upstream as `Authorization: Bearer` instead of the client's header."
+    )
+    upstream_timeout_s: float = Field(
+        60.0, gt=0.0, description="Upstream connect/read/write timeout; read is per chunk when streaming."
+    )
+    upstream_max_connections: int = Field(
+        100, ge=1, description="Pooled connections to the upstream (streams hold one each)."
+    )
+    refusal_message: str = Field(
+        "Sorry, I can't help with that: the request was blocked by the content policy.", min_length=1
+    )
+    fail_open: bool = Field(
+        False,
+        description="Forward unguarded when the model cannot score (not ready, queue full, deadline); off: answer the error.",
+    )
+    moderate_output: bool = Field(
+        False,
+        description="Also classify non-streamed answers (output_policies) and replace unsafe ones with the refusal.",
+    )
 
     @field_validator("guard_policies", "output_policies", "guard_roles", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("uniguard.errors")
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     unknown_policy = "unknown_policy"
     invalid_request = "invalid_request"
     empty_prompt = "empty_prompt"
@@ -73,7 +73,13 @@ _STATUS: dict[ErrorCode, int] = {
 
 # Load shedding / admission refusals: counted as rejections as well as errors.
 REJECTION_CODES = frozenset(
-    {ErrorCode.queue_full, ErrorCode.body_too_large, ErrorCode.prompt_too_long, ErrorCode.not_ready, ErrorCode.deadline_exceeded}
+    {
+        ErrorCode.queue_full,
+        ErrorCode.body_too_large,
+        ErrorCode.prompt_too_long,
+        ErrorCode.not_ready,
+        ErrorCode.deadline_exceeded,
+    }
 )
 
 # Seconds a client should wait after 429 queue_full.
@@ -83,7 +89,9 @@ RETRY_AFTER_S = 1
 class ApiError(Exception):
     """A request failure with a stable code; ``details`` must be JSON-safe and small."""
 
-    def __init__(self, code: ErrorCode, message: str, details: Any = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, details: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -101,7 +109,9 @@ def error_body(code: ErrorCode, message: str, details: Any = None) -> dict[str, 
     return {"error": {"code": code.value, "message": message, "details": details}}
 
 
-def error_response(code: ErrorCode, message: str, details: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    code: ErrorCode, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(code, message, details), status_code=code.status, headers=headers)
 
 

@@ -157,12 +157,16 @@ def _resolve(engine: Engine, ids: Sequence[str], from_config: bool) -> list[Poli
     except ApiError as exc:
         if from_config and exc.code is ErrorCode.unknown_policy:
             raise ApiError(
-                ErrorCode.internal_error, "the configured guard policies name a policy this server does not serve", exc.details
+                ErrorCode.internal_error,
+                "the configured guard policies name a policy this server does not serve",
+                exc.details,
             ) from exc
         raise
 
 
-async def _classify_unique(engine: Engine, policies: Sequence[Policy], texts: Sequence[str]) -> dict[str, Classification]:
+async def _classify_unique(
+    engine: Engine, policies: Sequence[Policy], texts: Sequence[str]
+) -> dict[str, Classification]:
     unique = list(dict.fromkeys(texts))
     if len(unique) == 1:
         return {unique[0]: await engine.classify(policies, unique[0])}

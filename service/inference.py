@@ -46,7 +46,9 @@ def select_provider(requested: str, available: Sequence[str], manifest: Manifest
                 "(onnxruntime-gpu instead of onnxruntime) and run on a machine with an NVIDIA driver"
             )
         if not has_cuda_file:
-            raise ModelLoadError(f"UNIGUARD_PROVIDER=cuda but the manifest lists no model file for {CUDA} (export it with fp16)")
+            raise ModelLoadError(
+                f"UNIGUARD_PROVIDER=cuda but the manifest lists no model file for {CUDA} (export it with fp16)"
+            )
         return CUDA, manifest.model_file(CUDA)
     if requested == "auto" and CUDA in available and has_cuda_file:
         return CUDA, manifest.model_file(CUDA)
@@ -96,7 +98,14 @@ class OnnxModel:
     """
 
     def __init__(
-        self, folder: Path, manifest: Manifest, session: ort.InferenceSession, encoder: InputEncoder, *, io_binding: bool = False, device_id: int = 0
+        self,
+        folder: Path,
+        manifest: Manifest,
+        session: ort.InferenceSession,
+        encoder: InputEncoder,
+        *,
+        io_binding: bool = False,
+        device_id: int = 0,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
@@ -112,7 +121,9 @@ class OnnxModel:
         unknown = [n for n in self.input_names if n not in FEED_NAMES]
         if unknown:
             raise ModelLoadError(f"{folder}: model expects inputs {unknown} that the service cannot feed")
-        self.output_name = next((o.name for o in session.get_outputs() if o.name == "logits"), session.get_outputs()[0].name)
+        self.output_name = next(
+            (o.name for o in session.get_outputs() if o.name == "logits"), session.get_outputs()[0].name
+        )
         self.unsafe_label = manifest.unsafe_label
         self.pad_id = self._pad_id()
         self._check_output()
@@ -132,7 +143,7 @@ class OnnxModel:
         device_id: int = 0,
         io_binding: bool | None = None,
         spinning: bool = True,
-    ) -> "OnnxModel":
+    ) -> OnnxModel:
         """Check and load a model folder. ``provider``: auto | cpu | cuda (see ``select_provider``);
         ``io_binding``: None = on for CUDA, off for CPU; ``spinning``: onnxruntime's intra-op
         threads busy-wait for work (fastest alone, but they take the CPU from an event loop
@@ -158,28 +169,48 @@ class OnnxModel:
                 raise ModelLoadError(f"{path} is missing (listed in {manifest_path})")
         actual = sha256_file(model_path)
         if actual != entry.sha256:
-            raise ModelLoadError(f"{model_path}: sha256 {actual[:12]}… does not match manifest {entry.sha256[:12]}… (corrupt or replaced file)")
+            raise ModelLoadError(
+                f"{model_path}: sha256 {actual[:12]}… does not match manifest {entry.sha256[:12]}… (corrupt or replaced file)"
+            )
         try:
-            encoder = InputEncoder.from_file(tokenizer_path, manifest.input_template, manifest.max_length, manifest.stride)
+            encoder = InputEncoder.from_file(
+                tokenizer_path, manifest.input_template, manifest.max_length, manifest.stride
+            )
         except Exception as exc:  # tokenizers raises plain Exception on a bad file
             raise ModelLoadError(f"{tokenizer_path}: cannot load tokenizer: {exc}") from exc
         try:
-            session = ort.InferenceSession(str(model_path), cls._session_options(threads, spinning), providers=cls._providers(chosen, device_id))
+            session = ort.InferenceSession(
+                str(model_path), cls._session_options(threads, spinning), providers=cls._providers(chosen, device_id)
+            )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from exc
         if session.get_providers()[0] != chosen:
             # onnxruntime-gpu without a usable GPU/driver silently falls back to CPU: the fp16
             # file must not be served that way.
             if provider == "cuda":
-                raise ModelLoadError(f"{model_path}: {chosen} could not be initialised (no GPU or driver?); got {session.get_providers()}")
-            log.warning("CUDA could not be initialised; serving the CPU file", extra={"fields": {"providers": session.get_providers()}})
+                raise ModelLoadError(
+                    f"{model_path}: {chosen} could not be initialised (no GPU or driver?); got {session.get_providers()}"
+                )
+            log.warning(
+                "CUDA could not be initialised; serving the CPU file",
+                extra={"fields": {"providers": session.get_providers()}},
+            )
             return cls.load(folder, threads, provider="cpu", io_binding=io_binding, spinning=spinning)
         use_binding = chosen == CUDA if io_binding is None else io_binding
         model = cls(folder, manifest, session, encoder, io_binding=use_binding, device_id=device_id)
         log.info(
             "model loaded",
-            extra={"fields": {"model": model.id, "path": str(folder), "inputs": model.input_names, "provider": chosen,
-                              "file": entry.path, "precision": entry.precision, "io_binding": use_binding}},
+            extra={
+                "fields": {
+                    "model": model.id,
+                    "path": str(folder),
+                    "inputs": model.input_names,
+                    "provider": chosen,
+                    "file": entry.path,
+                    "precision": entry.precision,
+                    "io_binding": use_binding,
+                }
+            },
         )
         return model
 
@@ -210,7 +241,9 @@ class OnnxModel:
         shape = next(o.shape for o in self.session.get_outputs() if o.name == self.output_name)
         labels = shape[-1] if shape and isinstance(shape[-1], int) else None
         if labels is not None and not 0 <= self.unsafe_label < labels:
-            raise ModelLoadError(f"{self.folder}: manifest unsafe_label {self.unsafe_label} but the model outputs {labels} logits")
+            raise ModelLoadError(
+                f"{self.folder}: manifest unsafe_label {self.unsafe_label} but the model outputs {labels} logits"
+            )
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         """Unsafe probability of each row of a padded [batch, seq] int64 batch."""

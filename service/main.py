@@ -57,7 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_error=runtime.record_error)
     if settings.api_key is not None:  # inside the request context (401s logged), outside the body limit (never read)
         app.add_middleware(
-            ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=open_paths(settings.metrics_public), on_error=runtime.record_error
+            ApiKeyMiddleware,
+            api_key=settings.api_key.get_secret_value(),
+            open_paths=open_paths(settings.metrics_public),
+            on_error=runtime.record_error,
         )
     app.add_middleware(RequestContextMiddleware, on_error=runtime.record_error)
     return app

@@ -13,8 +13,32 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 # 50 us .. 10 s, about three buckets per decade: queue waits sit at tens of microseconds,
 # CPU inference of a batch at milliseconds, an overloaded request at seconds.
 LATENCY_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
-    0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 BATCH_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -31,16 +55,28 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "uniguard_requests_total", "Policy verdicts given, by policy and verdict.", ["policy", "verdict"], registry=r
+            "uniguard_requests_total",
+            "Policy verdicts given, by policy and verdict.",
+            ["policy", "verdict"],
+            registry=r,
         )
         self.request_latency = Histogram(
-            "uniguard_request_latency_seconds", "End-to-end time of one classification.", buckets=LATENCY_BUCKETS, registry=r
+            "uniguard_request_latency_seconds",
+            "End-to-end time of one classification.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_time = Histogram(
-            "uniguard_queue_time_seconds", "Time a submission waited for its first batch.", buckets=LATENCY_BUCKETS, registry=r
+            "uniguard_queue_time_seconds",
+            "Time a submission waited for its first batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.tokenize_time = Histogram(
-            "uniguard_tokenize_time_seconds", "Time to encode a prompt into windows.", buckets=LATENCY_BUCKETS, registry=r
+            "uniguard_tokenize_time_seconds",
+            "Time to encode a prompt into windows.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference_time = Histogram(
             "uniguard_inference_time_seconds", "Model time of one batch.", buckets=LATENCY_BUCKETS, registry=r
@@ -52,21 +88,36 @@ class Metrics:
             "uniguard_batch_tokens", "Real (unpadded) tokens per model call.", buckets=BATCH_TOKEN_BUCKETS, registry=r
         )
         self.batch_padded_tokens = Histogram(
-            "uniguard_batch_padded_tokens", "Tokens the model computed per call (windows x longest window).", buckets=BATCH_TOKEN_BUCKETS, registry=r
+            "uniguard_batch_padded_tokens",
+            "Tokens the model computed per call (windows x longest window).",
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=r,
         )
         self.batch_padding = Histogram(
-            "uniguard_batch_padding_ratio", "Share of a model call's tokens that are padding.", buckets=PADDING_BUCKETS, registry=r
+            "uniguard_batch_padding_ratio",
+            "Share of a model call's tokens that are padding.",
+            buckets=PADDING_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge("uniguard_queue_depth", "Windows waiting for a batch.", registry=r)
-        self.rejected = Counter("uniguard_rejected_total", "Requests refused to shed load, by reason.", ["reason"], registry=r)
+        self.rejected = Counter(
+            "uniguard_rejected_total", "Requests refused to shed load, by reason.", ["reason"], registry=r
+        )
         self.errors = Counter("uniguard_errors_total", "Error responses, by error code.", ["code"], registry=r)
-        self.reloads = Counter("uniguard_reloads_total", "Hot reloads (admin or SIGHUP), by outcome.", ["outcome"], registry=r)
+        self.reloads = Counter(
+            "uniguard_reloads_total", "Hot reloads (admin or SIGHUP), by outcome.", ["outcome"], registry=r
+        )
         self.gateway = Counter(
-            "uniguard_gateway_judgements_total", "Gateway judgements (LiteLLM guardrail, OpenAI proxy), by route and action.",
-            ["route", "action"], registry=r,
+            "uniguard_gateway_judgements_total",
+            "Gateway judgements (LiteLLM guardrail, OpenAI proxy), by route and action.",
+            ["route", "action"],
+            registry=r,
         )
         self.model_info = Gauge(
-            "uniguard_model_info", "The served model (1 for the current one).", ["model", "provider", "precision"], registry=r
+            "uniguard_model_info",
+            "The served model (1 for the current one).",
+            ["model", "provider", "precision"],
+            registry=r,
         )
 
     # -- engine ------------------------------------------------------------------------

@@ -34,7 +34,9 @@ class Policy(BaseModel):
 
     id: str = Field(pattern=POLICY_ID_PATTERN, description="Stable identifier, e.g. prompt_injection.")
     name: str = Field(min_length=1, max_length=200)
-    description: str = Field(min_length=1, max_length=2000, description="What the policy forbids; the model reads this text.")
+    description: str = Field(
+        min_length=1, max_length=2000, description="What the policy forbids; the model reads this text."
+    )
     allowed: list[str] = Field(default_factory=list, max_length=200)
     disallowed: list[str] = Field(default_factory=list, max_length=200)
     examples: PolicyExamples = Field(default_factory=PolicyExamples)
@@ -140,7 +142,7 @@ class InputEncoder:
         self._instruction_counts: dict[str, int] = {}
 
     @classmethod
-    def from_file(cls, tokenizer_json: Path, template: InputTemplate, max_length: int, stride: int) -> "InputEncoder":
+    def from_file(cls, tokenizer_json: Path, template: InputTemplate, max_length: int, stride: int) -> InputEncoder:
         return cls(Tokenizer.from_file(str(tokenizer_json)), template, max_length, stride)
 
     def vocabulary(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -71,7 +71,7 @@ class EngineLease:
 
     __slots__ = ("_runtime", "engine")
 
-    def __init__(self, runtime: "Runtime") -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self.engine: Engine | None = None
 
@@ -190,7 +190,7 @@ class Runtime:
             started = time.perf_counter()
             previous = self.engine
             prev_id = previous.model_id if previous is not None else None
-            at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            at = datetime.now(UTC).isoformat(timespec="seconds")
             if self.stopping:
                 return self._finish(ReloadOutcome(False, trigger, prev_id, prev_id, reason="shutting down", at=at))
             try:
@@ -203,9 +203,7 @@ class Runtime:
                     self.load_error = f"model not loaded: {reason}"
                 else:  # an Engine built before the failure may have announced itself in the metrics
                     _announce(self.metrics, self.engine)
-                outcome = ReloadOutcome(
-                    False, trigger, prev_id, prev_id, reason=reason, elapsed_ms=_ms(started), at=at
-                )
+                outcome = ReloadOutcome(False, trigger, prev_id, prev_id, reason=reason, elapsed_ms=_ms(started), at=at)
                 log.error(
                     "load failed" if previous is None else "reload failed, still serving the previous model",
                     extra={"fields": outcome.as_dict()},
@@ -222,7 +220,14 @@ class Runtime:
                 self._spawn_retire(previous)
             _announce(self.metrics, engine)
             outcome = ReloadOutcome(
-                True, trigger, engine.model_id, prev_id, sorted(engine.policies), warnings, elapsed_ms=_ms(started), at=at
+                True,
+                trigger,
+                engine.model_id,
+                prev_id,
+                sorted(engine.policies),
+                warnings,
+                elapsed_ms=_ms(started),
+                at=at,
             )
             log.info("ready" if previous is None else "reloaded", extra={"fields": outcome.as_dict()})
             for warning in warnings:
@@ -271,7 +276,10 @@ class Runtime:
             await asyncio.sleep(0.02)
         left = self.leases(engine)
         if left:
-            log.warning("retiring a model still pinned by requests", extra={"fields": {"model": engine.model_id, "requests": left}})
+            log.warning(
+                "retiring a model still pinned by requests",
+                extra={"fields": {"model": engine.model_id, "requests": left}},
+            )
         await engine.batcher.stop(timeout=self.settings.request_timeout_s)
         log.info("previous model retired", extra={"fields": {"model": engine.model_id}})
 

@@ -29,7 +29,17 @@ log = logging.getLogger("uniguard.upstream")
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
 )
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
@@ -50,7 +60,9 @@ def _connection_listed(headers: Iterable[tuple[str, str]]) -> set[str]:
     return listed
 
 
-def forward_headers(raw: Iterable[tuple[bytes, bytes]], *, drop: Iterable[str] = (), api_key: str | None = None) -> Headers:
+def forward_headers(
+    raw: Iterable[tuple[bytes, bytes]], *, drop: Iterable[str] = (), api_key: str | None = None
+) -> Headers:
     """Client request headers to send upstream, in order, duplicates kept."""
     pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
     dropped = _REQUEST_DROP | _connection_listed(pairs) | {d.lower() for d in drop}
@@ -94,7 +106,9 @@ class Upstream:
 
     def require_configured(self) -> None:
         if self.base_url is None:
-            raise ApiError(ErrorCode.upstream_not_configured, "this server has no upstream LLM; set UNIGUARD_UPSTREAM_BASE_URL")
+            raise ApiError(
+                ErrorCode.upstream_not_configured, "this server has no upstream LLM; set UNIGUARD_UPSTREAM_BASE_URL"
+            )
 
     async def send(self, method: str, path: str, headers: Headers, body: bytes) -> httpx.Response:
         """The upstream response with its body not yet read (close it, or relay it with ProxiedResponse).
@@ -106,18 +120,26 @@ class Upstream:
         try:
             return await self.client.send(request, stream=True)
         except httpx.TimeoutException as exc:
-            raise ApiError(ErrorCode.upstream_timeout, "the upstream LLM did not answer in time", _exc_details(exc)) from exc
+            raise ApiError(
+                ErrorCode.upstream_timeout, "the upstream LLM did not answer in time", _exc_details(exc)
+            ) from exc
         except httpx.HTTPError as exc:
-            raise ApiError(ErrorCode.upstream_error, "the upstream LLM could not be reached", _exc_details(exc)) from exc
+            raise ApiError(
+                ErrorCode.upstream_error, "the upstream LLM could not be reached", _exc_details(exc)
+            ) from exc
 
     async def read(self, resp: httpx.Response) -> bytes:
         """The whole (decoded) body of a response from ``send``; the response is closed."""
         try:
             return await resp.aread()
         except httpx.TimeoutException as exc:
-            raise ApiError(ErrorCode.upstream_timeout, "the upstream LLM did not finish its answer in time", _exc_details(exc)) from exc
+            raise ApiError(
+                ErrorCode.upstream_timeout, "the upstream LLM did not finish its answer in time", _exc_details(exc)
+            ) from exc
         except httpx.HTTPError as exc:
-            raise ApiError(ErrorCode.upstream_error, "the upstream LLM broke off its answer", _exc_details(exc)) from exc
+            raise ApiError(
+                ErrorCode.upstream_error, "the upstream LLM broke off its answer", _exc_details(exc)
+            ) from exc
         finally:
             await resp.aclose()
 
@@ -143,7 +165,9 @@ class ProxiedResponse(Response):
         self.upstream = upstream
         self.status_code = upstream.status_code
         self.background = None
-        self.raw_headers = response_headers(upstream) + [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers]
+        self.raw_headers = response_headers(upstream) + [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         complete = False
@@ -153,7 +177,9 @@ class ProxiedResponse(Response):
                 async def relay() -> None:
                     nonlocal complete
                     try:
-                        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                        await send(
+                            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+                        )
                         async for chunk in self.upstream.aiter_raw():
                             if chunk:
                                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -176,4 +202,7 @@ class ProxiedResponse(Response):
             with anyio.CancelScope(shield=True):
                 await self.upstream.aclose()
         if not complete:
-            log.info("relayed response not completed (client gone or upstream broke off)", extra={"fields": {"status": self.status_code}})
+            log.info(
+                "relayed response not completed (client gone or upstream broke off)",
+                extra={"fields": {"status": self.status_code}},
+            )

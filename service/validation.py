@@ -128,7 +128,9 @@ def load_and_validate(
     return model
 
 
-def policy_warnings(model: OnnxModel, policies: Mapping[str, Policy], threshold_overrides: Mapping[str, float]) -> list[str]:
+def policy_warnings(
+    model: OnnxModel, policies: Mapping[str, Policy], threshold_overrides: Mapping[str, float]
+) -> list[str]:
     """Problems that do not stop serving but an operator should see after a (re)load."""
     out = []
     for policy in policies.values():

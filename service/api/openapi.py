@@ -28,7 +28,10 @@ def error_responses(*codes: ErrorCode, notes: dict[ErrorCode, str] | None = None
     for code in codes:
         label = code.value + (f" ({notes[code]})" if code in notes else "")
         by_status.setdefault(code.status, []).append(label)
-    return {status: {"model": ErrorResponse, "description": ", ".join(labels)} for status, labels in sorted(by_status.items())}
+    return {
+        status: {"model": ErrorResponse, "description": ", ".join(labels)}
+        for status, labels in sorted(by_status.items())
+    }
 
 
 def _error_entry(description: str) -> dict[str, Any]:
@@ -72,7 +75,12 @@ def complete_schema(schema: dict[str, Any], settings: Settings) -> dict[str, Any
     if settings.api_key is not None:
         components["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer", "description": "UNIGUARD_API_KEY as a bearer token."},
-            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "UNIGUARD_API_KEY (what LiteLLM sends)."},
+            "apiKey": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "x-api-key",
+                "description": "UNIGUARD_API_KEY (what LiteLLM sends).",
+            },
         }
     return schema
 
@@ -96,7 +104,11 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(
-                title=app.title, version=app.version, summary=app.summary, description=app.description, routes=app.routes
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                description=app.description,
+                routes=app.routes,
             )
             # Every route declares error_responses, so ErrorResponse is in components already.
             app.openapi_schema = complete_schema(schema, settings)

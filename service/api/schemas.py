@@ -27,7 +27,9 @@ class ClassifyRequest(BaseModel):
         },
     )
 
-    policy_id: PolicyId | Annotated[list[PolicyId], Field(min_length=1)] | None = Field(None, description="Served policy id, or a list of ids.")
+    policy_id: PolicyId | Annotated[list[PolicyId], Field(min_length=1)] | None = Field(
+        None, description="Served policy id, or a list of ids."
+    )
     policy: Policy | None = Field(None, description="An inline policy, scored zero-shot unless the model knows it.")
     prompt: str = Field(
         description="Text to judge. Long prompts are scored window by window, never truncated. "
@@ -39,7 +41,7 @@ class ClassifyRequest(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _one_policy_source(self) -> "ClassifyRequest":
+    def _one_policy_source(self) -> ClassifyRequest:
         if (self.policy_id is None) == (self.policy is None):
             raise ValueError("give exactly one of policy_id or policy")
         return self
@@ -52,8 +54,13 @@ class LatencyMs(BaseModel):
     total: float
 
     @classmethod
-    def of(cls, t: Timings) -> "LatencyMs":
-        return cls(queue=round(t.queue_ms, 3), tokenize=round(t.tokenize_ms, 3), inference=round(t.inference_ms, 3), total=round(t.total_ms, 3))
+    def of(cls, t: Timings) -> LatencyMs:
+        return cls(
+            queue=round(t.queue_ms, 3),
+            tokenize=round(t.tokenize_ms, 3),
+            inference=round(t.inference_ms, 3),
+            total=round(t.total_ms, 3),
+        )
 
 
 class VerdictOut(BaseModel):
@@ -65,8 +72,15 @@ class VerdictOut(BaseModel):
     windows: int = Field(description="Model windows the prompt was split into.")
 
     @classmethod
-    def of(cls, v: PolicyVerdict) -> "VerdictOut":
-        return cls(policy_id=v.policy_id, verdict=v.verdict, unsafe=v.unsafe, score=v.score, threshold=v.threshold, windows=v.windows)
+    def of(cls, v: PolicyVerdict) -> VerdictOut:
+        return cls(
+            policy_id=v.policy_id,
+            verdict=v.verdict,
+            unsafe=v.unsafe,
+            score=v.score,
+            threshold=v.threshold,
+            windows=v.windows,
+        )
 
 
 class ClassifyResponse(VerdictOut):
@@ -76,7 +90,7 @@ class ClassifyResponse(VerdictOut):
     latency_ms: LatencyMs
 
     @classmethod
-    def from_classification(cls, c: Classification) -> "ClassifyResponse":
+    def from_classification(cls, c: Classification) -> ClassifyResponse:
         return cls(**VerdictOut.of(c.verdicts[0]).model_dump(), model=c.model, latency_ms=LatencyMs.of(c.timings))
 
 
@@ -89,8 +103,13 @@ class ClassifyManyResponse(BaseModel):
     latency_ms: LatencyMs
 
     @classmethod
-    def from_classification(cls, c: Classification) -> "ClassifyManyResponse":
-        return cls(results=[VerdictOut.of(v) for v in c.verdicts], unsafe=c.unsafe, model=c.model, latency_ms=LatencyMs.of(c.timings))
+    def from_classification(cls, c: Classification) -> ClassifyManyResponse:
+        return cls(
+            results=[VerdictOut.of(v) for v in c.verdicts],
+            unsafe=c.unsafe,
+            model=c.model,
+            latency_ms=LatencyMs.of(c.timings),
+        )
 
 
 class PolicyOut(BaseModel):
@@ -123,7 +142,9 @@ class ReadyResponse(BaseModel):
 class ErrorInfo(BaseModel):
     code: ErrorCode = Field(description="Stable error code; clients switch on it.")
     message: str = Field(description="What went wrong, for humans.")
-    details: Any = Field(None, description="Small JSON value with specifics (limits, unknown ids, validation errors), or null.")
+    details: Any = Field(
+        None, description="Small JSON value with specifics (limits, unknown ids, validation errors), or null."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -139,5 +160,7 @@ class ReloadResponse(BaseModel):
     model: str = Field(description="name@version now serving.")
     previous_model: str | None = Field(description="name@version that served before (None if nothing did).")
     policies: list[str]
-    warnings: list[str] = Field(description="Problems that do not stop serving (a policy too long for the window, unknown threshold overrides).")
+    warnings: list[str] = Field(
+        description="Problems that do not stop serving (a policy too long for the window, unknown threshold overrides)."
+    )
     elapsed_ms: float

@@ -101,7 +101,7 @@ LATENCY_KEYS = {"queue", "tokenize", "inference", "total"}
 
 
 def assert_verdict(v: dict, policy_id: str) -> None:
-    assert VERDICT_KEYS <= v.keys()
+    assert v.keys() >= VERDICT_KEYS
     assert v["policy_id"] == policy_id and v["verdict"] in ("safe", "unsafe")
     assert v["unsafe"] == (v["verdict"] == "unsafe") == (v["score"] >= v["threshold"])
     assert 0.0 <= v["score"] <= 1.0 and v["windows"] >= 1

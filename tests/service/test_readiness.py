@@ -20,8 +20,8 @@ from tokenizers import Tokenizer
 
 from service.inference import ModelLoadError, OnnxModel
 from service.manifest import sha256_file
-from service.validation import load_and_validate, policy_warnings
 from service.policy import Policy
+from service.validation import load_and_validate, policy_warnings
 from tests.service.sidecar import servers
 from tests.service.test_http import Server, assert_error
 
@@ -128,7 +128,7 @@ def settled_reason(server: Server, timeout: float = 60.0) -> dict:
 
 def test_broken_folders_stay_not_ready_with_the_reason(tiny_model_dir: Path, tmp_path: Path) -> None:
     specs = {name: {"UNIGUARD_MODEL_DIR": str(broken_copy(tiny_model_dir, tmp_path / name, name))} for name in BROKEN}
-    with servers(tmp_path, specs, ready={name: False for name in specs}) as running:
+    with servers(tmp_path, specs, ready=dict.fromkeys(specs, False)) as running:
         for name, server in running.items():
             err = settled_reason(server)
             for words in BROKEN[name][1]:

@@ -50,7 +50,9 @@ def _is_loopback(host: str | None) -> bool:
 @router.post(
     "/admin/reload",
     responses=error_responses(
-        ErrorCode.unauthorized, ErrorCode.forbidden, ErrorCode.reload_failed,
+        ErrorCode.unauthorized,
+        ErrorCode.forbidden,
+        ErrorCode.reload_failed,
         notes={ErrorCode.reload_failed: "the previous model keeps serving; message and details say why"},
     ),
 )
@@ -70,6 +72,9 @@ async def reload(request: Request, runtime: RuntimeDep) -> ReloadResponse:
         )
     assert outcome.model is not None
     return ReloadResponse(
-        model=outcome.model, previous_model=outcome.previous_model, policies=outcome.policies,
-        warnings=outcome.warnings, elapsed_ms=outcome.elapsed_ms,
+        model=outcome.model,
+        previous_model=outcome.previous_model,
+        policies=outcome.policies,
+        warnings=outcome.warnings,
+        elapsed_ms=outcome.elapsed_ms,
     )

@@ -15,9 +15,16 @@ router = APIRouter(tags=["classify"])
 
 # Documented in OpenAPI; all answer the error shape of service.errors.
 _ERRORS = error_responses(
-    ErrorCode.unknown_policy, ErrorCode.prompt_too_long, ErrorCode.body_too_large, ErrorCode.invalid_request,
-    ErrorCode.empty_prompt, ErrorCode.policy_too_long, ErrorCode.too_many_policies, ErrorCode.queue_full,
-    ErrorCode.not_ready, ErrorCode.deadline_exceeded,
+    ErrorCode.unknown_policy,
+    ErrorCode.prompt_too_long,
+    ErrorCode.body_too_large,
+    ErrorCode.invalid_request,
+    ErrorCode.empty_prompt,
+    ErrorCode.policy_too_long,
+    ErrorCode.too_many_policies,
+    ErrorCode.queue_full,
+    ErrorCode.not_ready,
+    ErrorCode.deadline_exceeded,
     notes={ErrorCode.queue_full: "see Retry-After"},
 )
 

@@ -23,7 +23,13 @@ async def healthz() -> HealthResponse:
     return HealthResponse()
 
 
-@router.get("/readyz", response_model=ReadyResponse, responses=error_responses(ErrorCode.not_ready, notes={ErrorCode.not_ready: "loading, load error, or shutting down; message says which"}))
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    responses=error_responses(
+        ErrorCode.not_ready, notes={ErrorCode.not_ready: "loading, load error, or shutting down; message says which"}
+    ),
+)
 async def readyz(runtime: RuntimeDep) -> ReadyResponse | JSONResponse:
     if not runtime.ready or runtime.engine is None:
         return error_response(ErrorCode.not_ready, runtime.not_ready_reason or "not ready")

@@ -34,7 +34,8 @@ PATH = "/beta/litellm_basic_guardrail_api"
 POLICIES_PARAM = "policies"
 
 _PolicyIds = TypeAdapter(
-    Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)] | list[Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]]
+    Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]
+    | list[Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]]
 )
 
 
@@ -51,7 +52,8 @@ class LiteLLMGuardrailRequest(BaseModel):
     litellm_trace_id: str | None = None
     request_data: dict[str, Any] | None = Field(None, description="LiteLLM key/user/team metadata (not used).")
     additional_provider_specific_params: dict[str, Any] | None = Field(
-        None, description='Per-request options; {"policies": ["prompt_injection", ...]} overrides the configured policies.'
+        None,
+        description='Per-request options; {"policies": ["prompt_injection", ...]} overrides the configured policies.',
     )
 
 
@@ -78,11 +80,23 @@ def requested_policies(params: dict[str, Any] | None) -> list[str] | None:
 @router.post(
     PATH,
     responses=error_responses(
-        ErrorCode.unknown_policy, ErrorCode.prompt_too_long, ErrorCode.body_too_large, ErrorCode.invalid_request,
-        ErrorCode.too_many_policies, ErrorCode.policy_too_long, ErrorCode.queue_full, ErrorCode.internal_error,
-        ErrorCode.not_ready, ErrorCode.deadline_exceeded,
-        notes={ErrorCode.unknown_policy: "per-request policies", ErrorCode.internal_error: "configured policies not served",
-               ErrorCode.queue_full: "fail-closed", ErrorCode.not_ready: "fail-closed", ErrorCode.deadline_exceeded: "fail-closed"},
+        ErrorCode.unknown_policy,
+        ErrorCode.prompt_too_long,
+        ErrorCode.body_too_large,
+        ErrorCode.invalid_request,
+        ErrorCode.too_many_policies,
+        ErrorCode.policy_too_long,
+        ErrorCode.queue_full,
+        ErrorCode.internal_error,
+        ErrorCode.not_ready,
+        ErrorCode.deadline_exceeded,
+        notes={
+            ErrorCode.unknown_policy: "per-request policies",
+            ErrorCode.internal_error: "configured policies not served",
+            ErrorCode.queue_full: "fail-closed",
+            ErrorCode.not_ready: "fail-closed",
+            ErrorCode.deadline_exceeded: "fail-closed",
+        },
     ),
 )
 async def litellm_guardrail(
@@ -118,5 +132,7 @@ async def litellm_guardrail(
     add_access_log_fields(request, guard=judgement.outcome, unsafe=judgement.unsafe)
     stage = "output" if body.input_type == "response" else "input"
     if judgement.unsafe:
-        return LiteLLMGuardrailResponse(action="BLOCKED", blocked_reason=judgement.reason(), uniguard=judgement.summary(stage))
+        return LiteLLMGuardrailResponse(
+            action="BLOCKED", blocked_reason=judgement.reason(), uniguard=judgement.summary(stage)
+        )
     return LiteLLMGuardrailResponse(action="NONE", uniguard=judgement.summary(stage))

@@ -13,7 +13,12 @@ router = APIRouter(tags=["metrics"])
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"description": "Prometheus text format", "content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}},
+    responses={
+        200: {
+            "description": "Prometheus text format",
+            "content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
+        }
+    },
 )
 async def metrics(m: MetricsDep) -> Response:
     return Response(m.render(), headers={"Content-Type": CONTENT_TYPE})

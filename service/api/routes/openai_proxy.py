@@ -86,7 +86,9 @@ def message_text(message: dict[str, Any], index: int) -> str:
                     raise _invalid("a text part needs a string text", [{"loc": ["body", "messages", index, "content"]}])
                 texts.append(part["text"])
         return "\n".join(texts)
-    raise _invalid("content must be a string, a list of parts or null", [{"loc": ["body", "messages", index, "content"]}])
+    raise _invalid(
+        "content must be a string, a list of parts or null", [{"loc": ["body", "messages", index, "content"]}]
+    )
 
 
 def guarded_texts(messages: list[Any], roles: list[str]) -> list[GuardText]:
@@ -105,7 +107,9 @@ def _choices(body: dict[str, Any]) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CHOICES else 1
 
 
-def refusal_completion(settings: Settings, body: dict[str, Any], summary: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+def refusal_completion(
+    settings: Settings, body: dict[str, Any], summary: dict[str, Any], base: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A ``chat.completion`` whose every choice is the refusal. ``base``: an upstream answer whose
     id, created, model and usage are kept (output moderation)."""
     base = base or {}
@@ -136,12 +140,30 @@ def refusal_events(settings: Settings, body: dict[str, Any], summary: dict[str, 
     common = {k: completion[k] for k in ("id", "created", "model", "system_fingerprint")}
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        chunk = {"id": common["id"], "object": "chat.completion.chunk", "created": common["created"], "model": common["model"],
-                 "system_fingerprint": None, "choices": choices, **extra, "uniguard": summary}
+        chunk = {
+            "id": common["id"],
+            "object": "chat.completion.chunk",
+            "created": common["created"],
+            "model": common["model"],
+            "system_fingerprint": None,
+            "choices": choices,
+            **extra,
+            "uniguard": summary,
+        }
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
     n = len(completion["choices"])
-    yield event([{"index": i, "delta": {"role": "assistant", "content": settings.refusal_message}, "logprobs": None, "finish_reason": None} for i in range(n)])
+    yield event(
+        [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": settings.refusal_message},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for i in range(n)
+        ]
+    )
     yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": "content_filter"} for i in range(n)])
     options = body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
@@ -149,12 +171,16 @@ def refusal_events(settings: Settings, body: dict[str, Any], summary: dict[str, 
     yield b"data: [DONE]\n\n"
 
 
-def refusal_response(settings: Settings, body: dict[str, Any], judgement: Judgement, stage: str, base: dict[str, Any] | None = None) -> Response:
+def refusal_response(
+    settings: Settings, body: dict[str, Any], judgement: Judgement, stage: str, base: dict[str, Any] | None = None
+) -> Response:
     summary = judgement.summary(stage)
     headers = {ACTION_HEADER: "blocked"}
     if body.get("stream") is True:
         headers["cache-control"] = "no-cache"
-        return StreamingResponse(refusal_events(settings, body, summary), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            refusal_events(settings, body, summary), media_type="text/event-stream", headers=headers
+        )
     return JSONResponse(refusal_completion(settings, body, summary, base), headers=headers)
 
 
@@ -210,15 +236,31 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
             "content": {
                 "application/json": {"schema": {"type": "object"}},
                 # one schema per server-sent event
-                "text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}},
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                    }
+                },
             },
         },
         **error_responses(
-            ErrorCode.prompt_too_long, ErrorCode.body_too_large, ErrorCode.invalid_request, ErrorCode.queue_full,
-            ErrorCode.internal_error, ErrorCode.upstream_not_configured, ErrorCode.upstream_error, ErrorCode.not_ready,
-            ErrorCode.deadline_exceeded, ErrorCode.upstream_timeout,
-            notes={ErrorCode.queue_full: "fail-closed", ErrorCode.not_ready: "fail-closed", ErrorCode.deadline_exceeded: "fail-closed",
-                   ErrorCode.internal_error: "configured policies not served"},
+            ErrorCode.prompt_too_long,
+            ErrorCode.body_too_large,
+            ErrorCode.invalid_request,
+            ErrorCode.queue_full,
+            ErrorCode.internal_error,
+            ErrorCode.upstream_not_configured,
+            ErrorCode.upstream_error,
+            ErrorCode.not_ready,
+            ErrorCode.deadline_exceeded,
+            ErrorCode.upstream_timeout,
+            notes={
+                ErrorCode.queue_full: "fail-closed",
+                ErrorCode.not_ready: "fail-closed",
+                ErrorCode.deadline_exceeded: "fail-closed",
+                ErrorCode.internal_error: "configured policies not served",
+            },
         ),
     },
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}},
@@ -233,7 +275,13 @@ async def chat_completions(
     body = parse_body(raw)
     stream = body.get("stream") is True
     texts = guarded_texts(body["messages"], settings.guard_roles)
-    add_access_log_fields(request, policies=list(dict.fromkeys(settings.guard_policies)), stream=stream, messages=len(body["messages"]), guarded=len(texts))
+    add_access_log_fields(
+        request,
+        policies=list(dict.fromkeys(settings.guard_policies)),
+        stream=stream,
+        messages=len(body["messages"]),
+        guarded=len(texts),
+    )
     log_prompt(request, settings, "\n\n".join(t.text for t in texts))
 
     judgement = await judge(

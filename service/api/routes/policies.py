@@ -6,8 +6,8 @@ from fastapi import APIRouter
 
 from service.api.deps import EngineDep
 from service.api.openapi import error_responses
-from service.errors import ErrorCode
 from service.api.schemas import PoliciesResponse, PolicyOut
+from service.errors import ErrorCode
 
 router = APIRouter(tags=["policies"])
 
@@ -19,8 +19,14 @@ async def list_policies(engine: EngineDep) -> PoliciesResponse:
         threshold, trained, source = engine.threshold_info(policy)
         out.append(
             PolicyOut(
-                id=policy.id, name=policy.name, description=policy.description, allowed=policy.allowed,
-                disallowed=policy.disallowed, threshold=threshold, trained=trained, threshold_source=source,
+                id=policy.id,
+                name=policy.name,
+                description=policy.description,
+                allowed=policy.allowed,
+                disallowed=policy.disallowed,
+                threshold=threshold,
+                trained=trained,
+                threshold_source=source,
             )
         )
     return PoliciesResponse(model=engine.model_id, policies=out)
