@@ -1,9 +1,9 @@
 """``python -m bench``: raw onnxruntime vs the service over HTTP, one table.
 
-    python -m bench                                  # models/default, 1/8/64 clients, 10 s each
-    python -m bench --model-dir /tmp/tiny --seconds 3 --concurrency 1,8
-    python -m bench --env UNIGUARD_MAX_WAIT_MS=2 --json runs/bench/result.json
-    python -m bench --provider cuda --env UNIGUARD_MAX_WAIT_MS=2 --env UNIGUARD_MAX_PADDING=0.5   # GPU
+python -m bench                                  # models/default, 1/8/64 clients, 10 s each
+python -m bench --model-dir /tmp/tiny --seconds 3 --concurrency 1,8
+python -m bench --env UNIGUARD_MAX_WAIT_MS=2 --json runs/bench/result.json
+python -m bench --provider cuda --env UNIGUARD_MAX_WAIT_MS=2 --env UNIGUARD_MAX_PADDING=0.5   # GPU
 """
 
 from __future__ import annotations
@@ -17,17 +17,30 @@ from bench.serving import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model-dir", type=Path, default=Path(os.environ.get("UNIGUARD_MODEL_DIR", "models/default")))
     ap.add_argument("--concurrency", default="1,8,64", help="comma-separated client counts")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured time per client count")
-    ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured time before each client count (and until every client had two answers)")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=3.0,
+        help="unmeasured time before each client count (and until every client had two answers)",
+    )
     ap.add_argument("--raw-seconds", type=float, default=5.0, help="time per raw onnxruntime batch size")
-    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads, raw and service (default: CPU count)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads, raw and service (default: CPU count)"
+    )
     ap.add_argument("--requests", type=int, default=2000, help="distinct requests in the mix")
     ap.add_argument("--max-chars", type=int, default=2000, help="leave out longer prompts (0: keep all)")
-    ap.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help="raw and service (cuda: the fp16 file)")
-    ap.add_argument("--env", action="append", default=[], metavar="UNIGUARD_X=V", help="extra service setting (repeatable)")
+    ap.add_argument(
+        "--provider", choices=("auto", "cpu", "cuda"), default="auto", help="raw and service (cuda: the fp16 file)"
+    )
+    ap.add_argument(
+        "--env", action="append", default=[], metavar="UNIGUARD_X=V", help="extra service setting (repeatable)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the full report here")
     ap.add_argument("--log-dir", type=Path, default=None, help="service log folder (default runs/bench)")
     args = ap.parse_args(argv)
@@ -53,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         provider=args.provider,
     )
     m = report.machine
-    print(f"machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}, {m['threads']} intra-op threads; "
-          f"python {m['python']}; model {args.model_dir} on {m['provider']}")
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}, {m['threads']} intra-op threads; "
+        f"python {m['python']}; model {args.model_dir} on {m['provider']}"
+    )
     print(f"load average before/after: {m['load_average_before']} / {m['load_average_after']}")
     if m["other_busy_processes"]:
         print("NOISE: other busy processes during the run: " + "; ".join(m["other_busy_processes"]))

@@ -9,6 +9,7 @@ It speaks only what the service answers: no chunked bodies, no redirects, no TLS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 
@@ -18,7 +19,12 @@ class HttpError(Exception):
 
 def encode_post(host: str, path: str, body: object, headers: dict[str, str] | None = None) -> bytes:
     payload = json.dumps(body, separators=(",", ":")).encode()
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(payload)}",
+    ]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
 
@@ -63,8 +69,6 @@ class Connection:
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await self._writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
             self._writer = None

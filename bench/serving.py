@@ -88,7 +88,9 @@ class Report:
         return head + "\n".join(lines) + "\n"
 
     def to_json(self) -> str:
-        return json.dumps({"machine": self.machine, "settings": self.settings, "rows": [asdict(r) for r in self.rows]}, indent=2)
+        return json.dumps(
+            {"machine": self.machine, "settings": self.settings, "rows": [asdict(r) for r in self.rows]}, indent=2
+        )
 
 
 class Machine(TypedDict, total=False):
@@ -118,7 +120,9 @@ def machine_info(threads: int) -> Machine:
 
     busy = []
     try:
-        out = subprocess.run(["pgrep", "-af", "training.cli|pytest|locust"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(
+            ["pgrep", "-af", "training.cli|pytest|locust"], capture_output=True, text=True, timeout=5
+        ).stdout
         busy = [line for line in out.splitlines() if str(os.getpid()) not in line.split()[:1]]
     except (OSError, subprocess.SubprocessError):
         pass
@@ -167,12 +171,18 @@ class Raw:
     def __init__(self, models: list[OnnxModel], encoded: list[EncodedWindows]) -> None:
         self.models = models
         self.encoded = encoded
-        rows = [(ids, m, t) for e in encoded for ids, m, t in zip(e.input_ids, e.attention_mask, e.token_type_ids, strict=True)]
+        rows = [
+            (ids, m, t)
+            for e in encoded
+            for ids, m, t in zip(e.input_ids, e.attention_mask, e.token_type_ids, strict=True)
+        ]
         self.rows = sorted(rows, key=lambda r: len(r[0]))
         self.windows_per_request = len(rows) / len(encoded)
         self._cache: dict[int, Row] = {}
 
-    def _feeds(self, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _feeds(
+        self, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, mask, types = zip(*rows, strict=True)
         return _pad(list(ids), self.models[0].pad_id), _pad(list(mask), 0), _pad(list(types), 0)
 
@@ -206,9 +216,19 @@ class Raw:
             elapsed = sum(times)
             p50, p95, p99 = percentiles(times)
             cpu_ms = (time.process_time() - cpu0) * 1e3 / done_windows
-            row = Row("raw", None, done_windows / len(times), done_windows / elapsed / self.windows_per_request, p50, p95, p99,
-                      requests=int(done_windows / self.windows_per_request), padding=1 - real / padded, windows_per_s=done_windows / elapsed,
-                      cpu_ms_per_window=cpu_ms)
+            row = Row(
+                "raw",
+                None,
+                done_windows / len(times),
+                done_windows / elapsed / self.windows_per_request,
+                p50,
+                p95,
+                p99,
+                requests=int(done_windows / self.windows_per_request),
+                padding=1 - real / padded,
+                windows_per_s=done_windows / elapsed,
+                cpu_ms_per_window=cpu_ms,
+            )
             if best is None:
                 best = row
             else:  # the faster configuration; and the thriftier one's CPU, each the best onnxruntime reaches
@@ -240,8 +260,19 @@ class Raw:
             cpu_ms = min(cpu_ms, (time.process_time() - cpu0) * 1e3 / sum(windows.values()))
         values = list(times.values())
         p50, p95, p99 = percentiles(values)
-        row = Row("raw", 1, sum(windows.values()) / len(values), len(values) / sum(values), p50, p95, p99, requests=len(values),
-                  note="request by request", windows_per_s=sum(windows.values()) / sum(values), cpu_ms_per_window=cpu_ms)
+        row = Row(
+            "raw",
+            1,
+            sum(windows.values()) / len(values),
+            len(values) / sum(values),
+            p50,
+            p95,
+            p99,
+            requests=len(values),
+            note="request by request",
+            windows_per_s=sum(windows.values()) / sum(values),
+            cpu_ms_per_window=cpu_ms,
+        )
         return row, times
 
 
@@ -258,12 +289,21 @@ class ServiceProcess:
     def __init__(self, model_dir: Path, threads: int, env: dict[str, str], log: Path) -> None:
         self.port = _free_port()
         full = {k: v for k, v in os.environ.items() if not k.startswith("UNIGUARD_")}
-        full.update({"UNIGUARD_HOST": "127.0.0.1", "UNIGUARD_PORT": str(self.port), "UNIGUARD_MODEL_DIR": str(model_dir),
-                     "UNIGUARD_THREADS": str(threads), **env})
+        full.update(
+            {
+                "UNIGUARD_HOST": "127.0.0.1",
+                "UNIGUARD_PORT": str(self.port),
+                "UNIGUARD_MODEL_DIR": str(model_dir),
+                "UNIGUARD_THREADS": str(threads),
+                **env,
+            }
+        )
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as fh:  # a child: same process group, ended with the bench
-            self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full, stdout=fh, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service"], cwd=REPO, env=full, stdout=fh, stderr=subprocess.STDOUT
+            )
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -364,7 +404,9 @@ async def bench_service(
         cpu.append(process_cpu_s(service.proc.pid))
         return await service.metrics()
 
-    samples, outside, errors, elapsed, before, after = await drive(service.port, bodies, clients, seconds, warmup, snapshot)
+    samples, outside, errors, elapsed, before, after = await drive(
+        service.port, bodies, clients, seconds, warmup, snapshot
+    )
     latencies = [lat for _, lat in samples]
 
     def delta(name: str) -> float:
@@ -375,10 +417,21 @@ async def bench_service(
     padded = delta("uniguard_batch_padded_tokens_sum")
     real = delta("uniguard_batch_tokens_sum")
     p50, p95, p99 = percentiles(latencies)
-    row = Row("service", clients, windows / batches if batches else 0.0, len(latencies) / elapsed, p50, p95, p99,
-              errors=errors, requests=len(latencies), padding=1 - real / padded if padded else None, windows_per_s=windows / elapsed,
-              cpu_ms_per_window=(cpu[1] - cpu[0]) * 1e3 / windows if windows else None,
-              outside_model_p50_ms=float(np.median(outside)) * 1e3 if outside else None)
+    row = Row(
+        "service",
+        clients,
+        windows / batches if batches else 0.0,
+        len(latencies) / elapsed,
+        p50,
+        p95,
+        p99,
+        errors=errors,
+        requests=len(latencies),
+        padding=1 - real / padded if padded else None,
+        windows_per_s=windows / elapsed,
+        cpu_ms_per_window=(cpu[1] - cpu[0]) * 1e3 / windows if windows else None,
+        outside_model_p50_ms=float(np.median(outside)) * 1e3 if outside else None,
+    )
     return row, samples
 
 
@@ -403,8 +456,17 @@ def run(
         if progress:
             print(msg, file=sys.stderr, flush=True)
 
-    report = Report(machine_info(threads), {"model_dir": str(model_dir), "concurrency": list(concurrency), "seconds": seconds,
-                                            "requests": n_requests, "max_chars": max_chars, "service_env": service_env or {}})
+    report = Report(
+        machine_info(threads),
+        {
+            "model_dir": str(model_dir),
+            "concurrency": list(concurrency),
+            "seconds": seconds,
+            "requests": n_requests,
+            "max_chars": max_chars,
+            "service_env": service_env or {},
+        },
+    )
     requests = build_requests(n_requests, max_chars=max_chars)
     policies = load_policies(DEFAULT_POLICIES_DIR)
     bodies = [encode_post("127.0.0.1", "/v1/classify", r) for r in requests]
@@ -414,7 +476,11 @@ def run(
     # on the same work: the same requests one by one at one client, else the batch size the
     # service ran. Reference batch sizes 1, 8, 32 come last.
     log_root = log_dir or REPO / "runs" / "bench"
-    env = {"UNIGUARD_REQUEST_TIMEOUT_S": "300", "UNIGUARD_PROVIDER": provider, **(service_env or {})}  # throughput, not shedding
+    env = {
+        "UNIGUARD_REQUEST_TIMEOUT_S": "300",
+        "UNIGUARD_PROVIDER": provider,
+        **(service_env or {}),
+    }  # throughput, not shedding
     models = [OnnxModel.load(model_dir, threads, provider=provider, spinning=spin) for spin in (True, False)]
     report.machine["provider"] = f"{models[0].provider} ({models[0].precision})"
     encoded = [models[0].encoder.encode(policies[r["policy_id"]], r["prompt"]) for r in requests]

@@ -31,7 +31,9 @@ def data_dir() -> Path:
     return Path(os.environ.get("UNIGUARD_LOADTEST_DATA", DEFAULT_DATA))
 
 
-def load_prompts(limit_per_file: int = 300, seed: int = 0, max_chars: int | None = None, folder: Path | None = None) -> list[str]:
+def load_prompts(
+    limit_per_file: int = 300, seed: int = 0, max_chars: int | None = None, folder: Path | None = None
+) -> list[str]:
     """Up to ``limit_per_file`` prompts from every ``*.jsonl`` file of the data folder."""
     rng = random.Random(seed)
     prompts: list[str] = []
@@ -47,7 +49,9 @@ def load_prompts(limit_per_file: int = 300, seed: int = 0, max_chars: int | None
     return prompts or list(FALLBACK_PROMPTS)
 
 
-def build_requests(n: int, seed: int = 0, max_chars: int | None = None, folder: Path | None = None) -> list[dict[str, str]]:
+def build_requests(
+    n: int, seed: int = 0, max_chars: int | None = None, folder: Path | None = None
+) -> list[dict[str, str]]:
     """``n`` single-policy classify bodies in a fixed random order."""
     rng = random.Random(seed)
     prompts = load_prompts(seed=seed, max_chars=max_chars, folder=folder)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from argparse import ArgumentParser
 from pathlib import Path
 
 from locust import HttpUser, between, events, task
@@ -37,7 +38,7 @@ TIMING_HEADERS = ("x-queue-time", "x-inference-time", "x-total-time")
 
 
 @events.init_command_line_parser.add_listener
-def _(parser) -> None:  # type: ignore[no-untyped-def]
+def _(parser: ArgumentParser) -> None:
     parser.add_argument("--max-prompt-chars", type=int, default=0, help="leave out longer prompts (0: all)")
 
 
@@ -48,7 +49,9 @@ class GuardUser(HttpUser):
         key = os.environ.get("UNIGUARD_API_KEY")
         if key:
             self.client.headers["x-api-key"] = key
-        limit = getattr(self.environment.parsed_options, "max_prompt_chars", 0) if self.environment.parsed_options else 0
+        limit = (
+            getattr(self.environment.parsed_options, "max_prompt_chars", 0) if self.environment.parsed_options else 0
+        )
         self.prompts = [p for p in PROMPTS if not limit or len(p) <= limit] or PROMPTS
 
     def _classify(self, body: dict, name: str) -> None:
@@ -60,11 +63,15 @@ class GuardUser(HttpUser):
 
     @task(14)
     def one_policy(self) -> None:
-        self._classify({"policy_id": random.choice(POLICIES), "prompt": random.choice(self.prompts)}, "/v1/classify [1 policy]")
+        self._classify(
+            {"policy_id": random.choice(POLICIES), "prompt": random.choice(self.prompts)}, "/v1/classify [1 policy]"
+        )
 
     @task(3)
     def all_policies(self) -> None:
-        self._classify({"policy_id": list(POLICIES), "prompt": random.choice(self.prompts)}, "/v1/classify [5 policies]")
+        self._classify(
+            {"policy_id": list(POLICIES), "prompt": random.choice(self.prompts)}, "/v1/classify [5 policies]"
+        )
 
     @task(1)
     def inline_policy(self) -> None:
@@ -73,6 +80,11 @@ class GuardUser(HttpUser):
     @task(2)
     def litellm_guardrail(self) -> None:
         body = {"texts": [random.choice(self.prompts)], "input_type": "request", "litellm_call_id": "locust"}
-        with self.client.post("/beta/litellm_basic_guardrail_api", json=body, name="/beta/litellm_basic_guardrail_api", catch_response=True) as r:
+        with self.client.post(
+            "/beta/litellm_basic_guardrail_api",
+            json=body,
+            name="/beta/litellm_basic_guardrail_api",
+            catch_response=True,
+        ) as r:
             if r.status_code != 200 or r.json().get("action") not in ("BLOCKED", "NONE"):
                 r.failure(f"{r.status_code} {r.text[:200]}")

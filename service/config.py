@@ -42,17 +42,20 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         0.0,
         ge=0.0,
-        description="Longest the oldest window waits for batch-mates while the model is idle (0: dispatch at once; batches still form while the model is busy).",
+        description="Longest the oldest window waits for batch-mates while the model is idle (0: dispatch at once; "
+        "batches still form while the model is busy).",
     )
     max_padding: float = Field(
         0.2,
         ge=0.0,
         le=1.0,
-        description="Length bucketing: most padding of any window in a batch, as a share of the longest window (1: no bucketing).",
+        description="Length bucketing: most padding of any window in a batch, as a share of the longest window (1: no "
+        "bucketing).",
     )
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
-        description="onnxruntime execution provider: cpu (int8 file), cuda (fp16 file), auto (cuda if available and exported).",
+        description="onnxruntime execution provider: cpu (int8 file), cuda (fp16 file), auto (cuda if available and "
+        "exported).",
     )
     device_id: int = Field(0, ge=0, description="CUDA device for provider cuda.")
     spinning: bool = Field(
@@ -89,7 +92,8 @@ class Settings(BaseSettings):
     # Lists read from env as JSON (`["a","b"]`) or comma-separated (`a,b`).
     api_key: SecretStr | None = Field(
         None,
-        description="If set, every route but /healthz and /readyz needs `Authorization: Bearer <key>` or `x-api-key: <key>`.",
+        description="If set, every route but /healthz and /readyz needs `Authorization: Bearer <key>` or `x-api-key: "
+        "<key>`.",
     )
     metrics_public: bool = Field(
         False, description="Serve /metrics without the API key (only matters when api_key is set)."
@@ -126,7 +130,8 @@ class Settings(BaseSettings):
     )
     fail_open: bool = Field(
         False,
-        description="Forward unguarded when the model cannot score (not ready, queue full, deadline); off: answer the error.",
+        description="Forward unguarded when the model cannot score (not ready, queue full, deadline); off: answer the "
+        "error.",
     )
     moderate_output: bool = Field(
         False,

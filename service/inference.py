@@ -170,7 +170,8 @@ class OnnxModel:
         actual = sha256_file(model_path)
         if actual != entry.sha256:
             raise ModelLoadError(
-                f"{model_path}: sha256 {actual[:12]}… does not match manifest {entry.sha256[:12]}… (corrupt or replaced file)"
+                f"{model_path}: sha256 {actual[:12]}… does not match manifest {entry.sha256[:12]}… (corrupt or "
+                "replaced file)"
             )
         try:
             encoder = InputEncoder.from_file(
@@ -189,7 +190,8 @@ class OnnxModel:
             # file must not be served that way.
             if provider == "cuda":
                 raise ModelLoadError(
-                    f"{model_path}: {chosen} could not be initialised (no GPU or driver?); got {session.get_providers()}"
+                    f"{model_path}: {chosen} could not be initialised (no GPU or driver?); got "
+                    f"{session.get_providers()}"
                 )
             log.warning(
                 "CUDA could not be initialised; serving the CPU file",

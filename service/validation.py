@@ -45,7 +45,8 @@ def check_checksums(model: OnnxModel) -> None:
         actual = sha256_file(path)
         if actual != expected:
             raise ModelLoadError(
-                f"{path}: sha256 {actual[:12]}… does not match manifest checksums {expected[:12]}… (file replaced or truncated)"
+                f"{path}: sha256 {actual[:12]}… does not match manifest checksums {expected[:12]}… (file replaced or "
+                "truncated)"
             )
 
 

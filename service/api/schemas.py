@@ -33,7 +33,8 @@ class ClassifyRequest(BaseModel):
     policy: Policy | None = Field(None, description="An inline policy, scored zero-shot unless the model knows it.")
     prompt: str = Field(
         description="Text to judge. Long prompts are scored window by window, never truncated. "
-        "A prompt without a non-blank character answers 422 empty_prompt; one over UNIGUARD_MAX_PROMPT_CHARS 413 prompt_too_long.",
+        "A prompt without a non-blank character answers 422 empty_prompt; one over UNIGUARD_MAX_PROMPT_CHARS 413 "
+        "prompt_too_long.",
         # Documented for clients and fuzzers; enforced by the engine with its own error codes.
         # The pattern (ECMA-262, whose \s includes U+FEFF) is "a character Python's str.strip() keeps
         # and that is not U+FEFF": the engine's own definition of a non-blank prompt.

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.__main__ import main
 from bench.serving import run
 
 
 def test_bench_runs_raw_and_service_and_compares_them(tiny_model_dir: Path, tmp_path: Path) -> None:
-    report = run(tiny_model_dir, concurrency=(1, 4), seconds=1.0, warmup=0.3, raw_seconds=0.4, threads=1,
-                 n_requests=50, max_chars=500, log_dir=tmp_path, progress=False)
+    report = run(
+        tiny_model_dir,
+        concurrency=(1, 4),
+        seconds=1.0,
+        warmup=0.3,
+        raw_seconds=0.4,
+        threads=1,
+        n_requests=50,
+        max_chars=500,
+        log_dir=tmp_path,
+        progress=False,
+    )
     raw = [r for r in report.rows if r.mode == "raw"]
     service = {r.clients: r for r in report.rows if r.mode == "service"}
     assert set(service) == {1, 4} and raw[0].note == "request by request"
@@ -26,7 +38,7 @@ def test_bench_runs_raw_and_service_and_compares_them(tiny_model_dir: Path, tmp_
     assert all(r.pct_of_raw_cpu for r in service.values())
 
 
-def test_cli_rejects_a_folder_without_manifest(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_rejects_a_folder_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     try:
         main(["--model-dir", str(tmp_path)])
     except SystemExit as exc:

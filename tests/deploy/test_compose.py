@@ -52,7 +52,9 @@ def test_compose_config_accepts_the_files(files: list[Path]) -> None:
     args = [a for f in files for a in ("-f", str(f))]
     r = subprocess.run([*client, *args, "config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    scaled = subprocess.run([*client, *args, "config", "--services"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    scaled = subprocess.run(
+        [*client, *args, "config", "--services"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert set(scaled.stdout.split()) == {"uniguard", "proxy", "prometheus", "grafana"}
 
 

@@ -44,7 +44,9 @@ def test_every_manifest_parses() -> None:
     for path in files:
         load(path)
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= {
-        d["kind"] for rel in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"] for d in load(K8S / rel)
+        d["kind"]
+        for rel in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+        for d in load(K8S / rel)
     }
 
 
@@ -75,7 +77,10 @@ def test_deployment_matches_the_service(objects: dict[str, dict], tmp_path: Path
 
 
 def test_service_hpa_pdb_and_servicemonitor_point_at_the_deployment(objects: dict[str, dict]) -> None:
-    dep, svc, hpa, pdb, sm = (objects[k] for k in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor"))
+    dep, svc, hpa, pdb, sm = (
+        objects[k]
+        for k in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor")
+    )
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     port = container(dep)["ports"][0]
     assert svc["spec"]["selector"].items() <= pod_labels.items()

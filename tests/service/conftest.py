@@ -6,6 +6,7 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,13 +52,17 @@ def shipped_policies() -> dict[str, Policy]:
 
 
 @contextlib.asynccontextmanager
-async def running_engine(model: OnnxModel, policies: dict[str, Policy], **overrides: object) -> AsyncIterator[Engine]:
+async def running_engine(model: OnnxModel, policies: dict[str, Policy], **overrides: Any) -> AsyncIterator[Engine]:
     """An Engine with a started batcher (stopped on exit), for use inside asyncio.run."""
-    settings = Settings(model_dir=model.folder, threads=1, **overrides)  # type: ignore[arg-type]
+    settings = Settings(model_dir=model.folder, threads=1, **overrides)
     metrics = Metrics()
     batcher = MicroBatcher(
-        model.run, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-        max_queue=settings.max_queue, pad_id=model.pad_id, observer=metrics,
+        model.run,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        pad_id=model.pad_id,
+        observer=metrics,
     )
     await batcher.start()
     try:

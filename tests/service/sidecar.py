@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -35,7 +36,9 @@ def model_with_thresholds(src: Path, dst: Path, thresholds: Mapping[str, float],
 
 
 @contextmanager
-def servers(log_dir: Path, specs: Mapping[str, Mapping[str, str]], ready: Mapping[str, bool] | None = None) -> Iterator[dict[str, Server]]:
+def servers(
+    log_dir: Path, specs: Mapping[str, Mapping[str, str]], ready: Mapping[str, bool] | None = None
+) -> Iterator[dict[str, Server]]:
     """Start every spec's server at once (name -> UNIGUARD_* env), then wait for each one:
     /readyz 200, or /healthz 200 where ``ready[name]`` is False (a model that cannot load)."""
     ready = ready or {}
@@ -48,7 +51,7 @@ def servers(log_dir: Path, specs: Mapping[str, Mapping[str, str]], ready: Mappin
 
 def sse_events(body: bytes) -> list[str]:
     """The ``data:`` payloads of a server-sent-events body, in order."""
-    return [line[len("data: "):] for line in body.decode().split("\n") if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in body.decode().split("\n") if line.startswith("data: ")]
 
 
 def chat(content: str = "hello there", *, stream: bool = False, **extra: object) -> dict:
@@ -58,5 +61,10 @@ def chat(content: str = "hello there", *, stream: bool = False, **extra: object)
     return body
 
 
-def post_json(client: httpx.Client, path: str, obj: object, **kw: object) -> httpx.Response:
-    return client.post(path, content=json.dumps(obj).encode(), headers={"content-type": "application/json", **kw.pop("headers", {})}, **kw)  # type: ignore[arg-type]
+def post_json(client: httpx.Client, path: str, obj: object, **kw: Any) -> httpx.Response:
+    return client.post(
+        path,
+        content=json.dumps(obj).encode(),
+        headers={"content-type": "application/json", **kw.pop("headers", {})},
+        **kw,
+    )

@@ -59,8 +59,15 @@ def _app(metrics_public: bool = False) -> _App:
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {KEY}"}, {"authorization": KEY},
-     {"x-api-key": "wrong"}, {"authorization": f"Bearer {KEY}x"}, {"authorization": f"Bearer {KEY[:-1]}"}],
+    [
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": f"Basic {KEY}"},
+        {"authorization": KEY},
+        {"x-api-key": "wrong"},
+        {"authorization": f"Bearer {KEY}x"},
+        {"authorization": f"Bearer {KEY[:-1]}"},
+    ],
 )
 def test_missing_or_wrong_key_is_401(headers: dict[str, str]) -> None:
     r = _app().post("/v1/classify", headers=headers)
@@ -70,9 +77,13 @@ def test_missing_or_wrong_key_is_401(headers: dict[str, str]) -> None:
 
 @pytest.mark.parametrize(
     ("headers", "via"),
-    [({"authorization": f"Bearer {KEY}"}, ["authorization"]), ({"authorization": f"bearer  {KEY} "}, ["authorization"]),
-     ({"x-api-key": KEY}, ["x-api-key"]), ({"authorization": "Bearer for-the-upstream", "x-api-key": KEY}, ["x-api-key"]),
-     ({"authorization": f"Bearer {KEY}", "x-api-key": KEY}, ["authorization", "x-api-key"])],
+    [
+        ({"authorization": f"Bearer {KEY}"}, ["authorization"]),
+        ({"authorization": f"bearer  {KEY} "}, ["authorization"]),
+        ({"x-api-key": KEY}, ["x-api-key"]),
+        ({"authorization": "Bearer for-the-upstream", "x-api-key": KEY}, ["x-api-key"]),
+        ({"authorization": f"Bearer {KEY}", "x-api-key": KEY}, ["authorization", "x-api-key"]),
+    ],
 )
 def test_right_key_passes_and_says_which_headers(headers: dict[str, str], via: list[str]) -> None:
     r = _app().post("/v1/classify", headers=headers)
@@ -97,7 +108,9 @@ def test_empty_key_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) -> Iterator[Server]:
+def server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer
+) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("auth")
     env = {
         "UNIGUARD_MODEL_DIR": str(model_with_thresholds(tiny_model_dir, tmp / "mixed", MIXED)),
@@ -151,7 +164,9 @@ def test_proxy_key_handling(client: httpx.Client, upstream: UpstreamServer) -> N
     assert_error(post_json(client, "/v1/chat/completions", chat()), 401, "unauthorized")
     assert upstream.records == []  # refused before anything is read or forwarded
     raw = json.dumps(chat("hello")).encode()
-    r = client.post("/v1/chat/completions", content=raw, headers={**GOOD, "content-type": "application/json", "x-api-key": KEY})
+    r = client.post(
+        "/v1/chat/completions", content=raw, headers={**GOOD, "content-type": "application/json", "x-api-key": KEY}
+    )
     assert r.status_code == 200, r.text
     (rec,) = upstream.records
     assert rec.body == raw

@@ -20,8 +20,13 @@ def slow_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     # One window fits in the queue, and it waits 400 ms there for company: long enough to
     # fill the queue on purpose and to miss a 150 ms deadline.
     log = tmp_path_factory.mktemp("slow") / "server.log"
-    with serve(log, UNIGUARD_MODEL_DIR=str(tiny_model_dir), UNIGUARD_MAX_QUEUE="1", UNIGUARD_MAX_WAIT_MS="400",
-               UNIGUARD_REQUEST_TIMEOUT_S="0.15") as s:
+    with serve(
+        log,
+        UNIGUARD_MODEL_DIR=str(tiny_model_dir),
+        UNIGUARD_MAX_QUEUE="1",
+        UNIGUARD_MAX_WAIT_MS="400",
+        UNIGUARD_REQUEST_TIMEOUT_S="0.15",
+    ) as s:
         s.wait("/readyz", 200)
         yield s
 
@@ -29,7 +34,9 @@ def slow_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_full_queue_is_429_at_once_and_deadline_is_504(slow_server: Server) -> None:
     body = {"policy_id": "toxicity", "prompt": "hello"}
     first: dict[str, httpx.Response] = {}
-    t = threading.Thread(target=lambda: first.setdefault("r", httpx.post(slow_server.url + "/v1/classify", json=body, timeout=10)))
+    t = threading.Thread(
+        target=lambda: first.setdefault("r", httpx.post(slow_server.url + "/v1/classify", json=body, timeout=10))
+    )
     t.start()
     time.sleep(0.05)  # the first window now waits in the queue
     started = time.perf_counter()
@@ -44,4 +51,3 @@ def test_full_queue_is_429_at_once_and_deadline_is_504(slow_server: Server) -> N
     m = httpx.get(slow_server.url + "/metrics").text
     assert 'uniguard_rejected_total{reason="queue_full"} 1.0' in m
     assert 'uniguard_rejected_total{reason="deadline_exceeded"} 1.0' in m
-

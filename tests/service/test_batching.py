@@ -46,7 +46,8 @@ def test_max_batch_size_and_multi_window_jobs(tiny_model: OnnxModel, shipped_pol
     async def main() -> None:
         b = MicroBatcher(tiny_model.run, max_batch_size=8, max_wait_ms=20)
         await b.start()
-        subs = [windows(tiny_model, policy, f"short {i}") for i in range(10)] + [windows(tiny_model, policy, long_prompt)]
+        subs = [windows(tiny_model, policy, f"short {i}") for i in range(10)]
+        subs.append(windows(tiny_model, policy, long_prompt))
         total = sum(s.count for s in subs)
         assert subs[-1].count > 8  # the long prompt alone spans several batches
         results = await asyncio.gather(*(b.submit(s) for s in subs))

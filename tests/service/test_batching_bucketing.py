@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -58,13 +59,18 @@ def mixed_submissions(model: OnnxModel, policies: dict[str, Policy]) -> list[Enc
     short = [model.encoder.encode(policies["toxicity"], f"hi {i}") for i in range(6)]
     long_prompt = " ".join(f"token{i}" for i in range(300))
     longs = [model.encoder.encode(policies["prompt_injection"], long_prompt + str(i)) for i in range(2)]
-    mid = [model.encoder.encode(policies["tax_advice"], "How do I file my taxes as a freelancer in Germany this year? " * 2) for _ in range(4)]
-    subs = [short[0], longs[0], mid[0], short[1], mid[1], short[2], longs[1], short[3], mid[2], short[4], mid[3], short[5]]
+    tax_question = "How do I file my taxes as a freelancer in Germany this year? " * 2
+    mid = [model.encoder.encode(policies["tax_advice"], tax_question) for _ in range(4)]
+    subs = [
+        short[0], longs[0], mid[0], short[1], mid[1], short[2], longs[1], short[3], mid[2], short[4], mid[3], short[5]
+    ]
     assert any(s.count > 2 for s in subs)  # multi-window jobs are in the mix
     return subs
 
 
-def run_mixed(model: OnnxModel, policies: dict[str, Policy], max_padding: float) -> tuple[MicroBatcher, list[np.ndarray]]:
+def run_mixed(
+    model: OnnxModel, policies: dict[str, Policy], max_padding: float
+) -> tuple[MicroBatcher, list[np.ndarray]]:
     gate = Gate(model)
     subs = mixed_submissions(model, policies)
 
@@ -84,7 +90,9 @@ def run_mixed(model: OnnxModel, policies: dict[str, Policy], max_padding: float)
     return asyncio.run(main())
 
 
-def test_bucketing_cuts_padding_and_keeps_every_answer_in_place(tiny_model: OnnxModel, shipped_policies: dict[str, Policy]) -> None:
+def test_bucketing_cuts_padding_and_keeps_every_answer_in_place(
+    tiny_model: OnnxModel, shipped_policies: dict[str, Policy]
+) -> None:
     bucketed, probs = run_mixed(tiny_model, shipped_policies, max_padding=0.2)
     fifo, probs_fifo = run_mixed(tiny_model, shipped_policies, max_padding=1.0)
     queued = list(bucketed.history)[1:]  # after the held batch
@@ -96,7 +104,8 @@ def test_bucketing_cuts_padding_and_keeps_every_answer_in_place(tiny_model: Onnx
     # Windows were reordered across jobs: each probability must still land on its own window.
     subs = mixed_submissions(tiny_model, shipped_policies)
     for enc, got in zip(subs, probs, strict=True):
-        alone = np.array([tiny_model.run(ids[None], m[None], t[None])[0] for ids, m, t in zip(enc.input_ids, enc.attention_mask, enc.token_type_ids)])
+        rows = zip(enc.input_ids, enc.attention_mask, enc.token_type_ids, strict=True)
+        alone = np.array([tiny_model.run(ids[None], m[None], t[None])[0] for ids, m, t in rows])
         assert got.shape == (enc.count,)
         np.testing.assert_allclose(got, alone, atol=2e-3)  # int8: batch-mates nudge activation scales
     for a, b in zip(probs, probs_fifo, strict=True):
@@ -109,7 +118,9 @@ def test_token_bound_splits_batches(tiny_model: OnnxModel, shipped_policies: dic
     assert enc.count >= 6
 
     async def main() -> MicroBatcher:
-        b = MicroBatcher(tiny_model.run, max_batch_size=32, max_batch_tokens=2 * tiny_model.manifest.max_length, max_wait_ms=0)
+        b = MicroBatcher(
+            tiny_model.run, max_batch_size=32, max_batch_tokens=2 * tiny_model.manifest.max_length, max_wait_ms=0
+        )
         await b.start()
         r = await b.submit(enc)
         await b.stop()
@@ -122,7 +133,12 @@ def test_token_bound_splits_batches(tiny_model: OnnxModel, shipped_policies: dic
 
 
 @pytest.mark.parametrize(("max_wait_ms", "lone_wait_ok"), [(0.0, lambda s: s < 0.05), (150.0, lambda s: s >= 0.14)])
-def test_lone_request_waits_only_when_told(tiny_model: OnnxModel, shipped_policies: dict[str, Policy], max_wait_ms: float, lone_wait_ok) -> None:
+def test_lone_request_waits_only_when_told(
+    tiny_model: OnnxModel,
+    shipped_policies: dict[str, Policy],
+    max_wait_ms: float,
+    lone_wait_ok: Callable[[float], bool],
+) -> None:
     """Continuous batching (max_wait 0): an idle model takes a lone window at once."""
     enc = tiny_model.encoder.encode(shipped_policies["toxicity"], "hello")
 

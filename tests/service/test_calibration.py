@@ -41,20 +41,29 @@ def test_temperature_scaling_is_increasing_and_bounded() -> None:
     np.testing.assert_allclose(sigmoid(logit(np.array([0.2, 0.8]))), [0.2, 0.8])
 
 
-@pytest.mark.parametrize("bad", [{"method": "temperature", "temperature": 0}, {"method": "isotonic", "temperature": 1.0}, {"temperature": -1}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"method": "temperature", "temperature": 0}, {"method": "isotonic", "temperature": 1.0}, {"temperature": -1}],
+)
 def test_a_bad_calibration_refuses_the_folder(tiny_model_dir: Path, tmp_path: Path, bad: dict) -> None:
     folder = with_calibration(tiny_model_dir, tmp_path / "m", bad)
-    with pytest.raises(ModelLoadError, match="manifest.json is invalid"):
+    with pytest.raises(ModelLoadError, match=r"manifest\.json is invalid"):
         OnnxModel.load(folder)
 
 
-def test_the_engine_answers_calibrated_scores(tiny_model_dir: Path, tmp_path: Path, shipped_policies: dict[str, Policy]) -> None:
+def test_the_engine_answers_calibrated_scores(
+    tiny_model_dir: Path, tmp_path: Path, shipped_policies: dict[str, Policy]
+) -> None:
     folder = with_calibration(tiny_model_dir, tmp_path / "m", {"method": "temperature", "temperature": 0.05})
     model = OnnxModel.load(folder, threads=1)
     policy = shipped_policies["toxicity"]
     prompt = "What is the capital of France?"
     w = model.encoder.encode(policy, prompt)
-    raw = float(np.max(model.run(pad_batch(w.input_ids, model.pad_id), pad_batch(w.attention_mask), pad_batch(w.token_type_ids))))
+    raw = float(
+        np.max(
+            model.run(pad_batch(w.input_ids, model.pad_id), pad_batch(w.attention_mask), pad_batch(w.token_type_ids))
+        )
+    )
 
     async def main() -> float:
         async with running_engine(model, shipped_policies) as engine:
@@ -65,7 +74,9 @@ def test_the_engine_answers_calibrated_scores(tiny_model_dir: Path, tmp_path: Pa
     assert abs(served - raw) > 0.01  # the calibration visibly applied (raw is ~0.4985)
 
 
-def test_threshold_overrides_from_settings(tiny_model: OnnxModel, shipped_policies: dict[str, Policy], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threshold_overrides_from_settings(
+    tiny_model: OnnxModel, shipped_policies: dict[str, Policy], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("UNIGUARD_THRESHOLDS", '{"toxicity": 0.7, "tax_advice": 0}')
     assert Settings().thresholds == {"toxicity": 0.7, "tax_advice": 0.0}
     monkeypatch.setenv("UNIGUARD_THRESHOLDS", '{"toxicity": 1.5}')
@@ -73,7 +84,9 @@ def test_threshold_overrides_from_settings(tiny_model: OnnxModel, shipped_polici
         Settings()
 
     async def main() -> None:
-        async with running_engine(tiny_model, shipped_policies, thresholds={"toxicity": 0.7, "tax_advice": 0.0}) as engine:
+        async with running_engine(
+            tiny_model, shipped_policies, thresholds={"toxicity": 0.7, "tax_advice": 0.0}
+        ) as engine:
             tox = shipped_policies["toxicity"]
             assert engine.threshold_info(tox) == (0.7, True, "config")
             assert engine.threshold_info(shipped_policies["prompt_injection"]) == (0.5, True, "manifest")

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
-from service.engine import Engine
+from service.batching import BatchResult
+from service.engine import Classification, Engine
 from service.errors import ApiError, ErrorCode
 from service.inference import OnnxModel
 from service.policy import Policy
 from tests.service.conftest import running_engine
 
+T = TypeVar("T")
 
-def run_engine(model: OnnxModel, policies: dict[str, Policy], body, **overrides: object):  # type: ignore[no-untyped-def]
-    async def main():  # type: ignore[no-untyped-def]
+
+def run_engine(
+    model: OnnxModel, policies: dict[str, Policy], body: Callable[[Engine], Awaitable[T]], **overrides: Any
+) -> T:
+    async def main() -> T:
         async with running_engine(model, policies, **overrides) as engine:
             return await body(engine)
 
@@ -32,7 +39,7 @@ def with_thresholds(model: OnnxModel, **thresholds: float) -> OnnxModel:
 def test_verdicts_use_calibrated_threshold(tiny_model: OnnxModel, shipped_policies: dict[str, Policy]) -> None:
     model = with_thresholds(tiny_model, toxicity=0.01, prompt_injection=0.99)
 
-    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+    async def body(engine: Engine) -> Classification:
         return await engine.classify(engine.resolve(["toxicity", "prompt_injection", "toxicity"]), "hello")
 
     c = run_engine(model, shipped_policies, body)
@@ -48,17 +55,19 @@ def test_changed_description_is_zero_shot(tiny_model: OnnxModel, shipped_policie
     model = with_thresholds(tiny_model, toxicity=0.01)
     edited = shipped_policies["toxicity"].model_copy(update={"description": "Block rude prompts."})
 
-    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+    async def body(engine: Engine) -> Classification:
         return await engine.classify([edited], "hello", inline=True)
 
     (v,) = run_engine(model, shipped_policies, body).verdicts
     assert (v.threshold, v.trained) == (model.manifest.default_threshold, False)
 
 
-def test_long_prompt_gets_many_windows_and_max_score(tiny_model: OnnxModel, shipped_policies: dict[str, Policy]) -> None:
+def test_long_prompt_gets_many_windows_and_max_score(
+    tiny_model: OnnxModel, shipped_policies: dict[str, Policy]
+) -> None:
     prompt = " ".join(f"word{i}" for i in range(3000))
 
-    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+    async def body(engine: Engine) -> tuple[Classification, BatchResult]:
         c = await engine.classify(engine.resolve("prompt_injection"), prompt)
         windows = engine.model.encoder.encode(shipped_policies["prompt_injection"], prompt)
         r = await engine.batcher.submit(windows)
@@ -75,12 +84,23 @@ def test_long_prompt_gets_many_windows_and_max_score(tiny_model: OnnxModel, ship
     [
         (lambda e: e.classify(e.resolve("toxicity"), "   \n"), ErrorCode.empty_prompt),
         (lambda e: e.classify(e.resolve("toxicity"), "x" * 2501), ErrorCode.prompt_too_long),
-        (lambda e: e.classify([Policy(id="p", name="p", description="forbid " * 120)], "hi", inline=True), ErrorCode.policy_too_long),
-        (lambda e: e.classify([Policy(id="p", name="p", description="forbidden " * 199)], "hi", inline=True), ErrorCode.policy_too_long),
+        (
+            lambda e: e.classify([Policy(id="p", name="p", description="forbid " * 120)], "hi", inline=True),
+            ErrorCode.policy_too_long,
+        ),
+        (
+            lambda e: e.classify([Policy(id="p", name="p", description="forbidden " * 199)], "hi", inline=True),
+            ErrorCode.policy_too_long,
+        ),
         (lambda e: e.classify(e.resolve("toxicity"), "word " * 400), ErrorCode.prompt_too_long),  # > max_queue windows
     ],
 )
-def test_classify_errors(tiny_model: OnnxModel, shipped_policies: dict[str, Policy], call, code: ErrorCode) -> None:  # type: ignore[no-untyped-def]
+def test_classify_errors(
+    tiny_model: OnnxModel,
+    shipped_policies: dict[str, Policy],
+    call: Callable[[Engine], Awaitable[Classification]],
+    code: ErrorCode,
+) -> None:
     async def body(engine: Engine) -> None:
         with pytest.raises(ApiError) as info:
             await call(engine)

@@ -3,9 +3,17 @@ from __future__ import annotations
 from service.errors import ApiError, ErrorCode, error_body, summarize_validation_errors
 
 EXPECTED = {
-    "unknown_policy": 404, "invalid_request": 422, "empty_prompt": 422, "policy_too_long": 422,
-    "too_many_policies": 422, "prompt_too_long": 413, "body_too_large": 413, "queue_full": 429,
-    "not_ready": 503, "deadline_exceeded": 504, "internal_error": 500,
+    "unknown_policy": 404,
+    "invalid_request": 422,
+    "empty_prompt": 422,
+    "policy_too_long": 422,
+    "too_many_policies": 422,
+    "prompt_too_long": 413,
+    "body_too_large": 413,
+    "queue_full": 429,
+    "not_ready": 503,
+    "deadline_exceeded": 504,
+    "internal_error": 500,
 }
 
 
@@ -25,7 +33,9 @@ def test_api_error_and_body() -> None:
 
 def test_validation_summary_never_echoes_input() -> None:
     huge = "x" * 100_000
-    errors = [{"type": "string_type", "loc": ("body", "prompt"), "msg": "Input should be a valid string", "input": huge}] * 50
+    errors = [
+        {"type": "string_type", "loc": ("body", "prompt"), "msg": "Input should be a valid string", "input": huge}
+    ] * 50
     summary = summarize_validation_errors(errors)
     assert len(summary) == 20
     assert huge not in repr(summary)

@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from pydantic import SecretStr
 from schemathesis import GenerationMode
-from schemathesis.checks import negative_data_rejection, positive_data_acceptance
+from schemathesis.checks import CheckContext, negative_data_rejection, positive_data_acceptance
 from schemathesis.core.failures import AcceptedNegativeData
 from schemathesis.openapi.checks import RejectedPositiveData
 
@@ -42,7 +43,9 @@ TIMEOUT_S = 15.0  # "no hang": any answer slower than this fails the test
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) -> Iterator[Server]:
+def fuzz_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer
+) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
     with serve(
         log,
@@ -67,10 +70,10 @@ def fuzz_schema(fuzz_server: Server) -> schemathesis.BaseSchema:
 MODEL_DEPENDENT_CODES = {"policy_too_long"}
 
 
-def positive_data_accepted(ctx: object, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
+def positive_data_accepted(ctx: CheckContext, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
     """schemathesis' positive_data_acceptance, minus the model-dependent rejections."""
     try:
-        return positive_data_acceptance(ctx, response, case)  # type: ignore[arg-type]
+        return positive_data_acceptance(ctx, response, case)
     except RejectedPositiveData:
         try:
             code = response.json()["error"]["code"]
@@ -81,7 +84,7 @@ def positive_data_accepted(ctx: object, response: schemathesis.Response, case: s
         raise
 
 
-def negative_data_rejected(ctx: object, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
+def negative_data_rejected(ctx: CheckContext, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
     """schemathesis' negative_data_rejection, with the documented 413 counted as a rejection.
 
     Negative generation can make a body over the service's limit (a 3 MB ``texts`` item);
@@ -89,7 +92,7 @@ def negative_data_rejected(ctx: object, response: schemathesis.Response, case: s
     request just as a 422 would, but 413 is not in schemathesis' list of expected statuses.
     """
     try:
-        return negative_data_rejection(ctx, response, case)  # type: ignore[arg-type]
+        return negative_data_rejection(ctx, response, case)
     except AcceptedNegativeData:
         if response.status_code == 413 and response.json().get("error", {}).get("code") == "body_too_large":
             return None
@@ -100,11 +103,19 @@ def negative_data_rejected(ctx: object, response: schemathesis.Response, case: s
 # is complete). schemathesis' own pytest loader does not run under pytest 9, so each
 # operation's strategy is driven by hypothesis directly.
 OPERATIONS = [
-    ("POST", "/v1/classify"), ("GET", "/v1/policies"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
-    ("POST", "/beta/litellm_basic_guardrail_api"), ("POST", "/v1/chat/completions"), ("POST", "/admin/reload"),
+    ("POST", "/v1/classify"),
+    ("GET", "/v1/policies"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("POST", "/beta/litellm_basic_guardrail_api"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/admin/reload"),
 ]
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
-    (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST" and p != "/admin/reload"  # no input to break
+    (m, p, GenerationMode.NEGATIVE)
+    for m, p in OPERATIONS
+    if m == "POST" and p != "/admin/reload"  # no input to break
 ]
 
 
@@ -126,7 +137,8 @@ def test_schemathesis(fuzz_schema: schemathesis.BaseSchema, method: str, path: s
     )
     def run(case: schemathesis.Case) -> None:
         case.call_and_validate(
-            timeout=TIMEOUT_S, excluded_checks=[positive_data_acceptance, negative_data_rejection],
+            timeout=TIMEOUT_S,
+            excluded_checks=[positive_data_acceptance, negative_data_rejection],
             additional_checks=[positive_data_accepted, negative_data_rejected],
         )
 
@@ -154,10 +166,16 @@ def test_fuzz_run_saw_no_server_error(fuzz_server: Server, capsys: pytest.Captur
     paths = Counter(rec["path"] for rec in lines)
     first_ready = next(i for i, rec in enumerate(lines) if rec["path"] == "/readyz" and rec["status"] == 200)
     # 503 from /readyz before the model was loaded is the start-up state, not an error.
-    server_errors = [rec for i, rec in enumerate(lines) if rec["status"] >= 500 and not (rec["path"] == "/readyz" and i < first_ready)]
+    server_errors = [
+        rec
+        for i, rec in enumerate(lines)
+        if rec["status"] >= 500 and not (rec["path"] == "/readyz" and i < first_ready)
+    ]
     with capsys.disabled():
-        print(f"\nfuzz: {len(lines)} requests answered, statuses {dict(sorted(statuses.items()))}, "
-              f"5xx once ready: {len(server_errors)}; by path {dict(paths)}")
+        print(
+            f"\nfuzz: {len(lines)} requests answered, statuses {dict(sorted(statuses.items()))}, "
+            f"5xx once ready: {len(server_errors)}; by path {dict(paths)}"
+        )
     assert len(lines) > 50, "schemathesis sent almost nothing"
     assert not server_errors, server_errors[:5]
     assert "unhandled error" not in fuzz_server.log.read_text(encoding="utf-8", errors="replace")
@@ -185,7 +203,7 @@ def test_openapi_documents_every_route_and_error(fuzz_server: Server) -> None:
 
 
 def test_openapi_with_an_api_key_documents_401_and_security(tiny_model_dir: Path) -> None:
-    doc = create_app(Settings(model_dir=tiny_model_dir, api_key="k")).openapi()  # type: ignore[arg-type]
+    doc = create_app(Settings(model_dir=tiny_model_dir, api_key=SecretStr("k"))).openapi()
     assert set(doc["components"]["securitySchemes"]) == {"bearer", "apiKey"}
     for path, item in doc["paths"].items():
         for method, op in item.items():
@@ -229,12 +247,37 @@ JSON = {"content-type": "application/json"}
         ("null in id list", b'{"policy_id": ["toxicity", null], "prompt": "hi"}', 422, "invalid_request"),
         ("not UTF-8", b'{"policy_id": "toxicity", "prompt": "\xff\xfe\xfa bad bytes"}', 422, "invalid_request"),
         ("latin-1", '{"policy_id": "toxicity", "prompt": "caf\xe9"}'.encode("latin-1"), 422, "invalid_request"),
-        ("nested 100k deep", b'{"policy_id": "toxicity", "prompt": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 422, "invalid_request"),
+        (
+            "nested 100k deep",
+            b'{"policy_id": "toxicity", "prompt": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            422,
+            "invalid_request",
+        ),
         ("array nested 100k deep", b"[" * 100_000 + b"]" * 100_000, 422, "invalid_request"),
-        ("nested objects in an inline policy", b'{"prompt": "x", "policy": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}", 422, "invalid_request"),
-        ("lone surrogate escape", b'{"policy_id": "toxicity", "prompt": "\\ud800 half an emoji"}', 422, "invalid_request"),
-        ("only whitespace", json.dumps({"policy_id": "toxicity", "prompt": " \t\n\r\u00a0\u2003\u3000\x1c\x85\ufeff "}).encode(), 422, "empty_prompt"),
-        ("10,000 distinct policy ids", json.dumps({"policy_id": [f"p{i}" for i in range(10_000)], "prompt": "hi"}).encode(), 422, "too_many_policies"),
+        (
+            "nested objects in an inline policy",
+            b'{"prompt": "x", "policy": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}",
+            422,
+            "invalid_request",
+        ),
+        (
+            "lone surrogate escape",
+            b'{"policy_id": "toxicity", "prompt": "\\ud800 half an emoji"}',
+            422,
+            "invalid_request",
+        ),
+        (
+            "only whitespace",
+            json.dumps({"policy_id": "toxicity", "prompt": " \t\n\r\u00a0\u2003\u3000\x1c\x85\ufeff "}).encode(),
+            422,
+            "empty_prompt",
+        ),
+        (
+            "10,000 distinct policy ids",
+            json.dumps({"policy_id": [f"p{i}" for i in range(10_000)], "prompt": "hi"}).encode(),
+            422,
+            "too_many_policies",
+        ),
         ("a policy id that is not an id", b'{"policy_id": "../../etc/passwd", "prompt": "hi"}', 422, "invalid_request"),
         ("wrong types", b'{"policy_id": {"a": 1}, "prompt": ["x"]}', 422, "invalid_request"),
         ("truncated JSON", b'{"policy_id": "toxicity", "prompt": "hi', 422, "invalid_request"),
@@ -291,9 +334,20 @@ def test_odd_prompts_get_the_offline_verdict(client: httpx.Client, offline: Onnx
         ("/beta/litellm_basic_guardrail_api", b"null"),
         ("/beta/litellm_basic_guardrail_api", b'{"texts": [null]}'),
         ("/beta/litellm_basic_guardrail_api", b'{"texts": ["\xff\xfe"]}'),
-        ("/beta/litellm_basic_guardrail_api", b'{"texts": ["hi"], "request_data": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"}"),
-        ("/beta/litellm_basic_guardrail_api", b'{"texts": ["hi"], "additional_provider_specific_params": {"policies": [null]}}'),
-        ("/beta/litellm_basic_guardrail_api", json.dumps({"texts": ["hi"], "additional_provider_specific_params": {"policies": [f"p{i}" for i in range(10_000)]}}).encode()),
+        (
+            "/beta/litellm_basic_guardrail_api",
+            b'{"texts": ["hi"], "request_data": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"}",
+        ),
+        (
+            "/beta/litellm_basic_guardrail_api",
+            b'{"texts": ["hi"], "additional_provider_specific_params": {"policies": [null]}}',
+        ),
+        (
+            "/beta/litellm_basic_guardrail_api",
+            json.dumps(
+                {"texts": ["hi"], "additional_provider_specific_params": {"policies": [f"p{i}" for i in range(10_000)]}}
+            ).encode(),
+        ),
         ("/v1/chat/completions", b""),
         ("/v1/chat/completions", b"null"),
         ("/v1/chat/completions", b'{"messages": null}'),

@@ -35,7 +35,9 @@ def test_no_engine_fails_closed_by_default() -> None:
     metrics = Metrics()
     with pytest.raises(ApiError) as info:
         asyncio.run(
-            judge(_no_engine, metrics, [GuardText(0, "hi")], ["toxicity"], route=ROUTE, from_config=True, fail_open=False)
+            judge(
+                _no_engine, metrics, [GuardText(0, "hi")], ["toxicity"], route=ROUTE, from_config=True, fail_open=False
+            )
         )
     assert info.value.code is ErrorCode.not_ready
     assert _gateway_count(metrics, "unguarded") is None

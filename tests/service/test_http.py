@@ -66,9 +66,19 @@ def serve(log: Path, **env: str) -> Iterator[Server]:
     port = _free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("UNIGUARD_")}
     # No SIGTERM drain delay by default: terminate() below should not wait for a load balancer.
-    full_env.update({"UNIGUARD_HOST": "127.0.0.1", "UNIGUARD_PORT": str(port), "UNIGUARD_THREADS": "1", "UNIGUARD_SHUTDOWN_DRAIN_S": "0", **env})
+    full_env.update(
+        {
+            "UNIGUARD_HOST": "127.0.0.1",
+            "UNIGUARD_PORT": str(port),
+            "UNIGUARD_THREADS": "1",
+            "UNIGUARD_SHUTDOWN_DRAIN_S": "0",
+            **env,
+        }
+    )
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT
+        )
     try:
         yield Server(f"http://127.0.0.1:{port}", proc, log)
     finally:
@@ -126,7 +136,10 @@ def test_concurrent_requests_are_batched(server: Server) -> None:
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
             return await asyncio.gather(
-                *(c.post("/v1/classify", json={"policy_id": "prompt_injection", "prompt": f"request number {i}"}) for i in range(24))
+                *(
+                    c.post("/v1/classify", json={"policy_id": "prompt_injection", "prompt": f"request number {i}"})
+                    for i in range(24)
+                )
             )
 
     before = httpx.get(server.url + "/metrics").text
@@ -144,7 +157,9 @@ def test_concurrent_requests_are_batched(server: Server) -> None:
 
 
 def test_single_policy_response_and_headers(client: httpx.Client) -> None:
-    r = client.post("/v1/classify", json={"policy_id": "toxicity", "prompt": "hello"}, headers={"x-request-id": "abc-123"})
+    r = client.post(
+        "/v1/classify", json={"policy_id": "toxicity", "prompt": "hello"}, headers={"x-request-id": "abc-123"}
+    )
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "abc-123"
     for h in ("x-queue-time", "x-inference-time", "x-total-time"):
@@ -194,10 +209,22 @@ def test_long_prompt_is_windowed(client: httpx.Client) -> None:
         ({"policy_id": "toxicity", "prompt": 42}, 422, "invalid_request"),
         ({"policy_id": 7, "prompt": "hi"}, 422, "invalid_request"),
         ({"prompt": "hi"}, 422, "invalid_request"),
-        ({"policy_id": "toxicity", "policy": {"id": "x", "name": "x", "description": "x"}, "prompt": "hi"}, 422, "invalid_request"),
+        (
+            {"policy_id": "toxicity", "policy": {"id": "x", "name": "x", "description": "x"}, "prompt": "hi"},
+            422,
+            "invalid_request",
+        ),
         ({"policy_id": "toxicity", "prompt": "hi", "extra": 1}, 422, "invalid_request"),
-        ({"policy_id": ["toxicity", "tax_advice", "financial_advice", "prompt_injection"], "prompt": "hi"}, 422, "too_many_policies"),
-        ({"policy": {"id": "long", "name": "l", "description": "forbidden " * 199}, "prompt": "hi"}, 422, "policy_too_long"),
+        (
+            {"policy_id": ["toxicity", "tax_advice", "financial_advice", "prompt_injection"], "prompt": "hi"},
+            422,
+            "too_many_policies",
+        ),
+        (
+            {"policy": {"id": "long", "name": "l", "description": "forbidden " * 199}, "prompt": "hi"},
+            422,
+            "policy_too_long",
+        ),
         ([1, 2], 422, "invalid_request"),
     ],
 )
@@ -208,7 +235,9 @@ def test_error_bodies(client: httpx.Client, payload: object, status: int, code: 
 
 
 def test_malformed_json(client: httpx.Client) -> None:
-    r = client.post("/v1/classify", content=b'{"policy_id": "toxicity", "prompt": ', headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/classify", content=b'{"policy_id": "toxicity", "prompt": ', headers={"content-type": "application/json"}
+    )
     err = assert_error(r, 422, "invalid_request")
     assert "JSON" in err["message"]
 
@@ -235,7 +264,11 @@ def test_body_too_large_chunked(client: httpx.Client) -> None:
     assert r.request.headers.get("transfer-encoding") == "chunked"
     assert_error(r, 413, "body_too_large")
     # A chunked body under the limit still works.
-    ok = client.post("/v1/classify", content=iter([b'{"policy_id": "toxicity", ', b'"prompt": "hi"}']), headers={"content-type": "application/json"})
+    ok = client.post(
+        "/v1/classify",
+        content=iter([b'{"policy_id": "toxicity", ', b'"prompt": "hi"}']),
+        headers={"content-type": "application/json"},
+    )
     assert ok.status_code == 200, ok.text
 
 
@@ -256,13 +289,23 @@ def test_policies_health_metrics(client: httpx.Client) -> None:
     assert ready.status_code == 200 and ready.json()["model"].startswith("tiny-test@")
     m = client.get("/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
-    for name in ("uniguard_request_latency_seconds", "uniguard_queue_time_seconds", "uniguard_tokenize_time_seconds",
-                 "uniguard_inference_time_seconds", "uniguard_batch_tokens", "uniguard_errors_total"):
+    for name in (
+        "uniguard_request_latency_seconds",
+        "uniguard_queue_time_seconds",
+        "uniguard_tokenize_time_seconds",
+        "uniguard_inference_time_seconds",
+        "uniguard_batch_tokens",
+        "uniguard_errors_total",
+    ):
         assert name in m.text
 
 
 def test_access_log_is_json_without_prompts(client: httpx.Client, server: Server) -> None:
-    r = client.post("/v1/classify", json={"policy_id": "toxicity", "prompt": f"say {MARKER}"}, headers={"x-request-id": "log-check-1"})
+    r = client.post(
+        "/v1/classify",
+        json={"policy_id": "toxicity", "prompt": f"say {MARKER}"},
+        headers={"x-request-id": "log-check-1"},
+    )
     assert r.status_code == 200
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and "log-check-1" not in server.log.read_text():

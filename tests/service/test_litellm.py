@@ -26,7 +26,11 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     tmp = tmp_path_factory.mktemp("litellm")
     model = model_with_thresholds(tiny_model_dir, tmp / "mixed", MIXED)  # prompt_injection safe, toxicity unsafe
     # Default guard_policies: [prompt_injection]; answers are judged against toxicity. No upstream.
-    env = {"UNIGUARD_MODEL_DIR": str(model), "UNIGUARD_OUTPUT_POLICIES": "toxicity", "UNIGUARD_MAX_POLICIES_PER_REQUEST": "3"}
+    env = {
+        "UNIGUARD_MODEL_DIR": str(model),
+        "UNIGUARD_OUTPUT_POLICIES": "toxicity",
+        "UNIGUARD_MAX_POLICIES_PER_REQUEST": "3",
+    }
     with servers(tmp, {"litellm": env}) as out:
         yield out["litellm"]
 
@@ -37,7 +41,9 @@ def client(server: Server) -> Iterator[httpx.Client]:
         yield c
 
 
-def litellm_request(texts: list[str] | None, input_type: str = "request", params: dict[str, Any] | None = None) -> dict[str, Any]:
+def litellm_request(
+    texts: list[str] | None, input_type: str = "request", params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What LiteLLM posts (GenericGuardrailAPIRequest.model_dump(), recent versions' extra fields included)."""
     return {
         "input_type": input_type,
@@ -68,7 +74,9 @@ def test_configured_policies_none(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize("policies", [["toxicity"], "toxicity", ["prompt_injection", "toxicity"]])
 def test_per_request_policies_override_blocks(client: httpx.Client, policies: object) -> None:
-    r = post_json(client, PATH, litellm_request(["fine", "  ", "also fine"], params={"policies": policies, "threshold": 0.8}))
+    r = post_json(
+        client, PATH, litellm_request(["fine", "  ", "also fine"], params={"policies": policies, "threshold": 0.8})
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["action"] == "BLOCKED"
@@ -81,7 +89,11 @@ def test_per_request_policies_override_blocks(client: httpx.Client, policies: ob
 def test_response_texts_use_output_policies(client: httpx.Client) -> None:
     r = post_json(client, PATH, litellm_request(["the model's answer"], input_type="response"))
     body = r.json()
-    assert body["action"] == "BLOCKED" and body["uniguard"]["stage"] == "output" and body["uniguard"]["policies"] == ["toxicity"]
+    assert (
+        body["action"] == "BLOCKED"
+        and body["uniguard"]["stage"] == "output"
+        and body["uniguard"]["policies"] == ["toxicity"]
+    )
 
 
 @pytest.mark.parametrize("texts", [None, [], ["", "   "]])
@@ -101,7 +113,13 @@ def test_minimal_request(client: httpx.Client) -> None:
         (litellm_request(["hi"], params={"policies": ["no_such_policy"]}), 404, "unknown_policy"),
         (litellm_request(["hi"], params={"policies": ["Bad Id!"]}), 422, "invalid_request"),
         (litellm_request(["hi"], params={"policies": 7}), 422, "invalid_request"),
-        (litellm_request(["hi"], params={"policies": ["toxicity", "tax_advice", "content_safety", "financial_advice"]}), 422, "too_many_policies"),
+        (
+            litellm_request(
+                ["hi"], params={"policies": ["toxicity", "tax_advice", "content_safety", "financial_advice"]}
+            ),
+            422,
+            "too_many_policies",
+        ),
         ({**litellm_request(["hi"]), "input_type": "sideways"}, 422, "invalid_request"),
         ({"texts": "not a list"}, 422, "invalid_request"),
     ],
@@ -111,7 +129,12 @@ def test_errors(client: httpx.Client, payload: dict, status: int, code: str) -> 
 
 
 def test_texts_are_not_logged(client: httpx.Client, server: Server) -> None:
-    r = post_json(client, PATH, litellm_request([f"secret {MARKER}"], params={"policies": ["toxicity"]}), headers={"x-request-id": "lite-log-1"})
+    r = post_json(
+        client,
+        PATH,
+        litellm_request([f"secret {MARKER}"], params={"policies": ["toxicity"]}),
+        headers={"x-request-id": "lite-log-1"},
+    )
     assert r.json()["action"] == "BLOCKED"
     deadline = time.monotonic() + 5
     while "lite-log-1" not in server.log.read_text() and time.monotonic() < deadline:

@@ -32,7 +32,9 @@ def _fresh_records(upstream: UpstreamServer) -> None:
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) -> Iterator[dict[str, Server]]:
+def srv(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer
+) -> Iterator[dict[str, Server]]:
     tmp = tmp_path_factory.mktemp("proxy")
     mixed = str(model_with_thresholds(tiny_model_dir, tmp / "mixed", MIXED))
     missing = str(tmp / "no-such-model")
@@ -41,8 +43,14 @@ def srv(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream
         # guard_policies default [prompt_injection]: always safe with this model
         "allow": {**up, "UNIGUARD_MODEL_DIR": mixed, "UNIGUARD_UPSTREAM_TIMEOUT_S": str(UPSTREAM_TIMEOUT_S)},
         # toxicity: always unsafe, on input (user messages only) and on output
-        "block": {**up, "UNIGUARD_MODEL_DIR": mixed, "UNIGUARD_GUARD_POLICIES": "toxicity", "UNIGUARD_MODERATE_OUTPUT": "true",
-                  "UNIGUARD_OUTPUT_POLICIES": '["toxicity"]', "UNIGUARD_REFUSAL_MESSAGE": REFUSAL},
+        "block": {
+            **up,
+            "UNIGUARD_MODEL_DIR": mixed,
+            "UNIGUARD_GUARD_POLICIES": "toxicity",
+            "UNIGUARD_MODERATE_OUTPUT": "true",
+            "UNIGUARD_OUTPUT_POLICIES": '["toxicity"]',
+            "UNIGUARD_REFUSAL_MESSAGE": REFUSAL,
+        },
         "closed": {**up, "UNIGUARD_MODEL_DIR": missing},
         "open": {**up, "UNIGUARD_MODEL_DIR": missing, "UNIGUARD_FAIL_OPEN": "true", "UNIGUARD_MODERATE_OUTPUT": "true"},
         "down": {"UNIGUARD_MODEL_DIR": mixed, "UNIGUARD_UPSTREAM_BASE_URL": f"http://127.0.0.1:{_dead_port()}/v1"},
@@ -65,13 +73,22 @@ def clients(srv: dict[str, Server]) -> Iterator[dict[str, httpx.Client]]:
 
 
 def test_allowed_request_arrives_byte_identical(clients: dict[str, httpx.Client], upstream: UpstreamServer) -> None:
-    raw = ('{"model":"m",  "messages": [ {"role":"system","content":"be brief"},'
-           '{"role":"user","content":[{"type":"text","text":"caf\\u00e9 \u00e9t\u00e9"},{"type":"image_url","image_url":{"url":"data:x"}}]}],'
-           '"temperature": 0.50, "unknown_field": {"kept": [1, 2.0, null]}}\n').encode()
+    raw = (
+        '{"model":"m",  "messages": [ {"role":"system","content":"be brief"},'
+        '{"role":"user","content":[{"type":"text","text":"caf\\u00e9 '
+        '\u00e9t\u00e9"},{"type":"image_url","image_url":{"url":"data:x"}}]}],'
+        '"temperature": 0.50, "unknown_field": {"kept": [1, 2.0, null]}}\n'
+    ).encode()
     r = clients["allow"].post(
-        "/v1/chat/completions", content=raw,
-        headers={"content-type": "application/json", "authorization": "Bearer client-upstream-key", "x-custom": "1",
-                 "connection": "keep-alive, x-hop", "x-hop": "secret-hop"},
+        "/v1/chat/completions",
+        content=raw,
+        headers={
+            "content-type": "application/json",
+            "authorization": "Bearer client-upstream-key",
+            "x-custom": "1",
+            "connection": "keep-alive, x-hop",
+            "x-hop": "secret-hop",
+        },
     )
     assert r.status_code == 200, r.text
     (rec,) = upstream.records
@@ -91,7 +108,9 @@ def test_streaming_passes_through_chunk_by_chunk(clients: dict[str, httpx.Client
     delay = 0.25
     received: list[tuple[float, bytes]] = []
     with clients["allow"].stream(
-        "POST", "/v1/chat/completions", json=chat(stream=True),
+        "POST",
+        "/v1/chat/completions",
+        json=chat(stream=True),
         headers={"x-upstream-chunks": "4", "x-upstream-chunk-delay": str(delay)},
     ) as r:
         assert r.status_code == 200
@@ -116,29 +135,43 @@ def test_streaming_passes_through_chunk_by_chunk(clients: dict[str, httpx.Client
 
 
 def test_client_disconnect_closes_upstream(clients: dict[str, httpx.Client], upstream: UpstreamServer) -> None:
-    with httpx.Client(base_url=clients["allow"].base_url, timeout=30) as c:
-        with c.stream("POST", "/v1/chat/completions", json=chat(stream=True),
-                      headers={"x-upstream-chunks": "100", "x-upstream-chunk-delay": "0.05"}) as r:
-            it = r.iter_raw()
-            next(it), next(it)
+    with (
+        httpx.Client(base_url=clients["allow"].base_url, timeout=30) as c,
+        c.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=chat(stream=True),
+            headers={"x-upstream-chunks": "100", "x-upstream-chunk-delay": "0.05"},
+        ) as r,
+    ):
+        it = r.iter_raw()
+        next(it), next(it)
     assert upstream.wait_for(lambda: upstream.records and upstream.records[0].disconnected_at is not None, 5)
     assert not upstream.records[0].completed
 
 
-def test_upstream_breaking_off_mid_stream_cuts_the_client_stream(clients: dict[str, httpx.Client], upstream: UpstreamServer) -> None:
+def test_upstream_breaking_off_mid_stream_cuts_the_client_stream(
+    clients: dict[str, httpx.Client], upstream: UpstreamServer
+) -> None:
     got = b""
-    with pytest.raises(httpx.RemoteProtocolError):  # not a clean end: the client can tell
-        with clients["allow"].stream("POST", "/v1/chat/completions", json=chat(stream=True), headers={"x-upstream-break-after": "2"}) as r:
-            assert r.status_code == 200
-            for chunk in r.iter_raw():
-                got += chunk
+    with (
+        pytest.raises(httpx.RemoteProtocolError),  # not a clean end: the client can tell
+        clients["allow"].stream(
+            "POST", "/v1/chat/completions", json=chat(stream=True), headers={"x-upstream-break-after": "2"}
+        ) as r,
+    ):
+        assert r.status_code == 200
+        for chunk in r.iter_raw():
+            got += chunk
     (rec,) = upstream.records
     assert got == rec.sent_bytes and b"[DONE]" not in got
     assert clients["allow"].get("/readyz").status_code == 200  # the service is fine
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_upstream_error_status_and_body_pass_through(clients: dict[str, httpx.Client], upstream: UpstreamServer, stream: bool) -> None:
+def test_upstream_error_status_and_body_pass_through(
+    clients: dict[str, httpx.Client], upstream: UpstreamServer, stream: bool
+) -> None:
     r = post_json(clients["allow"], "/v1/chat/completions", chat(stream=stream), headers={"x-upstream-status": "429"})
     (rec,) = upstream.records
     assert r.status_code == 429 and r.content == rec.sent_bytes
@@ -146,7 +179,9 @@ def test_upstream_error_status_and_body_pass_through(clients: dict[str, httpx.Cl
 
 
 def test_upstream_timeout_is_504(clients: dict[str, httpx.Client]) -> None:
-    r = post_json(clients["allow"], "/v1/chat/completions", chat(), headers={"x-upstream-delay": str(UPSTREAM_TIMEOUT_S + 1)})
+    r = post_json(
+        clients["allow"], "/v1/chat/completions", chat(), headers={"x-upstream-delay": str(UPSTREAM_TIMEOUT_S + 1)}
+    )
     assert_error(r, 504, "upstream_timeout")
 
 
@@ -165,8 +200,14 @@ def test_upstream_down_is_502(clients: dict[str, httpx.Client]) -> None:
         (b'{"messages": ["hi"]}', "role"),
     ],
 )
-def test_invalid_requests_are_refused_before_upstream(clients: dict[str, httpx.Client], upstream: UpstreamServer, raw: bytes, message: str) -> None:
-    err = assert_error(clients["allow"].post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}), 422, "invalid_request")
+def test_invalid_requests_are_refused_before_upstream(
+    clients: dict[str, httpx.Client], upstream: UpstreamServer, raw: bytes, message: str
+) -> None:
+    err = assert_error(
+        clients["allow"].post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}),
+        422,
+        "invalid_request",
+    )
     assert message in err["message"]
     assert upstream.records == []
 
@@ -174,7 +215,9 @@ def test_invalid_requests_are_refused_before_upstream(clients: dict[str, httpx.C
 # -- blocked: refusal, upstream never called ------------------------------------------------
 
 
-def test_blocked_request_never_reaches_upstream(clients: dict[str, httpx.Client], upstream: UpstreamServer, srv: dict[str, Server]) -> None:
+def test_blocked_request_never_reaches_upstream(
+    clients: dict[str, httpx.Client], upstream: UpstreamServer, srv: dict[str, Server]
+) -> None:
     body = chat(f"tell me about {MARKER}", n=2)
     body["messages"].insert(0, {"role": "system", "content": "be nice"})
     r = post_json(clients["block"], "/v1/chat/completions", body, headers={"x-request-id": "blocked-1"})
@@ -184,7 +227,9 @@ def test_blocked_request_never_reaches_upstream(clients: dict[str, httpx.Client]
     assert [c["finish_reason"] for c in out["choices"]] == ["content_filter", "content_filter"]
     assert out["choices"][0]["message"] == {"role": "assistant", "content": REFUSAL, "refusal": None}
     g = out["uniguard"]
-    assert g["action"] == "blocked" and g["stage"] == "input" and g["policies"] == ["toxicity"] and g["texts_checked"] == 1
+    assert (
+        g["action"] == "blocked" and g["stage"] == "input" and g["policies"] == ["toxicity"] and g["texts_checked"] == 1
+    )
     assert [(v["index"], v["role"], v["policy_id"]) for v in g["violations"]] == [(1, "user", "toxicity")]
     assert upstream.records == []
     # The prompt never reaches the logs.
@@ -211,8 +256,13 @@ def test_blocked_stream_is_an_sse_refusal(clients: dict[str, httpx.Client], upst
     assert upstream.records == []
 
 
-def test_unguarded_roles_pass_and_output_moderation_blocks(clients: dict[str, httpx.Client], upstream: UpstreamServer) -> None:
-    body = {"model": "test-model", "messages": [{"role": "system", "content": "sys"}, {"role": "assistant", "content": "hi"}]}
+def test_unguarded_roles_pass_and_output_moderation_blocks(
+    clients: dict[str, httpx.Client], upstream: UpstreamServer
+) -> None:
+    body = {
+        "model": "test-model",
+        "messages": [{"role": "system", "content": "sys"}, {"role": "assistant", "content": "hi"}],
+    }
     r = post_json(clients["block"], "/v1/chat/completions", body)
     assert r.status_code == 200 and r.headers["x-uniguard-action"] == "blocked"
     out = r.json()
@@ -231,7 +281,11 @@ def test_unguarded_roles_pass_and_output_moderation_blocks(clients: dict[str, ht
 def test_fail_closed_when_model_not_ready(clients: dict[str, httpx.Client], upstream: UpstreamServer) -> None:
     assert_error(post_json(clients["closed"], "/v1/chat/completions", chat()), 503, "not_ready")
     assert_error(post_json(clients["closed"], "/v1/chat/completions", chat(stream=True)), 503, "not_ready")
-    assert_error(post_json(clients["closed"], "/beta/litellm_basic_guardrail_api", {"texts": ["hi"], "input_type": "request"}), 503, "not_ready")
+    assert_error(
+        post_json(clients["closed"], "/beta/litellm_basic_guardrail_api", {"texts": ["hi"], "input_type": "request"}),
+        503,
+        "not_ready",
+    )
     assert upstream.records == []
 
 
@@ -257,7 +311,11 @@ def test_sidecar_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.guard_policies == ["toxicity", "prompt_injection"] and s.guard_roles == ["user", "system"]
     assert s.upstream_base_url == "http://llm:4000/v1" and s.output_policies is None
     assert s.fail_open is False and s.moderate_output is False and s.api_key is None
-    for key, bad in [("UNIGUARD_UPSTREAM_BASE_URL", "llm:4000"), ("UNIGUARD_GUARD_POLICIES", ""), ("UNIGUARD_GUARD_POLICIES", "Not An Id")]:
+    for key, bad in [
+        ("UNIGUARD_UPSTREAM_BASE_URL", "llm:4000"),
+        ("UNIGUARD_GUARD_POLICIES", ""),
+        ("UNIGUARD_GUARD_POLICIES", "Not An Id"),
+    ]:
         monkeypatch.setenv(key, bad)
         with pytest.raises(ValueError):
             Settings()

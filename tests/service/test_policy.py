@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,9 @@ def test_short_prompt_is_one_window(tiny_model: OnnxModel, shipped_policies: dic
     assert len(w.input_ids[0]) == len(w.attention_mask[0]) == len(w.token_type_ids[0]) <= tiny_model.manifest.max_length
 
 
-def test_long_prompt_windows_overlap_and_cover_everything(tiny_model: OnnxModel, shipped_policies: dict[str, Policy]) -> None:
+def test_long_prompt_windows_overlap_and_cover_everything(
+    tiny_model: OnnxModel, shipped_policies: dict[str, Policy]
+) -> None:
     enc = tiny_model.encoder
     policy = shipped_policies["prompt_injection"]
     words = [f"w{i}" for i in range(600)]
@@ -57,11 +60,11 @@ def test_long_prompt_windows_overlap_and_cover_everything(tiny_model: OnnxModel,
     tok = enc._tokenizer
     instruction = tok.encode(enc.template.instruction_text(policy), add_special_tokens=False).ids
     queries = []
-    for ids, types in zip(w.input_ids, w.token_type_ids):
+    for ids, types in zip(w.input_ids, w.token_type_ids, strict=True):
         assert list(ids[1 : 1 + len(instruction)]) == instruction  # every window carries the policy
-        queries.append([int(t) for t, ty in zip(ids, types) if ty == 1][:-1])  # query side, minus [SEP]
+        queries.append([int(t) for t, ty in zip(ids, types, strict=True) if ty == 1][:-1])  # query side, minus [SEP]
     # Consecutive windows share `stride` tokens, and nothing of the prompt is lost.
-    for a, b in zip(queries, queries[1:]):
+    for a, b in itertools.pairwise(queries):
         assert a[-enc.stride :] == b[: enc.stride]
     stitched = queries[0] + [t for q in queries[1:] for t in q[enc.stride :]]
     untruncated = Tokenizer.from_file(str(tiny_model.folder / "tokenizer.json"))

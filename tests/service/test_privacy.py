@@ -27,7 +27,9 @@ AUTH = {"x-api-key": KEY}
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) -> Iterator[dict[str, Server]]:
+def pair(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer
+) -> Iterator[dict[str, Server]]:
     common = {
         "UNIGUARD_MODEL_DIR": str(tiny_model_dir),
         "UNIGUARD_API_KEY": KEY,
@@ -47,21 +49,64 @@ def send_everything(server: Server) -> list[tuple[str, httpx.Response]]:
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
 
         def post(path: str, body: object, rid: str, **headers: str) -> None:
-            sent.append((rid, c.post(path, content=json.dumps(body), headers={"x-request-id": rid, "content-type": "application/json", **headers})))
+            sent.append(
+                (
+                    rid,
+                    c.post(
+                        path,
+                        content=json.dumps(body),
+                        headers={"x-request-id": rid, "content-type": "application/json", **headers},
+                    ),
+                )
+            )
 
         post("/v1/classify", {"policy_id": "toxicity", "prompt": f"tell me about {MARKER}"}, "p-1")
         post("/v1/classify", {"policy_id": ["toxicity", "tax_advice"], "prompt": f"{MARKER} list"}, "p-2")
-        post("/v1/classify", {"policy": {"id": "inline_x", "name": f"name {MARKER}", "description": f"Block {MARKER}."}, "prompt": f"inline {MARKER}"}, "p-3")
+        post(
+            "/v1/classify",
+            {
+                "policy": {"id": "inline_x", "name": f"name {MARKER}", "description": f"Block {MARKER}."},
+                "prompt": f"inline {MARKER}",
+            },
+            "p-3",
+        )
         post("/v1/classify", {"policy_id": "toxicity", "prompt": MARKER * 400}, "p-4")  # 413 prompt_too_long
-        post("/v1/classify", {"policy_id": "toxicity", "prompt": f"x {MARKER}", "extra": MARKER}, "p-5")  # 422 extra field
+        post(
+            "/v1/classify", {"policy_id": "toxicity", "prompt": f"x {MARKER}", "extra": MARKER}, "p-5"
+        )  # 422 extra field
         post("/v1/classify", {"policy_id": "nope", "prompt": f"unknown policy {MARKER}"}, "p-6")  # 404
         post("/v1/classify", {"policy_id": "toxicity", "prompt": f"{MARKER} \ud800"}, "p-7")  # 422 lone surrogate
-        sent.append(("p-8", c.post("/v1/classify", content=f'{{"policy_id": "toxicity", "prompt": "{MARKER}'.encode(), headers={"x-request-id": "p-8"})))  # bad JSON
-        post("/beta/litellm_basic_guardrail_api", {"texts": [f"guard {MARKER}", MARKER], "input_type": "request", "litellm_call_id": "call-1"}, "p-9")
+        sent.append(
+            (
+                "p-8",
+                c.post(
+                    "/v1/classify",
+                    content=f'{{"policy_id": "toxicity", "prompt": "{MARKER}'.encode(),
+                    headers={"x-request-id": "p-8"},
+                ),
+            )
+        )  # bad JSON
+        post(
+            "/beta/litellm_basic_guardrail_api",
+            {"texts": [f"guard {MARKER}", MARKER], "input_type": "request", "litellm_call_id": "call-1"},
+            "p-9",
+        )
         post("/beta/litellm_basic_guardrail_api", {"texts": [f"answer {MARKER}"], "input_type": "response"}, "p-10")
-        post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": f"chat {MARKER}"}]}, "p-11",
-             **{"x-upstream-answer": f"the answer mentions {MARKER}"})
-        post("/v1/chat/completions", {"model": "m", "stream": True, "messages": [{"role": "user", "content": [{"type": "text", "text": f"parts {MARKER}"}]}]}, "p-12")
+        post(
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": f"chat {MARKER}"}]},
+            "p-11",
+            **{"x-upstream-answer": f"the answer mentions {MARKER}"},
+        )
+        post(
+            "/v1/chat/completions",
+            {
+                "model": "m",
+                "stream": True,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": f"parts {MARKER}"}]}],
+            },
+            "p-12",
+        )
         for i, path in enumerate(("/healthz", "/readyz", "/metrics", "/v1/policies", "/openapi.json")):
             sent.append((f"g-{i}", c.get(path, headers={"x-request-id": f"g-{i}"})))
         sent.append(("", c.post("/admin/reload")))  # no id sent: one is generated
@@ -69,7 +114,11 @@ def send_everything(server: Server) -> list[tuple[str, httpx.Response]]:
 
 
 def access_lines(server: Server) -> list[dict]:
-    return [rec for rec in (json.loads(x) for x in server.log.read_text().splitlines() if x.startswith("{")) if rec.get("logger") == "uniguard.access"]
+    return [
+        rec
+        for rec in (json.loads(x) for x in server.log.read_text().splitlines() if x.startswith("{"))
+        if rec.get("logger") == "uniguard.access"
+    ]
 
 
 def test_no_prompt_in_logs_or_metrics_and_request_ids_everywhere(pair: dict[str, Server]) -> None:
@@ -77,7 +126,13 @@ def test_no_prompt_in_logs_or_metrics_and_request_ids_everywhere(pair: dict[str,
     sent = send_everything(server)
     statuses = {rid: r.status_code for rid, r in sent}
     assert statuses["p-1"] == statuses["p-2"] == statuses["p-3"] == 200
-    assert (statuses["p-4"], statuses["p-5"], statuses["p-6"], statuses["p-7"], statuses["p-8"]) == (413, 422, 404, 422, 422)
+    assert (statuses["p-4"], statuses["p-5"], statuses["p-6"], statuses["p-7"], statuses["p-8"]) == (
+        413,
+        422,
+        404,
+        422,
+        422,
+    )
     assert statuses["p-9"] == statuses["p-10"] == statuses["p-11"] == statuses["p-12"] == 200
     metrics = httpx.get(server.url + "/metrics", headers=AUTH).text
     assert MARKER not in metrics and "inline_x" not in metrics  # inline policies are labelled "inline"

@@ -169,13 +169,13 @@ def test_config_labels_disagreeing_with_the_manifest(copy: Path) -> None:
 
 def test_swapped_config_is_caught_by_its_checksum(copy: Path) -> None:
     _edit_config(copy, hidden_dropout_prob=0.3)
-    with pytest.raises(ModelLoadError, match="config.json: sha256 .* does not match manifest checksums"):
+    with pytest.raises(ModelLoadError, match=r"config\.json: sha256 .* does not match manifest checksums"):
         load_and_validate(copy, threads=1)
 
 
 def test_missing_fingerprinted_file(copy: Path) -> None:
     (copy / "config.json").unlink()
-    with pytest.raises(ModelLoadError, match="config.json is missing"):
+    with pytest.raises(ModelLoadError, match=r"config\.json is missing"):
         load_and_validate(copy, threads=1)
 
 

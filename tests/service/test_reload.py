@@ -17,6 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -45,7 +46,9 @@ TOL = 2e-3  # int8 dynamic quantisation: batch-mates nudge scores by ~1e-4
 @pytest.fixture(scope="module")
 def model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another model: different weights (so another version) and every score near 0.88."""
-    return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-b") / "model", max_length=128, stride=32, seed=1, unsafe_bias=2.0)
+    return build_tiny_model_folder(
+        tmp_path_factory.mktemp("tiny-b") / "model", max_length=128, stride=32, seed=1, unsafe_bias=2.0
+    )
 
 
 def offline_scores(folder: Path) -> tuple[str, dict[str, float]]:
@@ -54,7 +57,9 @@ def offline_scores(folder: Path) -> tuple[str, dict[str, float]]:
     out = {}
     for prompt in PROMPTS:
         w = model.encoder.encode(policy, prompt)
-        probs = model.run(pad_batch(w.input_ids, model.pad_id), pad_batch(w.attention_mask), pad_batch(w.token_type_ids))
+        probs = model.run(
+            pad_batch(w.input_ids, model.pad_id), pad_batch(w.attention_mask), pad_batch(w.token_type_ids)
+        )
         out[prompt] = float(np.max(probs))
     return model.id, out
 
@@ -77,13 +82,22 @@ def broken(src: Path, dst: Path) -> Path:
 def reload_server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[Server, Path]]:
     serving = tmp_path / "serving"
     shutil.copytree(tiny_model_dir, serving)
-    with serve(tmp_path / "server.log", UNIGUARD_MODEL_DIR=str(serving), UNIGUARD_ADMIN_ENABLED="true", UNIGUARD_MAX_WAIT_MS="5") as s:
+    with serve(
+        tmp_path / "server.log",
+        UNIGUARD_MODEL_DIR=str(serving),
+        UNIGUARD_ADMIN_ENABLED="true",
+        UNIGUARD_MAX_WAIT_MS="5",
+    ) as s:
         s.wait("/readyz", 200)
         yield s, serving
 
 
 def test_reloads_under_load_have_no_errors_and_no_mixed_answers(
-    reload_server: tuple[Server, Path], tiny_model_dir: Path, model_b: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    reload_server: tuple[Server, Path],
+    tiny_model_dir: Path,
+    model_b: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     server, serving = reload_server
     id_a, expect_a = offline_scores(tiny_model_dir)
@@ -119,7 +133,9 @@ def test_reloads_under_load_have_no_errors_and_no_mixed_answers(
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             workers = [asyncio.create_task(worker(client, n, stop)) for n in range(8)]
             await asyncio.sleep(0.5)
-            for step, (src, model) in enumerate([(model_b, id_b), (tiny_model_dir, id_a), (model_b, id_b), (tiny_model_dir, id_a)]):
+            for step, (src, model) in enumerate(
+                [(model_b, id_b), (tiny_model_dir, id_a), (model_b, id_b), (tiny_model_dir, id_a)]
+            ):
                 swap_in(src, serving)
                 if step % 2 == 0:
                     r = await client.post("/admin/reload")
@@ -147,12 +163,15 @@ def test_reloads_under_load_have_no_errors_and_no_mixed_answers(
     statuses = Counter(status for status, *_ in results)
     by_model = Counter(model for _, model, *_ in results)
     mixed = [
-        (model, prompt[:30], score) for status, model, prompt, score in results
-        if status == 200 and (model not in expected or abs(score - expected[model][prompt]) > TOL)  # type: ignore[operator]
+        (model, prompt[:30], score)
+        for status, model, prompt, score in results
+        if status == 200 and (model not in expected or score is None or abs(score - expected[model][prompt]) > TOL)
     ]
     with capsys.disabled():
-        print(f"\nreload under load: {len(results)} requests, statuses {dict(statuses)}, by model {dict(by_model)}, "
-              f"reloads {reloads}, mixed answers {len(mixed)}")
+        print(
+            f"\nreload under load: {len(results)} requests, statuses {dict(statuses)}, by model {dict(by_model)}, "
+            f"reloads {reloads}, mixed answers {len(mixed)}"
+        )
     assert statuses == {200: len(results)}, statuses
     assert not mixed, mixed[:5]
     assert by_model[id_a] > 20 and by_model[id_b] > 20
@@ -164,8 +183,10 @@ def test_reloads_under_load_have_no_errors_and_no_mixed_answers(
 
 
 def test_admin_reload_needs_the_key_or_loopback(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with serve(tmp_path / "off.log", UNIGUARD_MODEL_DIR=str(tiny_model_dir)) as off, \
-         serve(tmp_path / "key.log", UNIGUARD_MODEL_DIR=str(tiny_model_dir), UNIGUARD_API_KEY="admin-key-1") as keyed:
+    with (
+        serve(tmp_path / "off.log", UNIGUARD_MODEL_DIR=str(tiny_model_dir)) as off,
+        serve(tmp_path / "key.log", UNIGUARD_MODEL_DIR=str(tiny_model_dir), UNIGUARD_API_KEY="admin-key-1") as keyed,
+    ):
         off.wait("/readyz", 200)
         keyed.wait("/readyz", 200)
         err = assert_error(httpx.post(off.url + "/admin/reload"), 403, "forbidden")
@@ -178,8 +199,8 @@ def test_admin_reload_needs_the_key_or_loopback(tiny_model_dir: Path, tmp_path: 
 # -- in-process: the runtime's guarantees one at a time --------------------------------------
 
 
-def _runtime(folder: Path, **overrides: object) -> Runtime:
-    return Runtime(Settings(model_dir=folder, threads=1, **overrides))  # type: ignore[arg-type]
+def _runtime(folder: Path, **overrides: Any) -> Runtime:
+    return Runtime(Settings(model_dir=folder, threads=1, **overrides))
 
 
 def test_a_request_finishes_on_the_version_it_started_on(tiny_model_dir: Path, model_b: Path) -> None:
@@ -230,7 +251,9 @@ def test_a_failed_reload_keeps_the_old_engine_and_says_why(tiny_model_dir: Path,
         bad_policies = tmp_path / "policies"
         bad_policies.mkdir()
         (bad_policies / "x.yaml").write_text("id: Not An Id\nname: x\ndescription: x\n")
-        runtime.settings = runtime.settings.model_copy(update={"model_dir": tiny_model_dir, "policies_dir": bad_policies})
+        runtime.settings = runtime.settings.model_copy(
+            update={"model_dir": tiny_model_dir, "policies_dir": bad_policies}
+        )
         outcome = await runtime.reload(trigger="test")
         assert not outcome.ok and "x.yaml" in (outcome.reason or "") and runtime.engine is old
         metrics = runtime.metrics.render().decode()
@@ -261,10 +284,14 @@ def test_new_policies_are_served_after_a_reload(tiny_model_dir: Path, tmp_path: 
         app = create_app(Settings(model_dir=tiny_model_dir, policies_dir=policies, threads=1, admin_enabled=True))
         runtime: Runtime = app.state.runtime
         await runtime.load()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 1234)), base_url="http://t") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 1234)), base_url="http://t"
+        ) as c:
             r = await c.post("/v1/classify", json={"policy_id": "no_cats", "prompt": "I love my cat"})
             assert_error(r, 404, "unknown_policy")
-            (policies / "no_cats.yaml").write_text("id: no_cats\nname: No cats\ndescription: Block any prompt about cats.\n")
+            (policies / "no_cats.yaml").write_text(
+                "id: no_cats\nname: No cats\ndescription: Block any prompt about cats.\n"
+            )
             r = await c.post("/admin/reload")
             assert r.status_code == 200 and "no_cats" in r.json()["policies"], r.text
             r = await c.post("/v1/classify", json={"policy_id": "no_cats", "prompt": "I love my cat"})

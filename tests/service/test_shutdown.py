@@ -25,7 +25,9 @@ DRAIN_S = 1.0
 LONG = " ".join(f"word{i}" for i in range(500))  # ~25 windows: keeps the batcher queue busy
 
 
-def test_sigterm_under_load_drops_no_accepted_request(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sigterm_under_load_drops_no_accepted_request(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     log = tmp_path / "server.log"
     outcomes: dict[str, tuple[str, object, float]] = {}  # request id -> (kind, status | exception name, time)
     ready_probe: list[tuple[float, int | str]] = []
@@ -48,7 +50,11 @@ def test_sigterm_under_load_drops_no_accepted_request(tiny_model_dir: Path, tmp_
                     i += 1
                     prompt = LONG if i % 4 == 0 else f"request {rid}: is this fine?"
                     try:
-                        r = await client.post("/v1/classify", json={"policy_id": "toxicity", "prompt": prompt}, headers={"x-request-id": rid})
+                        r = await client.post(
+                            "/v1/classify",
+                            json={"policy_id": "toxicity", "prompt": prompt},
+                            headers={"x-request-id": rid},
+                        )
                         outcomes[rid] = ("response", r.status_code, time.monotonic())
                     except httpx.TransportError as exc:
                         outcomes[rid] = ("error", type(exc).__name__, time.monotonic())
@@ -83,7 +89,11 @@ def test_sigterm_under_load_drops_no_accepted_request(tiny_model_dir: Path, tmp_
         assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
 
     lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
-    accepted = {rec["request_id"]: rec["status"] for rec in lines if rec.get("logger") == "uniguard.access" and rec.get("path") == "/v1/classify"}
+    accepted = {
+        rec["request_id"]: rec["status"]
+        for rec in lines
+        if rec.get("logger") == "uniguard.access" and rec.get("path") == "/v1/classify"
+    }
     dropped = [rid for rid, (kind, _, _) in outcomes.items() if kind == "error" and rid in accepted]
     unanswered = [rid for rid in accepted if rid not in outcomes or outcomes[rid][0] != "response"]
     # 503 not_ready / 429 queue_full are refusals the client can retry elsewhere; anything else is not.
@@ -92,8 +102,11 @@ def test_sigterm_under_load_drops_no_accepted_request(tiny_model_dir: Path, tmp_
     served_after = sum(1 for kind, status, _ in after if kind == "response" and status == 200)
     refused = Counter(status for kind, status, _ in after if kind != "response" or status != 200)
     with capsys.disabled():
-        print(f"\nSIGTERM under load: {len(outcomes)} requests, {len(accepted)} accepted by the app, "
-              f"{served_after} answered 200 after SIGTERM, refused before acceptance {dict(refused)}, dropped {len(dropped)}")
+        print(
+            f"\nSIGTERM under load: {len(outcomes)} requests, {len(accepted)} accepted by the app, "
+            f"{served_after} answered 200 after SIGTERM, refused before acceptance {dict(refused)}, dropped "
+            f"{len(dropped)}"
+        )
     assert not dropped, dropped[:10]
     assert not unanswered, unanswered[:10]
     assert not bad_status, list(bad_status.items())[:10]
@@ -113,7 +126,9 @@ def test_sigterm_under_load_drops_no_accepted_request(tiny_model_dir: Path, tmp_
 
 
 def test_sigint_skips_the_drain(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with serve(tmp_path / "server.log", UNIGUARD_MODEL_DIR=str(tiny_model_dir), UNIGUARD_SHUTDOWN_DRAIN_S="30") as server:
+    with serve(
+        tmp_path / "server.log", UNIGUARD_MODEL_DIR=str(tiny_model_dir), UNIGUARD_SHUTDOWN_DRAIN_S="30"
+    ) as server:
         server.wait("/readyz", 200)
         started = time.monotonic()
         server.proc.send_signal(signal.SIGINT)

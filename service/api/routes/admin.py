@@ -32,7 +32,10 @@ def admin_refusal(settings: Settings, client_host: str | None) -> str | None:
     """Why this client may not use admin endpoints, or None if it may."""
     enabled = settings.admin_enabled if settings.admin_enabled is not None else settings.api_key is not None
     if not enabled:
-        return "admin endpoints are off: set UNIGUARD_API_KEY (the key is then required) or UNIGUARD_ADMIN_ENABLED=true (loopback clients only); SIGHUP also reloads"
+        return (
+            "admin endpoints are off: set UNIGUARD_API_KEY (the key is then required) or "
+            "UNIGUARD_ADMIN_ENABLED=true (loopback clients only); SIGHUP also reloads"
+        )
     if settings.api_key is None and not _is_loopback(client_host):
         return "without UNIGUARD_API_KEY, admin endpoints answer loopback clients only"
     return None

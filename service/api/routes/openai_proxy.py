@@ -218,8 +218,9 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "role": {"type": "string"},
                     "content": {
-                        "description": "For roles in UNIGUARD_GUARD_ROLES: a string, null, or a list of part objects whose "
-                        '{"type": "text"} parts carry a string "text" (422 otherwise). Other roles are forwarded unread.'
+                        "description": "For roles in UNIGUARD_GUARD_ROLES: a string, null, or a list of part "
+                        'objects whose {"type": "text"} parts carry a string "text" (422 otherwise). Other roles '
+                        "are forwarded unread."
                     },
                 },
             },
@@ -333,5 +334,5 @@ async def moderate(
     out = Response(content=content, status_code=resp.status_code)
     # httpx decoded the body: relay every header but the encoding and length (recomputed).
     out.raw_headers = [h for h in out.raw_headers if h[0] == b"content-length"]
-    out.raw_headers += response_headers(resp, drop=["content-encoding"]) + [(ACTION_HEADER.encode(), outcome.encode())]
+    out.raw_headers += [*response_headers(resp, drop=["content-encoding"]), (ACTION_HEADER.encode(), outcome.encode())]
     return out
