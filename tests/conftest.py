@@ -17,7 +17,9 @@ TINY_STRIDE = 32
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """int8 ONNX + tokenizer + manifest, like a shipped model folder."""
-    return build_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model", max_length=TINY_MAX_LENGTH, stride=TINY_STRIDE)
+    return build_tiny_model_folder(
+        tmp_path_factory.mktemp("tiny") / "model", max_length=TINY_MAX_LENGTH, stride=TINY_STRIDE
+    )
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,7 @@ class UpstreamServer:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> "UpstreamServer":
+    def start(self) -> UpstreamServer:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -91,7 +91,7 @@ class UpstreamServer:
             self._server.should_exit = True
             self._thread.join(10)
 
-    def __enter__(self) -> "UpstreamServer":
+    def __enter__(self) -> UpstreamServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -145,10 +145,20 @@ class UpstreamServer:
         except ValueError:
             request = {}
         if status != 200:
-            payload = json.dumps({"error": {"message": "scripted upstream failure", "type": "invalid_request_error", "code": status}}).encode()
-            await send({"type": "http.response.start", "status": status, "headers": [
-                (b"content-type", b"application/json"), (b"retry-after", b"7"), (b"x-upstream-marker", b"kept"),
-            ]})
+            payload = json.dumps(
+                {"error": {"message": "scripted upstream failure", "type": "invalid_request_error", "code": status}}
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"retry-after", b"7"),
+                        (b"x-upstream-marker", b"kept"),
+                    ],
+                }
+            )
             await emit(payload, more=False)
             record.completed = True
             return
@@ -157,16 +167,37 @@ class UpstreamServer:
         answer = record.header("x-upstream-answer") or f"echo: {last if isinstance(last, str) else ''}"
         common = {"id": "chatcmpl-upstream-1", "created": 1700000000, "model": request.get("model", "test-model")}
         if request.get("stream") is True:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-upstream-marker", b"kept"),
-            ]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-upstream-marker", b"kept"),
+                    ],
+                }
+            )
             n = int(record.header("x-upstream-chunks") or 3)
             delay = float(record.header("x-upstream-chunk-delay") or 0)
             break_after = int(record.header("x-upstream-break-after") or -1)
             chunk = {**common, "object": "chat.completion.chunk"}
-            events = [sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})]
-            events += [sse({**chunk, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}) for i in range(n)]
-            events += [sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}), b"data: [DONE]\n\n"]
+            events = [
+                sse(
+                    {
+                        **chunk,
+                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                    }
+                )
+            ]
+            events += [
+                sse({**chunk, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]})
+                for i in range(n)
+            ]
+            events += [
+                sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+                b"data: [DONE]\n\n",
+            ]
             for i, event in enumerate(events):
                 if record.disconnected_at is not None:
                     return
@@ -178,15 +209,24 @@ class UpstreamServer:
             await emit(b"", more=False)
             record.completed = True
             return
-        payload = json.dumps({
-            **common,
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
-            "echo": request,
-        }).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/json"), (b"x-upstream-marker", b"kept"),
-        ]})
+        payload = json.dumps(
+            {
+                **common,
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+                "echo": request,
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"x-upstream-marker", b"kept"),
+                ],
+            }
+        )
         await emit(payload, more=False)
         record.completed = True
