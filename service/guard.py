@@ -13,9 +13,9 @@ same rules:
   they are not about availability. Unknown policies from the *configuration* are the
   operator's mistake and answer 500, not 404.
 
-Nothing here knows about HTTP: routes pass the engine (as ``get_engine``, called inside the
-failure rule so that "no engine" (``not_ready``) fails open like any other unscorable error),
-the metrics and the route name.
+Nothing here knows about HTTP. Routes pass the metrics, the route name and the engine as a
+zero-argument ``get_engine``: it is called inside the failure rule, so a missing engine
+(``not_ready``) fails open like any other unscorable error.
 """
 
 from __future__ import annotations

@@ -100,7 +100,11 @@ def requested_policies(params: dict[str, Any] | None) -> list[str] | None:
     ),
 )
 async def litellm_guardrail(
-    body: LiteLLMGuardrailRequest, request: Request, settings: SettingsDep, engine: EngineSourceDep, metrics: MetricsDep
+    body: LiteLLMGuardrailRequest,
+    request: Request,
+    settings: SettingsDep,
+    get_engine: EngineSourceDep,
+    metrics: MetricsDep,
 ) -> LiteLLMGuardrailResponse:
     """Judge LiteLLM's texts: BLOCKED if any text is unsafe under any policy, else NONE."""
     override = requested_policies(body.additional_provider_specific_params)
@@ -121,7 +125,7 @@ async def litellm_guardrail(
     )
     log_prompt(request, settings, "\n\n".join(texts))
     judgement = await judge(
-        engine,
+        get_engine,
         metrics,
         [GuardText(i, t) for i, t in enumerate(texts)],
         policy_ids,

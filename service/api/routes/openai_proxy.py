@@ -267,7 +267,7 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}},
 )
 async def chat_completions(
-    request: Request, settings: SettingsDep, engine: EngineSourceDep, metrics: MetricsDep
+    request: Request, settings: SettingsDep, get_engine: EngineSourceDep, metrics: MetricsDep
 ) -> Response:
     """Guard an OpenAI chat completion; forward it unchanged when every guarded message is safe."""
     upstream = get_upstream(request)
@@ -286,7 +286,7 @@ async def chat_completions(
     log_prompt(request, settings, "\n\n".join(t.text for t in texts))
 
     judgement = await judge(
-        engine, metrics, texts, settings.guard_policies, route=PATH, from_config=True, fail_open=settings.fail_open
+        get_engine, metrics, texts, settings.guard_policies, route=PATH, from_config=True, fail_open=settings.fail_open
     )
     add_access_log_fields(request, guard=judgement.outcome, unsafe=judgement.unsafe)
     if judgement.unsafe:
@@ -304,13 +304,13 @@ async def chat_completions(
     add_access_log_fields(request, upstream_status=resp.status_code)
     if not (moderating and resp.status_code == 200):
         return ProxiedResponse(resp, [(ACTION_HEADER, judgement.outcome)])
-    return await moderate(request, settings, engine, metrics, upstream, body, resp, judgement)
+    return await moderate(request, settings, get_engine, metrics, upstream, body, resp, judgement)
 
 
 async def moderate(
     request: Request,
     settings: Settings,
-    engine: EngineSource,
+    get_engine: EngineSource,
     metrics: Metrics,
     upstream: Upstream,
     body: dict[str, Any],
@@ -325,7 +325,7 @@ async def moderate(
         answer = None
     policies = settings.output_policies or settings.guard_policies
     judgement = await judge(
-        engine, metrics, answer_texts(answer), policies, route=PATH, from_config=True, fail_open=settings.fail_open
+        get_engine, metrics, answer_texts(answer), policies, route=PATH, from_config=True, fail_open=settings.fail_open
     )
     add_access_log_fields(request, output_guard=judgement.outcome)
     if judgement.unsafe:
