@@ -35,7 +35,7 @@ test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 ## Lint and type-check (pinned tools from the lint extra): ruff's rules and formatting over the
-## tree, mypy --strict on the paths [tool.mypy] files names (service/, bench/, deploy/).
+## tree, mypy on the paths [tool.mypy] files names (strict: service/, bench/, deploy/; and their tests).
 lint: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

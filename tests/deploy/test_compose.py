@@ -108,7 +108,7 @@ def test_grafana_is_provisioned_with_the_dashboard() -> None:
 
 
 def dockerfile_copies(path: Path) -> list[str]:
-    out = []
+    out: list[str] = []
     for line in path.read_text().splitlines():
         m = re.match(r"COPY\s+(?!--from)(\S+(?:\s+\S+)*)\s+\S+$", line.strip())
         if m:

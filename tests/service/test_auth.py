@@ -147,11 +147,11 @@ def test_health_routes_are_open(client: httpx.Client) -> None:
     ],
 )
 def test_routes_need_the_key(client: httpx.Client, method: str, path: str, body: object) -> None:
-    kw = {"json": body} if body is not None else {}
-    assert_error(client.request(method, path, **kw), 401, "unauthorized")
-    assert_error(client.request(method, path, headers={"authorization": "Bearer nope"}, **kw), 401, "unauthorized")
-    assert client.request(method, path, headers=GOOD, **kw).status_code == 200
-    assert client.request(method, path, headers={"x-api-key": KEY}, **kw).status_code == 200
+    # json=None sends no body
+    assert_error(client.request(method, path, json=body), 401, "unauthorized")
+    assert_error(client.request(method, path, headers={"authorization": "Bearer nope"}, json=body), 401, "unauthorized")
+    assert client.request(method, path, headers=GOOD, json=body).status_code == 200
+    assert client.request(method, path, headers={"x-api-key": KEY}, json=body).status_code == 200
 
 
 def test_unknown_paths_need_the_key_too(client: httpx.Client) -> None:
