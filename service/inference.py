@@ -111,17 +111,18 @@ class OnnxModel:
         self.manifest = manifest
         self.session = session
         self.encoder = encoder
-        self.provider = session.get_providers()[0]
+        # onnxruntime ships no types: name what the session gives back.
+        self.provider: str = session.get_providers()[0]
         served = next((f for f in manifest.files if f.provider == self.provider), manifest.files[0])
         self.precision = served.precision
         # IO binding: inputs copied to the device once, logits left there and copied back once.
         self.io_binding = io_binding
         self._device = ("cuda", device_id) if self.provider == CUDA else ("cpu", 0)
-        self.input_names = [i.name for i in session.get_inputs()]
+        self.input_names: list[str] = [i.name for i in session.get_inputs()]
         unknown = [n for n in self.input_names if n not in FEED_NAMES]
         if unknown:
             raise ModelLoadError(f"{folder}: model expects inputs {unknown} that the service cannot feed")
-        self.output_name = next(
+        self.output_name: str = next(
             (o.name for o in session.get_outputs() if o.name == "logits"), session.get_outputs()[0].name
         )
         self.unsafe_label = manifest.unsafe_label
