@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime execution provider: cpu (int8 file), cuda (fp16 file), auto (cuda if available and exported).")
     device_id: int = Field(0, ge=0, description="CUDA device for provider cuda.")
     spinning: bool = Field(False, description="onnxruntime intra-op threads busy-wait between work (off: they leave the CPU to the event loop).")
+    inference_workers: int = Field(
+        1, ge=1, le=64,
+        description="Inference threads taking batches in turn and calling the model concurrently (with threads=T: in effect N sessions x T threads).",
+    )
     max_queue: int = Field(1024, ge=1, description="Most windows waiting; beyond it requests get 429.")
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_prompt_chars: int = Field(100_000, ge=1)

@@ -57,7 +57,7 @@ async def running_engine(model: OnnxModel, policies: dict[str, Policy], **overri
     metrics = Metrics()
     batcher = MicroBatcher(
         model.run, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-        max_queue=settings.max_queue, pad_id=model.pad_id, observer=metrics,
+        max_queue=settings.max_queue, pad_id=model.pad_id, observer=metrics, workers=settings.inference_workers,
     )
     await batcher.start()
     try:
