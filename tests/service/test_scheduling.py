@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.batching import BatcherClosed, MicroBatcher, busy_rate
+from service.config import Settings
 from service.inference import OnnxModel
 from service.policy import EncodedWindows, Policy
+from service.runtime import Runtime
 
 LONG, SHORT = 11, 22  # marker token in column 0: which job a row belongs to
 
@@ -263,5 +266,24 @@ def test_stop_timeout_fails_work_stuck_in_every_worker() -> None:
         for t in b._threads:
             await asyncio.to_thread(t.join, 10)
         assert not any(t.is_alive() for t in b._threads)
+
+    asyncio.run(main())
+
+
+def test_runtime_starts_the_configured_workers(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNIGUARD_INFERENCE_WORKERS", "2")
+    settings = Settings(model_dir=tiny_model_dir, threads=1)
+    assert settings.inference_workers == 2
+
+    async def main() -> None:
+        runtime = Runtime(settings)
+        await runtime.load()
+        engine = runtime.engine
+        assert engine is not None, runtime.load_error
+        assert engine.batcher.workers == 2 and sum(t.is_alive() for t in engine.batcher._threads) == 2
+        results = await asyncio.gather(*(engine.classify(engine.resolve("toxicity"), f"hello {i}") for i in range(8)))
+        assert all(c.verdicts[0].windows == 1 for c in results)
+        await runtime.shutdown()
+        assert not any(t.is_alive() for t in engine.batcher._threads)
 
     asyncio.run(main())
