@@ -29,7 +29,7 @@ from service.policy import EncodedWindows, InstructionTooLong, Policy
 THREADED_TOKENIZE_CHARS = 4096
 
 WARM_UP_POLICY = Policy(id="warm-up", name="warm-up", description="Block nothing; this is a warm-up.")
-# Long enough for two full windows or more: the warm-up batch is the first throughput measurement.
+# Long enough for two full windows and more: the warm-up batch is the first throughput measurement.
 WARM_UP_PROMPT = "Hello, how are you? I am fine, thank you. " * 30
 
 
@@ -255,7 +255,11 @@ class Engine:
         """One real pass through tokenizer, batcher and model before the service says ready;
         its full-length batch is the batcher's first throughput measurement."""
         await asyncio.to_thread(self.model.warm_up)
-        await self.batcher.submit(self.model.encoder.encode(WARM_UP_POLICY, WARM_UP_PROMPT))
+        encoded = self.model.encoder.encode(WARM_UP_POLICY, WARM_UP_PROMPT)
+        n = max(1, min(2, encoded.count - 1, self.batcher.max_queue))  # full-length windows (the last one is shorter)
+        await self.batcher.submit(
+            EncodedWindows(encoded.input_ids[:n], encoded.attention_mask[:n], encoded.token_type_ids[:n])
+        )
 
 
 def _encodable(text: str) -> bool:
