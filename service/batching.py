@@ -7,22 +7,47 @@ probability per window.
 
 How a batch is formed:
 
-* **Continuous batching.** One inference thread takes the next batch the moment the
-  previous one returns, without a trip through the event loop (which may be busy parsing
-  requests and writing responses). While the model is busy, new windows gather in the
-  queue; when it is idle, a window is dispatched at once (``max_wait_ms=0``, the default)
-  or waits up to ``max_wait_ms`` for batch-mates (useful on a GPU, where a batch of 32
+* **Continuous batching.** Inference threads (``workers``, 1 by default) take the next
+  batch the moment their previous one returns, without a trip through the event loop
+  (which may be busy parsing requests and writing responses). With several workers each
+  takes the next batch in turn and they call the model concurrently (onnxruntime's
+  ``InferenceSession.run`` is thread-safe: N workers x T intra-op threads is in effect N
+  sessions of T threads). While the model is busy, new windows gather in the queue; when
+  a worker is idle, a window is dispatched at once (``max_wait_ms=0``, the default) or
+  waits up to ``max_wait_ms`` for batch-mates (useful on a GPU, where a batch of 32
   costs little more than a batch of 1).
+* **Fair scheduling across requests.** Queued work is kept per submission (a job: its
+  windows, oldest first), and a batch is anchored by a *job*'s oldest waiting window, not
+  by the oldest window overall. Before this, one flat queue let the oldest window anchor
+  every batch, so a 100,000-character prompt (~400 windows) ran to its end before
+  anything queued behind it: a "hi" behind it waited out its 10 s deadline. Jobs wait in
+  two orders: *fresh* (never served, in arrival order) and *served* (least recently
+  served first; a job that gets windows into a batch moves to the back). A fresh job
+  anchors the next batch, so a new short request waits for the batch in flight and runs
+  in the next one, whatever else is queued; but when the last batch was anchored by a
+  fresh job and left out the head of the served jobs, that head anchors this one, so a
+  long job gets at least every other batch under a stream of new requests and no job
+  starves.
 * **Bounds.** At most ``max_batch_size`` windows and ``max_batch_tokens`` padded tokens
   (rows x longest row) per call; one window longer than the token bound still runs alone.
-* **Length bucketing.** The oldest waiting window always goes into the next batch (so no
-  window starves); its batch-mates are the waiting windows closest to it in length, none
-  padded by more than ``max_padding`` of the longest row. On CPU a padded token costs as
-  much as a real one, so short and long windows run in separate calls; on a GPU, where
-  width is nearly free, a higher ``max_padding`` packs fuller batches.
+* **Length bucketing.** The anchor's batch-mates are the candidate windows closest to it
+  in length, none padded by more than ``max_padding`` of the longest row. Candidates are
+  taken round-robin over the jobs in scheduling order (the first waiting window of each
+  job, then the second of each, ...), so equally good mates are shared between jobs. On
+  CPU a padded token costs as much as a real one, so short and long windows run in
+  separate calls; on a GPU, where width is nearly free, a higher ``max_padding`` packs
+  fuller batches.
+* **Bounded work.** Forming a batch looks at ``SCAN_FACTOR x max_batch_size`` candidate
+  windows at most (and as many jobs), however long the queue: it stays O(batch) under
+  overload. Jobs live in two ordered dicts (move-to-back and removal in O(1)), their
+  windows in a deque each.
 * **Back-pressure.** The queue holds at most ``max_queue`` windows; ``submit`` raises
   ``QueueFull`` at once beyond that. A caller that gives up (deadline, disconnect) cancels
   its wait and its windows that have not run yet are dropped.
+* **Throughput.** ``throughput`` is the padded tokens per second of busy model time over
+  the last ``RATE_BATCHES`` batches (overlapping calls of several workers counted once),
+  and ``work_ahead`` what the fair schedule runs before a new job finishes: the engine's
+  admission budget (``service.engine``) is built from the two.
 
 Results go back to the event loop with ``call_soon_threadsafe``; every asyncio future is
 touched on the loop only.
@@ -35,7 +60,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,9 +73,11 @@ log = logging.getLogger("uniguard.batching")
 
 RunFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
-# Bucketing looks at the oldest windows only (this many per batch slot): it bounds the
-# work of forming a batch under overload and how far a window can be overtaken.
+# Batch forming looks at this many candidate windows per batch slot at most: it bounds the
+# work of forming a batch under overload and how far length bucketing reaches.
 SCAN_FACTOR = 8
+# The throughput estimate covers this many recent batches.
+RATE_BATCHES = 64
 
 
 class QueueFull(Exception):
@@ -64,7 +91,7 @@ class BatcherClosed(Exception):
 class BatchObserver(Protocol):
     """Where the batcher reports timings (``service.metrics.Metrics`` implements it).
 
-    Called from the inference thread: implementations must be thread-safe (prometheus
+    Called from the inference threads: implementations must be thread-safe (prometheus
     client metrics are).
     """
 
@@ -73,6 +100,8 @@ class BatchObserver(Protocol):
     def observe_batch(self, size: int, tokens: int, inference_s: float, padded_tokens: int | None = None) -> None: ...
 
     def observe_queue_depth(self, depth: int) -> None: ...
+
+    def observe_throughput(self, tokens_per_s: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -99,53 +128,68 @@ class BatchRecord:
 class _Job:
     """One submission; its windows may be spread over several batches."""
 
-    __slots__ = ("windows", "future", "enqueued", "n", "unscheduled", "closed", "done", "probs", "queue_s", "inference_s", "batches")
+    __slots__ = (
+        "batches",
+        "closed",
+        "done",
+        "enqueued",
+        "future",
+        "inference_s",
+        "key",
+        "n",
+        "pending",
+        "pending_tokens",
+        "probs",
+        "queue_s",
+        "windows",
+    )
 
-    def __init__(self, windows: EncodedWindows, future: asyncio.Future[BatchResult]) -> None:
+    def __init__(self, windows: EncodedWindows, future: asyncio.Future[BatchResult], key: int = 0) -> None:
         self.windows = windows
         self.future = future
         self.enqueued = time.perf_counter()
         self.n = windows.count
-        self.unscheduled = self.n  # windows not yet taken into a batch (guarded by the lock)
+        self.key = key  # its entry in the batcher's job order
+        self.pending: deque[_Window] = deque()  # windows not yet taken, oldest first (guarded by the lock)
+        self.pending_tokens = 0  # their tokens (guarded by the lock)
         self.closed = False  # caller gone or failed: skip its windows (guarded by the lock)
         self.done = 0  # windows with a probability (event loop only)
         self.probs = np.empty(self.n, dtype=np.float32)
-        self.queue_s: float | None = None  # set by the inference thread at the first batch
+        self.queue_s: float | None = None  # set by an inference thread at the first batch
         self.inference_s = 0.0  # event loop only
         self.batches: set[int] = set()  # batch ids already counted in inference_s (event loop only)
 
 
 class _Window:
-    __slots__ = ("job", "index", "length", "seq")
+    __slots__ = ("index", "job", "length", "seq")
 
     def __init__(self, job: _Job, index: int, length: int, seq: int) -> None:
         self.job, self.index, self.length, self.seq = job, index, length, seq
 
 
 def select_batch(live: list[_Window], max_size: int, max_tokens: int, max_padding: float) -> list[_Window]:
-    """The windows of the next batch; ``live`` is in arrival order and not empty.
+    """The windows of the next batch; ``live`` is in scheduling order and not empty.
 
-    The oldest window anchors the batch. Its mates are taken among the windows sorted by
+    The first window anchors the batch. Its mates are taken among the windows sorted by
     length, growing the range around the anchor by whichever neighbour adds the least
-    padding, while the batch stays within ``max_size`` rows and ``max_tokens`` padded
-    tokens and no row is padded by more than ``max_padding`` of the longest row (a length
-    bucket around the anchor).
+    padding (on a tie, the one earlier in ``live``), while the batch stays within
+    ``max_size`` rows and ``max_tokens`` padded tokens and no row is padded by more than
+    ``max_padding`` of the longest row (a length bucket around the anchor).
     """
-    anchor = live[0]
-    order = sorted(live, key=lambda w: (w.length, w.seq))
-    lo = hi = next(i for i, w in enumerate(order) if w is anchor)
-    longest = anchor.length
+    order = sorted(range(len(live)), key=lambda i: (live[i].length, i))
+    lo = hi = order.index(0)
+    longest = live[0].length
     count = 1
     while count < max_size:
-        best: tuple[int, int, int] | None = None  # (added padded tokens, seq, side)
+        best: tuple[int, int, int] | None = None  # (added padded tokens, rank, side)
         if lo > 0:
-            w = order[lo - 1]
+            w = live[order[lo - 1]]
             if (count + 1) * longest <= max_tokens and w.length >= (1.0 - max_padding) * longest:
-                best = (longest - w.length, w.seq, -1)
+                best = (longest - w.length, order[lo - 1], -1)
         if hi + 1 < len(order):
-            w = order[hi + 1]
-            if (count + 1) * w.length <= max_tokens and order[lo].length >= (1.0 - max_padding) * w.length:
-                cand = ((w.length - longest) * count, w.seq, 1)
+            w = live[order[hi + 1]]
+            if (count + 1) * w.length <= max_tokens and live[order[lo]].length >= (1.0 - max_padding) * w.length:
+                cand = ((w.length - longest) * count, order[hi + 1], 1)
                 if best is None or cand[:2] < best[:2]:
                     best = cand
         if best is None:
@@ -154,13 +198,32 @@ def select_batch(live: list[_Window], max_size: int, max_tokens: int, max_paddin
             lo -= 1
         else:
             hi += 1
-            longest = order[hi].length
+            longest = live[order[hi]].length
         count += 1
-    return order[lo : hi + 1]
+    return [live[i] for i in order[lo : hi + 1]]
+
+
+def busy_rate(spans: list[tuple[float, float, int]]) -> float | None:
+    """Tokens per second of busy time: ``spans`` are (start, end, tokens) of model calls;
+    time covered by several overlapping calls (several workers) counts once."""
+    if not spans:
+        return None
+    spans = sorted(spans)
+    busy = 0.0
+    cur_start, cur_end = spans[0][0], spans[0][1]
+    for start, end, _ in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    tokens = sum(s[2] for s in spans)
+    return tokens / busy if busy > 0 else None
 
 
 class MicroBatcher:
-    """Bounded queue of windows drained by one inference thread into padded batches."""
+    """Per-request queues of windows drained fairly by inference threads into padded batches."""
 
     def __init__(
         self,
@@ -174,6 +237,7 @@ class MicroBatcher:
         pad_id: int = 0,
         observer: BatchObserver | None = None,
         history: int = 1024,
+        workers: int = 1,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
@@ -181,6 +245,8 @@ class MicroBatcher:
             raise ValueError("max_batch_tokens must be at least 1")
         if not 0.0 <= max_padding <= 1.0:
             raise ValueError("max_padding must be between 0 and 1")
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
         self._run_fn = run
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None else 1 << 62
@@ -188,17 +254,27 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.max_padding = max_padding
         self.pad_id = pad_id
+        self.workers = workers
         self._observer = observer
         self.history: deque[BatchRecord] = deque(maxlen=history)  # recent batches, for tests and debugging
         self._cond = threading.Condition(threading.Lock())
-        self._queue: deque[_Window] = deque()  # arrival order; windows of closed jobs are skipped
+        # Jobs with windows waiting (guarded by the lock): never served yet, in arrival order;
+        # served already, least recently served first.
+        self._fresh: OrderedDict[int, _Job] = OrderedDict()
+        self._served: OrderedDict[int, _Job] = OrderedDict()
+        self._passed_over = False  # the last batch was anchored by a fresh job and left out the served head
         self._depth = 0  # live windows waiting (guarded by the lock)
+        self._queued_tokens = 0  # their tokens (guarded by the lock)
+        self._job_keys = itertools.count()
         self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self._inflight: list[_Job] = []
+        self._inflight: dict[int, tuple[list[_Job], int]] = {}  # batch id -> (its jobs, padded tokens); lock
         self._batch_ids = itertools.count()
+        self._rate_lock = threading.Lock()
+        self._spans: deque[tuple[float, float, int]] = deque(maxlen=RATE_BATCHES)
+        self._rate: float | None = None
 
     @property
     def depth(self) -> int:
@@ -207,30 +283,57 @@ class MicroBatcher:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closing
+        return bool(self._threads) and any(t.is_alive() for t in self._threads) and not self._closing
+
+    @property
+    def throughput(self) -> float | None:
+        """Padded tokens the model computed per second of busy time over the last
+        ``RATE_BATCHES`` batches; None before the first batch."""
+        return self._rate
+
+    def work_ahead(self, tokens: int) -> int:
+        """Tokens the fair schedule runs before a new job of ``tokens`` tokens is done: each
+        queued job's remaining tokens up to ``tokens`` (round-robin shares the model), plus
+        the batches in flight."""
+        with self._cond:
+            ahead = sum(t for _, t in self._inflight.values())
+            if self._queued_tokens <= tokens:  # no queued job is longer than this one
+                return ahead + self._queued_tokens
+            jobs = itertools.chain(self._fresh.values(), self._served.values())
+            return ahead + sum(min(job.pending_tokens, tokens) for job in jobs)
 
     async def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             raise RuntimeError("batcher already started")
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._worker, name="uniguard-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"uniguard-batcher-{i}", daemon=True)
+            for i in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Refuse new work, finish what is queued (up to ``timeout``), then fail the rest."""
-        if self._thread is None or self._closing:
+        if not self._threads or self._closing:
             return
         with self._cond:
-            self._closing = True  # the worker no longer waits out max_wait; it drains and exits
+            self._closing = True  # workers no longer wait out max_wait; they drain and exit
             self._cond.notify_all()
-        await asyncio.to_thread(self._thread.join, timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
         with self._cond:
-            leftover = [w.job for w in self._queue] + list(self._inflight)
-            self._queue.clear()
-            self._inflight = []
+            leftover = [*self._fresh.values(), *self._served.values()]
+            leftover += [job for jobs, _ in self._inflight.values() for job in jobs]
+            self._fresh.clear()
+            self._served.clear()
+            self._inflight.clear()
             for job in leftover:
                 job.closed = True
-                job.unscheduled = 0
+                job.pending.clear()
+                job.pending_tokens = 0
+            self._queued_tokens = 0
             self._set_depth(0)
         for job in leftover:
             if not job.future.done():
@@ -244,12 +347,15 @@ class MicroBatcher:
             return BatchResult(np.empty(0, dtype=np.float32), 0.0, 0.0)
         assert self._loop is not None
         future: asyncio.Future[BatchResult] = self._loop.create_future()
-        job = _Job(windows, future)
+        job = _Job(windows, future, next(self._job_keys))
         with self._cond:
             if self._depth + job.n > self.max_queue:
                 raise QueueFull(f"queue holds {self._depth} of {self.max_queue} windows; {job.n} more do not fit")
             for i, ids in enumerate(windows.input_ids):
-                self._queue.append(_Window(job, i, len(ids), next(self._seq)))
+                job.pending.append(_Window(job, i, len(ids), next(self._seq)))
+            job.pending_tokens = windows.tokens
+            self._fresh[job.key] = job
+            self._queued_tokens += job.pending_tokens
             self._set_depth(self._depth + job.n)
             self._cond.notify()
         future.add_done_callback(lambda _: self._close(job))
@@ -266,44 +372,60 @@ class MicroBatcher:
         """Forget the windows of a finished job (answered, cancelled or failed) not yet taken."""
         with self._cond:
             job.closed = True
-            if job.unscheduled:
-                self._set_depth(self._depth - job.unscheduled)
-                job.unscheduled = 0
+            if self._fresh.pop(job.key, None) is not None or self._served.pop(job.key, None) is not None or job.pending:
+                self._queued_tokens -= job.pending_tokens
+                self._set_depth(self._depth - len(job.pending))
+                job.pending.clear()
+                job.pending_tokens = 0
 
-    # -- inference thread --------------------------------------------------------------
+    # -- inference threads -------------------------------------------------------------
 
-    def _prune(self) -> None:  # lock held
-        while self._queue and self._queue[0].job.closed:
-            self._queue.popleft()
+    def _waiting(self) -> bool:  # lock held
+        return bool(self._fresh or self._served)
 
-    def _wait_for_work(self) -> bool:  # lock held; False: closing and nothing left
-        while True:
-            self._prune()
-            if self._queue:
-                break
+    def _wait_for_work(self) -> bool:  # lock held; False: nothing to take (closing, or it went away)
+        while not self._waiting():
             if self._closing:
                 return False
             self._cond.wait()
         if self.max_wait_s > 0:
-            deadline = self._queue[0].job.enqueued + self.max_wait_s
-            while self._depth < self.max_batch_size and not self._closing:
+            heads = [next(iter(d.values())) for d in (self._fresh, self._served) if d]
+            deadline = min(job.enqueued for job in heads) + self.max_wait_s
+            while self._depth < self.max_batch_size and not self._closing and self._waiting():
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            self._prune()
-        return True
+        return self._waiting()
 
-    def _take(self) -> list[_Window]:  # lock held
+    def _candidates(self, fresh_first: bool) -> list[_Window]:  # lock held
+        """Waiting windows in scheduling order: round-robin over the first jobs (the first
+        window of each, then the second of each, ...), at most SCAN_FACTOR x max_batch_size."""
         limit = SCAN_FACTOR * self.max_batch_size
+        first, second = (self._fresh, self._served) if fresh_first else (self._served, self._fresh)
+        jobs = itertools.islice(itertools.chain(first.values(), second.values()), limit)
+        iters = [iter(job.pending) for job in jobs]
         live: list[_Window] = []
-        for w in self._queue:
-            if not w.job.closed:
-                live.append(w)
-                if len(live) >= limit:
-                    break
+        while iters and len(live) < limit:
+            still = []
+            for it in iters:
+                w = next(it, None)
+                if w is not None:
+                    live.append(w)
+                    still.append(it)
+                    if len(live) >= limit:
+                        break
+            iters = still
+        return live
+
+    def _take(self) -> tuple[int, list[_Window]]:  # lock held
+        # Fresh jobs anchor first (a new short request waits for one batch at most), but a
+        # served job anchors at least every other batch (a long one keeps going).
+        fresh_first = bool(self._fresh) and not (self._passed_over and self._served)
+        served_head = next(iter(self._served)) if self._served else None
+        live = self._candidates(fresh_first)
         if not live:
-            return []
+            return -1, []
         longest = max(w.length for w in live)
         if (
             len(live) <= self.max_batch_size
@@ -314,33 +436,56 @@ class MicroBatcher:
         else:
             chosen = select_batch(live, self.max_batch_size, self.max_batch_tokens, self.max_padding)
         taken = {id(w) for w in chosen}
-        self._queue = deque(w for w in self._queue if id(w) not in taken and not w.job.closed)
-        started = time.perf_counter()
-        for w in chosen:
+        scanned: dict[int, int] = {}  # job key -> its windows among the candidates (a prefix of its deque)
+        served: dict[int, _Job] = {}  # jobs with windows in this batch, in scheduling order
+        for w in live:
             job = w.job
-            job.unscheduled -= 1
+            scanned[job.key] = scanned.get(job.key, 0) + 1
+            if id(w) in taken:
+                served.setdefault(job.key, job)
+        started = time.perf_counter()
+        tokens = 0
+        for job in served.values():
+            head = [job.pending.popleft() for _ in range(scanned[job.key])]
+            kept = [w for w in head if id(w) not in taken]
+            job.pending.extendleft(reversed(kept))  # oldest first still
+            for w in head:
+                if id(w) in taken:
+                    job.pending_tokens -= w.length
+                    tokens += w.length
+            self._fresh.pop(job.key, None)
+            self._served.pop(job.key, None)
+            if job.pending:
+                self._served[job.key] = job  # served: behind every job waiting for its turn
             if job.queue_s is None:
                 job.queue_s = started - job.enqueued
                 if self._observer is not None:
                     self._observer.observe_queue_time(job.queue_s)
+        self._queued_tokens -= tokens
         self._set_depth(self._depth - len(chosen))
-        self._inflight = list({id(w.job): w.job for w in chosen}.values())
-        return chosen
+        batch_id = next(self._batch_ids)
+        self._inflight[batch_id] = (list(served.values()), len(chosen) * max(w.length for w in chosen))
+        self._passed_over = fresh_first and served_head is not None and served_head not in served
+        if self._waiting():
+            self._cond.notify()  # more work: an idle worker may take the next batch now
+        return batch_id, chosen
 
     def _worker(self) -> None:
         while True:
             with self._cond:
                 if not self._wait_for_work():
-                    return
-                batch = self._take()
+                    if self._closing and not self._waiting():
+                        return
+                    continue
+                batch_id, batch = self._take()
             if batch:
                 try:
-                    self._run_batch(batch)
+                    self._run_batch(batch_id, batch)
                 except Exception:  # a bug here must not silently stop all inference
                     log.exception("batcher worker error")
-                    self._deliver_error(batch, RuntimeError("internal batching error"))
+                    self._deliver_error(batch_id, batch, RuntimeError("internal batching error"))
 
-    def _run_batch(self, batch: list[_Window]) -> None:
+    def _run_batch(self, batch_id: int, batch: list[_Window]) -> None:
         size = len(batch)
         longest = max(w.length for w in batch)
         ids = np.full((size, longest), self.pad_id, dtype=np.int64)
@@ -358,28 +503,34 @@ class MicroBatcher:
             probs = np.asarray(self._run_fn(ids, mask, types), dtype=np.float32).reshape(-1)
             if probs.shape[0] != size:
                 raise RuntimeError(f"model returned {probs.shape[0]} probabilities for {size} windows")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any model failure fails this batch's callers only
             log.error("batch of %d windows failed: %s", size, exc)
-            self._deliver_error(batch, exc)
+            self._deliver_error(batch_id, batch, exc)
             return
-        elapsed = time.perf_counter() - started
+        ended = time.perf_counter()
+        elapsed = ended - started
         record = BatchRecord(size, tokens, elapsed, size * longest)
         self.history.append(record)
+        with self._rate_lock:
+            self._spans.append((started, ended, size * longest))
+            rate = self._rate = busy_rate(list(self._spans))
         if self._observer is not None:
             self._observer.observe_batch(size, tokens, elapsed, size * longest)
-        self._post(self._deliver, batch, probs, elapsed, next(self._batch_ids))
+            if rate is not None:
+                self._observer.observe_throughput(rate)
+        self._post(batch_id, self._deliver, batch, probs, elapsed, batch_id)
 
-    def _post(self, fn: Callable[..., None], *args: object) -> None:
+    def _post(self, batch_id: int, fn: Callable[..., None], *args: object) -> None:
         with self._cond:
-            self._inflight = []
+            self._inflight.pop(batch_id, None)
         assert self._loop is not None
         try:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
-    def _deliver_error(self, batch: list[_Window], exc: Exception) -> None:
-        self._post(self._fail, batch, exc)
+    def _deliver_error(self, batch_id: int, batch: list[_Window], exc: Exception) -> None:
+        self._post(batch_id, self._fail, batch, exc)
 
     # -- event loop --------------------------------------------------------------------
 

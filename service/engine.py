@@ -34,6 +34,8 @@ Verdict = Literal["safe", "unsafe"]
 ThresholdSource = Literal["config", "manifest", "default"]
 
 WARM_UP_POLICY = Policy(id="warm-up", name="warm-up", description="Block nothing; this is a warm-up.")
+# Long enough for two full windows and more: the warm-up batch is the first throughput measurement.
+WARM_UP_PROMPT = "Hello, how are you? I am fine, thank you. " * 30
 
 
 @dataclass(frozen=True)
@@ -131,17 +133,25 @@ class Engine:
     def _check_count(self, n: int) -> None:
         limit = self.settings.max_policies_per_request
         if n > limit:
-            raise ApiError(ErrorCode.too_many_policies, f"{n} policies in one request; at most {limit}", {"count": n, "max": limit})
+            raise ApiError(
+                ErrorCode.too_many_policies, f"{n} policies in one request; at most {limit}", {"count": n, "max": limit}
+            )
 
     def check_prompt(self, prompt: str) -> None:
         if not prompt.replace("\ufeff", "").strip():  # byte-order marks count as blank too
             raise ApiError(ErrorCode.empty_prompt, "prompt is empty")
         if not _encodable(prompt):
             # JSON can escape lone UTF-16 surrogates ("\ud800"); no tokenizer can read them.
-            raise ApiError(ErrorCode.invalid_request, "prompt is not valid Unicode (it contains a lone UTF-16 surrogate)")
+            raise ApiError(
+                ErrorCode.invalid_request, "prompt is not valid Unicode (it contains a lone UTF-16 surrogate)"
+            )
         limit = self.settings.max_prompt_chars
         if len(prompt) > limit:
-            raise ApiError(ErrorCode.prompt_too_long, f"prompt has {len(prompt)} characters; at most {limit}", {"chars": len(prompt), "max": limit})
+            raise ApiError(
+                ErrorCode.prompt_too_long,
+                f"prompt has {len(prompt)} characters; at most {limit}",
+                {"chars": len(prompt), "max": limit},
+            )
 
     def _encode_all(self, policies: Sequence[Policy], prompt: str) -> list[EncodedWindows]:
         out = []
@@ -164,8 +174,9 @@ class Engine:
     async def classify(self, policies: Sequence[Policy], prompt: str, *, inline: bool = False) -> Classification:
         """Verdict of ``prompt`` under each policy; ``inline`` marks request-supplied policies.
 
-        Raises ApiError: empty_prompt, prompt_too_long, too_many_policies, policy_too_long,
-        queue_full, not_ready (stopping), deadline_exceeded.
+        Raises ApiError: empty_prompt, prompt_too_long (also over the window budget),
+        too_many_policies, policy_too_long, queue_full (also: would miss its deadline behind the
+        queue), not_ready (stopping), deadline_exceeded.
         """
         started = time.perf_counter()
         self.check_prompt(prompt)
@@ -173,7 +184,10 @@ class Engine:
             raise ApiError(ErrorCode.invalid_request, "no policy given")
         for policy in policies:
             if not _encodable(policy.description):
-                raise ApiError(ErrorCode.invalid_request, f"policy {policy.id!r}: description is not valid Unicode (lone UTF-16 surrogate)")
+                raise ApiError(
+                    ErrorCode.invalid_request,
+                    f"policy {policy.id!r}: description is not valid Unicode (lone UTF-16 surrogate)",
+                )
         self._check_count(len(policies))
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
@@ -185,9 +199,14 @@ class Engine:
                         f"prompt needs {sum(counts)} model windows; the service queues at most {self.batcher.max_queue}",
                         {"windows": sum(counts), "max": self.batcher.max_queue},
                     )
-                result = await self.batcher.submit(_concat(encoded))
+                windows = _concat(encoded)
+                # No await between the budget check and submit: what it counted is what is queued.
+                self.check_budget(windows, self.settings.request_timeout_s - (time.perf_counter() - started))
+                result = await self.batcher.submit(windows)
         except TimeoutError as exc:
-            raise ApiError(ErrorCode.deadline_exceeded, f"not answered within {self.settings.request_timeout_s} s") from exc
+            raise ApiError(
+                ErrorCode.deadline_exceeded, f"not answered within {self.settings.request_timeout_s} s"
+            ) from exc
         except QueueFull as exc:
             raise ApiError(ErrorCode.queue_full, "server is overloaded; retry shortly", {"reason": str(exc)}) from exc
         except BatcherClosed as exc:
@@ -197,7 +216,9 @@ class Engine:
         offset = 0
         for policy, n in zip(policies, counts, strict=True):
             # Calibration is increasing, so the most unsafe window stays the most unsafe.
-            score = float(apply_calibration(self.model.manifest.calibration, np.max(result.probabilities[offset : offset + n])))
+            score = float(
+                apply_calibration(self.model.manifest.calibration, np.max(result.probabilities[offset : offset + n]))
+            )
             offset += n
             threshold, trained = self.threshold(policy)
             verdicts.append(PolicyVerdict(policy.id, score >= threshold, score, threshold, n, trained))
@@ -210,10 +231,55 @@ class Engine:
         timings = Timings(result.queue_s * 1e3, tokenize_s * 1e3, result.inference_s * 1e3, total_s * 1e3)
         return Classification(tuple(verdicts), self.model_id, timings)
 
+    def check_budget(self, windows: EncodedWindows, remaining_s: float) -> None:
+        """Refuse at admission what cannot be scored before its deadline (README, "Limits").
+
+        budget = max(min_window_budget x max_length, remaining_s x throughput x window_budget_factor)
+        tokens, where throughput is the batcher's measured padded tokens per second of model
+        time (first measured on the warm-up batch). A request whose own tokens exceed it can
+        never be scored in time: 413 prompt_too_long, ``details.limit = "window_budget"``. One
+        that fits alone but not behind the work the fair schedule runs before it finishes
+        (``MicroBatcher.work_ahead``): 429 queue_full, ``details.reason = "window_budget"``.
+        """
+        factor = self.settings.window_budget_factor
+        rate = self.batcher.throughput
+        if factor <= 0 or rate is None:
+            return
+        max_length = self.model.manifest.max_length
+        budget = max(float(self.settings.min_window_budget * max_length), max(remaining_s, 0.0) * rate * factor)
+        tokens = windows.tokens
+        details = {
+            "windows": windows.count,
+            "budget": int(budget // max_length),  # in full-length windows
+            "tokens": tokens,
+            "budget_tokens": int(budget),
+            "throughput_tokens_per_s": round(rate, 1),
+            "deadline_s": self.settings.request_timeout_s,
+        }
+        if tokens > budget:
+            raise ApiError(
+                ErrorCode.prompt_too_long,
+                f"prompt needs {windows.count} model windows ({tokens} tokens); at the measured throughput the model scores "
+                f"about {details['budget']} full windows within the {self.settings.request_timeout_s} s deadline",
+                {"limit": "window_budget", **details},
+            )
+        ahead = self.batcher.work_ahead(tokens)
+        if tokens + ahead > budget:
+            raise ApiError(
+                ErrorCode.queue_full,
+                "server is overloaded: this request would not be scored within its deadline behind the queued work; retry shortly",
+                {"reason": "window_budget", "ahead_tokens": ahead, **details},
+            )
+
     async def warm_up(self) -> None:
-        """One real pass through tokenizer, batcher and model before the service says ready."""
+        """One real pass through tokenizer, batcher and model before the service says ready;
+        its full-length batch is the batcher's first throughput measurement."""
         await asyncio.to_thread(self.model.warm_up)
-        await self.batcher.submit(self.model.encoder.encode(WARM_UP_POLICY, "Hello, how are you?"))
+        encoded = self.model.encoder.encode(WARM_UP_POLICY, WARM_UP_PROMPT)
+        n = max(1, min(2, encoded.count - 1, self.batcher.max_queue))  # full-length windows (the last one is shorter)
+        await self.batcher.submit(
+            EncodedWindows(encoded.input_ids[:n], encoded.attention_mask[:n], encoded.token_type_ids[:n])
+        )
 
 
 def _encodable(text: str) -> bool:

@@ -100,6 +100,11 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("uniguard_queue_depth", "Windows waiting for a batch.", registry=r)
+        self.throughput = Gauge(
+            "uniguard_model_throughput_tokens_per_second",
+            "Padded tokens per second of busy model time over recent batches (the admission budget's estimate).",
+            registry=r,
+        )
         self.rejected = Counter(
             "uniguard_rejected_total", "Requests refused to shed load, by reason.", ["reason"], registry=r
         )
@@ -159,6 +164,9 @@ class Metrics:
 
     def observe_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def observe_throughput(self, tokens_per_s: float) -> None:
+        self.throughput.set(tokens_per_s)
 
     # -- errors ------------------------------------------------------------------------
 

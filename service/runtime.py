@@ -173,6 +173,7 @@ class Runtime:
             max_queue=s.max_queue,
             pad_id=model.pad_id,
             observer=self.metrics,
+            workers=s.inference_workers,
         )
         await batcher.start()
         try:

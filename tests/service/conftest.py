@@ -63,6 +63,7 @@ async def running_engine(model: OnnxModel, policies: dict[str, Policy], **overri
         max_queue=settings.max_queue,
         pad_id=model.pad_id,
         observer=metrics,
+        workers=settings.inference_workers,
     )
     await batcher.start()
     try:

@@ -62,7 +62,18 @@ def mixed_submissions(model: OnnxModel, policies: dict[str, Policy]) -> list[Enc
     tax_question = "How do I file my taxes as a freelancer in Germany this year? " * 2
     mid = [model.encoder.encode(policies["tax_advice"], tax_question) for _ in range(4)]
     subs = [
-        short[0], longs[0], mid[0], short[1], mid[1], short[2], longs[1], short[3], mid[2], short[4], mid[3], short[5]
+        short[0],
+        longs[0],
+        mid[0],
+        short[1],
+        mid[1],
+        short[2],
+        longs[1],
+        short[3],
+        mid[2],
+        short[4],
+        mid[3],
+        short[5],
     ]
     assert any(s.count > 2 for s in subs)  # multi-window jobs are in the mix
     return subs
