@@ -14,10 +14,10 @@ from service.manifest import read_manifest, sha256_file
 from service.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
 from service.validation import load_and_validate
 from tests.tiny import build_tiny_model_folder
-from training.calibration import (
-    ThresholdTarget, calibrate_model_dir, choose_thresholds_for, ece, fit_calibration, fit_temperature, max_fpr_threshold,
-)
-from training.data import Example
+from training.data.rows import Example, read_examples
+from training.eval.thresholds import ThresholdTarget, choose_thresholds, max_fpr_threshold
+from training.release.calibrate import ece, fit_calibration, fit_temperature
+from training.release.finalize import finalize
 
 
 def synthetic(n: int = 4000, overconfidence: float = 3.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,10 +68,10 @@ def test_max_fpr_threshold_keeps_the_false_positive_rate() -> None:
     assert max_fpr_threshold(np.ones(5), np.linspace(0, 1, 5), 0.1) == 0.5  # no safe rows: default
 
 
-def test_choose_thresholds_for_weights_sources_per_policy() -> None:
+def test_choose_thresholds_weights_sources_per_policy() -> None:
     rows = [Example(text=str(i), label=i % 2, policy_id="p" if i < 100 else "q", source="a" if i % 3 else "b") for i in range(200)]
     scores = np.linspace(0, 1, 200)
-    out = choose_thresholds_for(rows, scores, ThresholdTarget("max_fpr", 0.1))
+    out = choose_thresholds(rows, scores, ThresholdTarget("max_fpr", 0.1))
     assert set(out) == {"p", "q"} and all(0 < t < 1 for t in out.values())
 
 
@@ -105,7 +105,9 @@ def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tm
     validation.write_text("\n".join(rows) + "\n")
     onnx_sha = sha256_file(varied_model / "model.onnx")
 
-    summary = calibrate_model_dir(varied_model, validation, target=ThresholdTarget("max_fpr", 0.2), threads=1)
+    policies = load_policies(DEFAULT_POLICIES_DIR)
+    summary = finalize(varied_model, varied_model, read_examples(validation), policies,
+                       target=ThresholdTarget("max_fpr", 0.2), threads=1).summary()
     assert summary["rows"] == 120 and summary["temperature"] > 0
     manifest = read_manifest(varied_model)
     assert manifest.calibration is not None and manifest.calibration.temperature == pytest.approx(summary["temperature"], rel=1e-3)
@@ -119,5 +121,6 @@ def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tm
     load_and_validate(varied_model, threads=1)  # the service still takes it
 
     # Idempotent: raw scores never include the calibration.
-    again = calibrate_model_dir(varied_model, validation, target=ThresholdTarget("max_fpr", 0.2), threads=1)
+    again = finalize(varied_model, varied_model, read_examples(validation), policies,
+                     target=ThresholdTarget("max_fpr", 0.2), threads=1).summary()
     assert again["temperature"] == pytest.approx(summary["temperature"], rel=1e-3)

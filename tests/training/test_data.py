@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from training.data import Budget, DataError, Example, build_dataset, dedupe, normalise, read_examples
-from training.data import PUBLIC_MAP
+from training.data.build import Budget, build_dataset, dedupe
+from training.data.rows import DataError, Example, normalise, read_examples
+from training.data.sources import PUBLIC_MAP
 
 POLICIES = {"prompt_injection", "toxicity", "content_safety", "financial_advice", "tax_advice"}
 

@@ -46,7 +46,7 @@ def test_optimum_loads_the_folder_and_agrees_with_the_service(tiny_model_dir: Pa
 def test_a_failed_export_leaves_the_old_folder_untouched(tmp_path: Path) -> None:
     out = build_tiny_model_folder(tmp_path / "model", seed=1)
     before = sha256_file(out / "model.onnx")
-    from training.export import export_model_folder
+    from training.release.export import export_model_folder
 
     with pytest.raises(Exception):
         export_model_folder(tmp_path / "no-such-checkpoint", out, name="x", base_model="x", max_length=64, stride=16, creation_command="x")

@@ -8,12 +8,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.losses import (  # noqa: E402
+from training.model.losses import (  # noqa: E402
     adversarial_perturbation, alice_loss, classification_loss, make_masker, mask_tokens, mlm_loss, symmetric_kl,
 )
-from training.modeling import encoder_parameter_names, new_mlm_head  # noqa: E402
-from training.pretrain import HeadConfig, LoopConfig, gip_step, head_forward, train_head, train_loop  # noqa: E402
-from training.trainer import Encoded, collate  # noqa: E402
+from training.model.batches import Encoded, collate  # noqa: E402
+from training.model.head import HeadConfig, head_forward, train_head  # noqa: E402
+from training.model.loop import LoopConfig, gip_step, train_loop  # noqa: E402
+from training.model.modeling import encoder_parameter_names, new_mlm_head  # noqa: E402
 
 
 def tiny_model(seed: int = 0):

@@ -10,9 +10,7 @@ import torch
 
 from training.merging import BUILTIN_SUBSETS, MergeParams, MergeRecipe, Merger, get_method, load_subsets, merge_state_dicts
 from training.merging.checkpoints import common_base, resolve_sources
-from training.merging.dare import drop_and_rescale
-from training.merging.slerp import pair_and_t, slerp
-from training.merging.ties import sign_consensus_mean
+from training.merging.methods import drop_and_rescale, pair_and_t, sign_consensus_mean, slerp
 
 P = MergeParams()
 

@@ -16,7 +16,7 @@ import yaml
 
 from service.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
 from tests.chat_server import Reply, ScriptedChatServer, kind_of
-from training.data import read_examples
+from training.data.rows import read_examples
 from training.sdg.backends import BackendError, OpenAIChatBackend, retry_after_seconds
 from training.sdg.dedup import MiniLMEmbedder, NearDuplicateIndex
 from training.sdg.generate import Generator, SDGConfig, clean_paraphrase, plausible

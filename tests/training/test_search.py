@@ -136,8 +136,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from service.policy import DEFAULT_POLICIES_DIR, InputEncoder, InputTemplate, load_policies
     from tests.tiny import build_tiny_checkpoint
-    from training.data import Example
-    from training.trainer import Encoded, TrainConfig, train_classifier
+    from training.data.rows import Example
+    from training.model.batches import Encoded
+    from training.model.loop import LoopConfig, train_loop
 
     run = tmp_path_factory.mktemp("merge") / "run"
     base = build_tiny_checkpoint(run / "base", seed=0)
@@ -150,7 +151,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         encoded = [Encoded(*enc.encode_first_window(template.instruction_text(policies[ex.policy_id]), template.query_text(ex.text)),
                            ex.label) for ex in data]
         model = AutoModelForSequenceClassification.from_pretrained(base)
-        train_classifier(model, encoded, TrainConfig(epochs=1, batch_size=len(encoded) // 2 + 1, lr=5e-3, seed=i, threads=1))
+        train_loop(model, encoded, LoopConfig(epochs=1, batch_size=len(encoded) // 2 + 1, lr=5e-3, seed=i, threads=1))
         out = run / f"ft{i}"
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(base).save_pretrained(out)
@@ -214,7 +215,7 @@ def test_merge_search_end_to_end_resumes_and_exports(tiny_run: Path, tmp_path: P
 
 def test_validation_windows_are_cached_and_capped(tiny_run: Path) -> None:
     from service.policy import DEFAULT_POLICIES_DIR, InputTemplate, load_policies
-    from training.data import Example
+    from training.data.rows import Example
 
     long_row = Example(text="please " * 400, label=0, policy_id="toxicity", source="safe")
     examples = [Example(**r) for r in rows()] + [long_row]
@@ -227,3 +228,4 @@ def test_validation_windows_are_cached_and_capped(tiny_run: Path) -> None:
     assert (owner == len(examples) - 1).sum() > 3  # the long prompt is split, nothing truncated
     first = ValidationSet(examples, policies, tiny_run / "base" / "tokenizer.json", 128, 32, max_windows=1)
     assert len(first.windows(InputTemplate())[0]) == len(examples)
+

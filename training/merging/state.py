@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from training.merging.config import MergeParams
+from training.merging.methods import weighted_average
+from training.merging.params import MergeParams
 from training.merging.registry import MergeMethod, get_method
-from training.merging.soup import weighted_average
 from training.merging.subsets import ParameterSubset
 
 StateDict = Mapping[str, torch.Tensor]
@@ -75,9 +75,9 @@ class Merger:
         if self.method.uses_base:
             assert self.base is not None
             x = x.float() - self.base[name].float()
-        if self.method.prepare is not None:
+        if self.method.prepares:
             x = self.method.prepare(x, self.params, tensor_seed(self.params.seed, name, i))
-        if self.cache and (self.method.uses_base or self.method.prepare is not None):
+        if self.cache and (self.method.uses_base or self.method.prepares):
             self._prepared[key] = x
         return x
 

@@ -177,7 +177,7 @@ class LlamaCppBackend:
 
     def __init__(self, model_path: Path | None = None, *, n_ctx: int = 4096, n_threads: int | None = None,
                  seed: int = 13) -> None:
-        try:
+        try:  # optional heavy extra (sdg-local, built from source): imported only for this backend
             import llama_cpp
         except ImportError as exc:
             raise BackendError("the local backend needs llama-cpp-python: "

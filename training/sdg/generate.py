@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from service.policy import Policy
-from training.data import read_jsonl
+from training.data.rows import read_jsonl
 from training.sdg.backends import BackendError, ChatBackend, ask_json
 from training.sdg.dedup import Embedder, NearDuplicateIndex, cosine_pairs
 from training.sdg.prompts import (PARAPHRASE_STYLES, GenerationAnswer, GenerationSpec, generation_messages,
@@ -33,9 +32,9 @@ from training.sdg.prompts import (PARAPHRASE_STYLES, GenerationAnswer, Generatio
 from training.sdg.refine import MAX_CONTESTED, ReviewConfig, propose_policy, review_candidates, write_refined
 from training.sdg.store import Candidate, Counters, PolicyStore
 from training.sdg.templates import TemplateGenerator
+from training.ui import console
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
 Mode = Literal["llm", "template", "mixed"]
 Seed = tuple[str, int | None]
 # Text a prompt never contains but a chatty or refusing generator writes.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from training.search.run import SearchResult
+from training.ui import print_table
 
 COLUMNS = ["method", "strategy", "F1 @ iter 1", "best F1", "gain", "best @ iter", "type", "vs best single"]
 
@@ -50,16 +51,14 @@ def markdown(result: SearchResult, iterations: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(result: SearchResult, console) -> None:
-    from rich.table import Table
-
+def print_summary(result: SearchResult) -> None:
+    """The closing table on the console, gains over the best single checkpoint in green."""
     name, f1 = result.best_single
-    table = Table(title=f"Model merging search: F1 at iteration 1 vs best (best single: {name} {f1:.4f})")
-    for c in COLUMNS:
-        table.add_column(c, justify="right" if c not in ("method", "strategy", "type") else "left")
+    rows = []
     for r in table_rows(result):
         cells = fmt_row(r)
         if r[-1] > 0:
             cells[-1] = f"[green]{cells[-1]}"
-        table.add_row(*cells)
-    console.print(table)
+        rows.append(cells)
+    print_table(f"Model merging search: F1 at iteration 1 vs best (best single: {name} {f1:.4f})", COLUMNS, rows,
+                left=("method", "strategy", "type"))

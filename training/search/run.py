@@ -20,10 +20,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.manifest import sha256_file
 from service.policy import InputTemplate, Policy, load_policies
-from training.data import Example, read_examples
-from training.merging.checkpoints import CheckpointSource, common_base, load_base_state, load_classifier, load_state
-from training.merging.config import MergeParams
+from training.data.rows import Example, read_examples
+from training.merging.checkpoints import CheckpointSource, common_base, load_base_state, load_source_model, load_state
+from training.merging.params import MergeParams
 from training.merging.registry import get_method, method_names
 from training.merging.subsets import ParameterSubset
 from training.search.bandit import STRATEGIES, make_strategy
@@ -98,10 +99,6 @@ class SearchResult:
         return max(flat, key=lambda t: (t["f1"], -t["order"]))
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def stratified_subsample(rows: list[Example], max_rows: int, seed: int) -> list[Example]:
     """At most ``max_rows`` rows keeping each (policy, label) group's share; deterministic."""
     if not max_rows or len(rows) <= max_rows:
@@ -137,16 +134,12 @@ def tokenizer_vocab_hash(folder: Path) -> str:
     return hashlib.sha256(json.dumps(data.get("model"), sort_keys=True).encode()).hexdigest()
 
 
-def template_of(source: CheckpointSource) -> InputTemplate:
-    return source.input_template or InputTemplate()
-
-
 def search_meta(sources: list[CheckpointSource], validation_path: Path, rows: list[Example], settings: SearchSettings,
                 base: Path | None, subsets: dict[str, ParameterSubset]) -> dict[str, Any]:
     """What makes two searches comparable; a resumed log must match it exactly."""
     return {
         "sources": [{"name": s.name, "path": str(Path(s.path).resolve())} for s in sources],
-        "validation": {"path": str(Path(validation_path).resolve()), "sha256": file_sha256(validation_path), "rows": len(rows)},
+        "validation": {"path": str(Path(validation_path).resolve()), "sha256": sha256_file(validation_path), "rows": len(rows)},
         "policies": sorted({ex.policy_id for ex in rows}),
         "base": "auto" if base is None else str(base),
         "params": settings.params.model_dump(),
@@ -198,11 +191,11 @@ def run_search(sources: list[CheckpointSource], validation_path: Path, policies_
 
     # 1. every source alone: the baselines, and the ranking that picks the top-k.
     singles = {r["source"]: r for r in log.of_kind("single")}
-    model = load_classifier(sources[0].path)
+    model = load_source_model(sources[0].path)
     todo = [s for s in sources if s.name not in singles]
     for i, src in enumerate(todo):
         note("score sources", i, len(todo), src.name)
-        scored = evaluate_state(model, load_state(src.path), validation, template_of(src), settings.batch_size)
+        scored = evaluate_state(model, load_state(src.path), validation, src.template, settings.batch_size)
         record = {"kind": "single", "source": src.name, "family": src.family, "policy": src.policy,
                   "reported_f1": src.reported_f1, **scored.to_json()}
         log.append(record)
@@ -214,7 +207,7 @@ def run_search(sources: list[CheckpointSource], validation_path: Path, policies_
     # 2. the space: weights over the top-k, type = subset, instruction when the top-k disagree.
     templates: dict[str, InputTemplate] = {}
     for s in top:
-        t = template_of(s)
+        t = s.template
         if t not in templates.values():
             templates[str(len(templates))] = t
     categories: dict[str, tuple[str, ...]] = {"type": tuple(settings.subsets)}
