@@ -229,3 +229,27 @@ def test_validation_windows_are_cached_and_capped(tiny_run: Path) -> None:
     first = ValidationSet(examples, policies, tiny_run / "base" / "tokenizer.json", 128, 32, max_windows=1)
     assert len(first.windows(InputTemplate())[0]) == len(examples)
 
+
+def test_merge_winner_is_released_calibrated(tiny_run: Path, tmp_path: Path) -> None:
+    """The winner goes through the one release step: temperature, thresholds for the target, card, diagram."""
+    from service.manifest import read_manifest
+    from service.validation import load_and_validate
+
+    out = tmp_path / "models" / "tiny-calibrated"
+    invoke([str(tiny_run / "checkpoints.json"), "--validation", str(tiny_run / "validation.jsonl"),
+            "--run-dir", str(tmp_path / "run"), "--out", str(out), "--threads", "1", "--name", "tiny-calibrated",
+            "--iterations", "1", "--methods", "soup", "--strategies", "random", "--threshold-target", "max-fpr:0.25"])
+    manifest = read_manifest(out)
+    assert manifest.calibration is not None and manifest.calibration.method == "temperature"
+    assert manifest.calibration.temperature > 0 and manifest.calibration.n == len(rows(2))
+    assert manifest.threshold_target == {"kind": "max_fpr", "max_fpr": 0.25}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["calibration"]["temperature"] == pytest.approx(manifest.calibration.temperature, rel=1e-3)
+    for pid in POLICIES:
+        assert manifest.policies[pid].threshold == pytest.approx(summary["calibration"]["thresholds"][pid], abs=1e-4)
+    assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "CARD.md").read_text()
+    assert "## Calibration" in card and "reliability.png" in card and "## Merge recipe" in card
+    assert manifest.training["method"] == "soup" and manifest.training["val_f1_service"] >= 0
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
+    load_and_validate(out, threads=1)  # the service takes it
