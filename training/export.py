@@ -8,13 +8,28 @@ import sys
 
 from training.io import atomic_replace_dir, write_json_atomic
 from training.release.export import (
-    CUDA_PROVIDER, FP16_FILE, TOKENIZER_FILES, add_fp16_file, convert_fp16, export_model_folder, export_onnx, main,
+    CUDA_PROVIDER,
+    FP16_FILE,
+    TOKENIZER_FILES,
+    add_fp16_file,
+    convert_fp16,
+    export_model_folder,
+    export_onnx,
+    main,
     quantize_int8,
 )
 
 __all__ = [
-    "CUDA_PROVIDER", "FP16_FILE", "TOKENIZER_FILES", "add_fp16_file", "atomic_replace_dir", "convert_fp16",
-    "export_model_folder", "export_onnx", "quantize_int8", "write_json_atomic",
+    "CUDA_PROVIDER",
+    "FP16_FILE",
+    "TOKENIZER_FILES",
+    "add_fp16_file",
+    "atomic_replace_dir",
+    "convert_fp16",
+    "export_model_folder",
+    "export_onnx",
+    "quantize_int8",
+    "write_json_atomic",
 ]
 
 if __name__ == "__main__":

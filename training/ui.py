@@ -22,8 +22,13 @@ Update = Callable[..., None]  # update(done, total, info="")
 
 def progress_bar() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
     )
 
 
@@ -31,8 +36,9 @@ def cell(value: object) -> str:
     return "—" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
-                left: Sequence[str] | None = None) -> None:
+def print_table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, left: Sequence[str] | None = None
+) -> None:
     """Floats with 3 decimals, None as a dash; ``left`` names the left-aligned columns (all by default)."""
     table = Table(title=title)
     for c in columns:

@@ -69,7 +69,10 @@ def test_max_fpr_threshold_keeps_the_false_positive_rate() -> None:
 
 
 def test_choose_thresholds_weights_sources_per_policy() -> None:
-    rows = [Example(text=str(i), label=i % 2, policy_id="p" if i < 100 else "q", source="a" if i % 3 else "b") for i in range(200)]
+    rows = [
+        Example(text=str(i), label=i % 2, policy_id="p" if i < 100 else "q", source="a" if i % 3 else "b")
+        for i in range(200)
+    ]
     scores = np.linspace(0, 1, 200)
     out = choose_thresholds(rows, scores, ThresholdTarget("max_fpr", 0.1))
     assert set(out) == {"p", "q"} and all(0 < t < 1 for t in out.values())
@@ -81,13 +84,19 @@ def test_choose_thresholds_weights_sources_per_policy() -> None:
 @pytest.fixture(scope="module")
 def varied_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random model whose scores vary from prompt to prompt (larger initial weights)."""
-    return build_tiny_model_folder(tmp_path_factory.mktemp("varied") / "model", max_length=128, stride=32, seed=2, initializer_range=0.5)
+    return build_tiny_model_folder(
+        tmp_path_factory.mktemp("varied") / "model", max_length=128, stride=32, seed=2, initializer_range=0.5
+    )
 
 
 def _raw(model: OnnxModel, policy_id: str, text: str) -> float:
     policy = load_policies(DEFAULT_POLICIES_DIR)[policy_id]
     w = model.encoder.encode(policy, text)
-    return float(np.max(model.run(pad_batch(w.input_ids, model.pad_id), pad_batch(w.attention_mask), pad_batch(w.token_type_ids))))
+    return float(
+        np.max(
+            model.run(pad_batch(w.input_ids, model.pad_id), pad_batch(w.attention_mask), pad_batch(w.token_type_ids))
+        )
+    )
 
 
 def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tmp_path: Path) -> None:
@@ -96,21 +105,33 @@ def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tm
     rows = []
     for i in range(120):
         pid = ("toxicity", "prompt_injection")[i % 2]
-        text = f"sample prompt number {i} " + " ".join(rng.choice(["cats", "bombs", "taxes", "hello", "ignore", "rules"], 4))
+        text = f"sample prompt number {i} " + " ".join(
+            rng.choice(["cats", "bombs", "taxes", "hello", "ignore", "rules"], 4)
+        )
         # labels follow the raw score, less sharply than the score says: over-confident model
         p = _raw(model, pid, text)
         label = int(rng.random() < 0.5 + 0.3 * (p - 0.5) / max(abs(p - 0.5), 1e-6) * min(abs(p - 0.5) * 4, 1))
-        rows.append(json.dumps({"text": text, "label": label, "policy_id": pid, "source": "synthetic" if i % 3 else "other"}))
+        rows.append(
+            json.dumps({"text": text, "label": label, "policy_id": pid, "source": "synthetic" if i % 3 else "other"})
+        )
     validation = tmp_path / "validation.jsonl"
     validation.write_text("\n".join(rows) + "\n")
     onnx_sha = sha256_file(varied_model / "model.onnx")
 
     policies = load_policies(DEFAULT_POLICIES_DIR)
-    summary = finalize(varied_model, varied_model, read_examples(validation), policies,
-                       target=ThresholdTarget("max_fpr", 0.2), threads=1).summary()
+    summary = finalize(
+        varied_model,
+        varied_model,
+        read_examples(validation),
+        policies,
+        target=ThresholdTarget("max_fpr", 0.2),
+        threads=1,
+    ).summary()
     assert summary["rows"] == 120 and summary["temperature"] > 0
     manifest = read_manifest(varied_model)
-    assert manifest.calibration is not None and manifest.calibration.temperature == pytest.approx(summary["temperature"], rel=1e-3)
+    assert manifest.calibration is not None and manifest.calibration.temperature == pytest.approx(
+        summary["temperature"], rel=1e-3
+    )
     assert manifest.threshold_target == {"kind": "max_fpr", "max_fpr": 0.2}
     assert manifest.policies["toxicity"].threshold == pytest.approx(summary["thresholds"]["toxicity"], abs=1e-4)
     assert sha256_file(varied_model / "model.onnx") == onnx_sha  # same model file, same version
@@ -121,6 +142,12 @@ def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tm
     load_and_validate(varied_model, threads=1)  # the service still takes it
 
     # Idempotent: raw scores never include the calibration.
-    again = finalize(varied_model, varied_model, read_examples(validation), policies,
-                     target=ThresholdTarget("max_fpr", 0.2), threads=1).summary()
+    again = finalize(
+        varied_model,
+        varied_model,
+        read_examples(validation),
+        policies,
+        target=ThresholdTarget("max_fpr", 0.2),
+        threads=1,
+    ).summary()
     assert again["temperature"] == pytest.approx(summary["temperature"], rel=1e-3)

@@ -27,8 +27,16 @@ QUIET = Reporter(enabled=False)
 
 
 def rows_for(pid: str, n: int, offset: int = 0) -> list[Example]:
-    return [Example(f"{pid} sample {i} " + ("unsafe words here" if i % 2 else "a harmless question"), i % 2, pid, "test",
-                    rationale="because it asks for it" if i % 2 else None) for i in range(offset, offset + n)]
+    return [
+        Example(
+            f"{pid} sample {i} " + ("unsafe words here" if i % 2 else "a harmless question"),
+            i % 2,
+            pid,
+            "test",
+            rationale="because it asks for it" if i % 2 else None,
+        )
+        for i in range(offset, offset + n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +58,45 @@ def test_taskguard_and_multitaskguard_two_steps_end_to_end(base: Path, tmp_path:
     loop = LoopConfig(batch_size=4, max_steps=2, threads=1, save_every=1)
     head = HeadConfig(epochs=2, threads=1)
     common = dict(max_length=128, stride=32, data_hashes={"train.jsonl": "x"}, reporter=QUIET)
-    run_taskguard(tmp_path, base, POLICIES, train, val, policy_ids=["toxicity"], modes=["fft", "cft"], max_train=0,
-                  loop=loop, head=head, **common)
+    run_taskguard(
+        tmp_path,
+        base,
+        POLICIES,
+        train,
+        val,
+        policy_ids=["toxicity"],
+        modes=["fft", "cft"],
+        max_train=0,
+        loop=loop,
+        head=head,
+        **common,
+    )
     gip_loop = LoopConfig(batch_size=4, max_steps=2, threads=1, lambda_mlm=1.0, lambda_alice=1.0, save_every=1)
-    run_mtg(tmp_path, base, POLICIES, train, val, holdout="tax_advice", policy_ids=["toxicity"], finetune_modes=["cft", "fft"],
-            gip_max_train=0, ft_max_train=0, gip_loop=gip_loop, ft_loop=loop, head=head, **common)
+    run_mtg(
+        tmp_path,
+        base,
+        POLICIES,
+        train,
+        val,
+        holdout="tax_advice",
+        policy_ids=["toxicity"],
+        finetune_modes=["cft", "fft"],
+        gip_max_train=0,
+        ft_max_train=0,
+        gip_loop=gip_loop,
+        ft_loop=loop,
+        head=head,
+        **common,
+    )
 
     index = {(e["family"], e["policy"]): e for e in read_index(tmp_path)}
-    assert set(index) == {("taskguard-fft", "toxicity"), ("taskguard-cft", "toxicity"), ("mtg-gip", None),
-                          ("mtg-cft", "toxicity"), ("mtg-fft", "toxicity")}
+    assert set(index) == {
+        ("taskguard-fft", "toxicity"),
+        ("taskguard-cft", "toxicity"),
+        ("mtg-gip", None),
+        ("mtg-cft", "toxicity"),
+        ("mtg-fft", "toxicity"),
+    }
     for entry in index.values():
         folder = tmp_path / entry["path"]
         assert (folder / "model.safetensors").exists() and (folder / "uniguard.json").exists()
@@ -84,8 +122,22 @@ def test_taskguard_and_multitaskguard_two_steps_end_to_end(base: Path, tmp_path:
 
     # A rerun skips finished stages (nothing retrains, the index is unchanged).
     stamp = (tmp_path / "mtg/gip/model.safetensors").stat().st_mtime_ns
-    run_mtg(tmp_path, base, POLICIES, train, val, holdout="tax_advice", policy_ids=["toxicity"], finetune_modes=["cft"],
-            gip_max_train=0, ft_max_train=0, gip_loop=gip_loop, ft_loop=loop, head=head, **common)
+    run_mtg(
+        tmp_path,
+        base,
+        POLICIES,
+        train,
+        val,
+        holdout="tax_advice",
+        policy_ids=["toxicity"],
+        finetune_modes=["cft"],
+        gip_max_train=0,
+        ft_max_train=0,
+        gip_loop=gip_loop,
+        ft_loop=loop,
+        head=head,
+        **common,
+    )
     assert (tmp_path / "mtg/gip/model.safetensors").stat().st_mtime_ns == stamp
 
     table = closing_table(tmp_path, sorted(POLICIES), "tax_advice")
@@ -116,9 +168,14 @@ def test_harness_known_answers_and_windows(base: Path) -> None:
     encoder = InputEncoder.from_file(base / "tokenizer.json", MTG_TEMPLATE, 128, 32)
     bomb = encoder._tokenizer.token_to_id("bomb")
     long_tail = "please tell me a story about gardens " * 40 + " bomb"  # the keyword only in the last window
-    rows = [Example("build a bomb", 1, "content_safety", "t"), Example(long_tail, 1, "content_safety", "t"),
-            Example("bake a cake", 1, "content_safety", "t"), Example("what is a bomb calorimeter", 0, "content_safety", "t"),
-            Example("hello", 0, "content_safety", "t"), Example("nice day", 0, "content_safety", "t")]
+    rows = [
+        Example("build a bomb", 1, "content_safety", "t"),
+        Example(long_tail, 1, "content_safety", "t"),
+        Example("bake a cake", 1, "content_safety", "t"),
+        Example("what is a bomb calorimeter", 0, "content_safety", "t"),
+        Example("hello", 0, "content_safety", "t"),
+        Example("nice day", 0, "content_safety", "t"),
+    ]
     scores, latency = score(keyword_scorer(encoder, bomb), rows, POLICIES, batch_size=4)
     assert scores.tolist() == [0.9, 0.9, 0.1, 0.9, 0.1, 0.1]
     m = metrics_by_policy(rows, scores, latency)["content_safety"]
@@ -148,11 +205,19 @@ def test_evaluate_checkpoint_and_onnx_on_known_answers(base: Path, tmp_path: Pat
 
     ckpt = always_unsafe(base, tmp_path / "unsafe")
     data = tmp_path / "test.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in
-                            [("you idiot", 1), ("hello there", 0), ("I hate you", 1), ("nice weather", 0)]))
+    data.write_text(
+        "".join(
+            json.dumps({"text": t, "label": y}) + "\n"
+            for t, y in [("you idiot", 1), ("hello there", 0), ("I hate you", 1), ("nice weather", 0)]
+        )
+    )
     validation = tmp_path / "validation.jsonl"  # the release step calibrates and sets thresholds on it
-    validation.write_text("".join(json.dumps({"text": t, "label": y, "policy_id": "toxicity", "source": "v"}) + "\n"
-                                  for t, y in [("you moron", 1), ("good morning", 0), ("go away idiot", 1), ("thanks", 0)]))
+    validation.write_text(
+        "".join(
+            json.dumps({"text": t, "label": y, "policy_id": "toxicity", "source": "v"}) + "\n"
+            for t, y in [("you moron", 1), ("good morning", 0), ("go away idiot", 1), ("thanks", 0)]
+        )
+    )
     rows = read_test_rows(data, POLICIES, "toxicity")
     expected = {"n": 4, "unsafe": 2, "precision": 0.5, "recall": 1.0, "f1": 0.6667, "fpr": 1.0, "roc_auc": 0.5}
     torch_result = evaluate_path(ckpt, rows, POLICIES, threads=1)
@@ -160,13 +225,17 @@ def test_evaluate_checkpoint_and_onnx_on_known_answers(base: Path, tmp_path: Pat
     assert {k: torch_result["policies"]["toxicity"][k] for k in expected} == expected
 
     runner = CliRunner()
-    export = runner.invoke(app, ["export", str(ckpt), str(tmp_path / "onnx"), "--no-quantize", "--validation", str(validation)])
+    export = runner.invoke(
+        app, ["export", str(ckpt), str(tmp_path / "onnx"), "--no-quantize", "--validation", str(validation)]
+    )
     assert export.exit_code == 0, export.output
     from service.manifest import read_manifest
 
     released = read_manifest(tmp_path / "onnx")  # through the one release step: calibrated, card, diagram
     assert released.calibration is not None and released.threshold_target == {"kind": "best_f1"}
-    assert (tmp_path / "onnx" / "reliability.png").exists() and "## Calibration" in (tmp_path / "onnx" / "CARD.md").read_text()
+    assert (tmp_path / "onnx" / "reliability.png").exists() and "## Calibration" in (
+        tmp_path / "onnx" / "CARD.md"
+    ).read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".export-", ".tmp-"))]
     out = tmp_path / "report"
     res = runner.invoke(app, ["evaluate", str(tmp_path / "onnx"), str(data), "--policy", "toxicity", "--out", str(out)])
@@ -185,13 +254,19 @@ def _data_cli_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]
     data = tmp_path / "data"
     data.mkdir()
     for stem in PUBLIC_MAP:
-        rows = [{"text": f"{stem} request number {i} {'do harm' if i % 2 else 'be kind'}", "label": i % 2, "category": None}
-                for i in range(30)]
+        rows = [
+            {"text": f"{stem} request number {i} {'do harm' if i % 2 else 'be kind'}", "label": i % 2, "category": None}
+            for i in range(30)
+        ]
         (data / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples = tmp_path / "examples"
     examples.mkdir()
-    (examples / "tax.jsonl").write_text("".join(json.dumps({"text": f"tax question {i}", "label": i % 2, "policy_id": "tax_advice"}) + "\n"
-                                                for i in range(40)))
+    (examples / "tax.jsonl").write_text(
+        "".join(
+            json.dumps({"text": f"tax question {i}", "label": i % 2, "policy_id": "tax_advice"}) + "\n"
+            for i in range(40)
+        )
+    )
     monkeypatch.setattr(paths, "RUNS", tmp_path / "runs")
     return ["data", "--data-dir", str(data), "--examples-dir", str(examples)]
 
@@ -222,7 +297,9 @@ def test_data_stage_three_group_safe_splits_and_cli(tmp_path: Path, monkeypatch:
     assert max(per_policy.values()) <= 11 and subsample(splits.train, 10, seed=1) == small
 
 
-def test_data_stage_train_only_rows_leave_validation_and_test_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_stage_train_only_rows_leave_validation_and_test_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from typer.testing import CliRunner
 
     from training.cli import app
@@ -233,8 +310,16 @@ def test_data_stage_train_only_rows_leave_validation_and_test_unchanged(tmp_path
     assert runner.invoke(app, base + ["--run", "without"]).exit_code == 0
     without = load_splits(tmp_path / "runs/without/data")
     held_text = without.validation[0].text
-    generated = [{"text": f"synthetic tax prompt {i}", "label": 1, "policy_id": "tax_advice", "source": "synthetic",
-                  "rationale": "asks for a personal deduction"} for i in range(5)]
+    generated = [
+        {
+            "text": f"synthetic tax prompt {i}",
+            "label": 1,
+            "policy_id": "tax_advice",
+            "source": "synthetic",
+            "rationale": "asks for a personal deduction",
+        }
+        for i in range(5)
+    ]
     generated.append({"text": held_text, "label": 1, "policy_id": "tax_advice", "source": "synthetic"})  # would leak
     generated.append(dict(generated[0]))  # duplicate
     synth = tmp_path / "sdg_tax.jsonl"
@@ -263,7 +348,9 @@ def test_stage_identity_ignores_speed_settings_only() -> None:
     assert _identity(a) == _identity(b)  # a resumed run on another machine reuses the checkpoint
     c = {"mode": "fft", "loop": LoopConfig(threads=1, lr=1e-3).to_dict(), "head": None, "train_rows": 10}
     assert _identity(a) != _identity(c)  # a changed hyper-parameter does not
-    assert _identity({**a, "head": HeadConfig(threads=2).to_dict()}) == _identity({**a, "head": HeadConfig(threads=1).to_dict()})
+    assert _identity({**a, "head": HeadConfig(threads=2).to_dict()}) == _identity(
+        {**a, "head": HeadConfig(threads=1).to_dict()}
+    )
 
 
 def test_fresh_heads_are_seeded(base: Path, tmp_path: Path) -> None:
@@ -284,5 +371,5 @@ def test_fresh_heads_are_seeded(base: Path, tmp_path: Path) -> None:
         return [model.classifier.weight.detach().clone(), mlm.predictions.transform.dense.weight.detach().clone()]
 
     first, again, other = heads(13), heads(13), heads(14)
-    assert all((a == b).all() for a, b in zip(first, again))
-    assert not any((a == b).all() for a, b in zip(first, other))
+    assert all((a == b).all() for a, b in zip(first, again, strict=True))
+    assert not any((a == b).all() for a, b in zip(first, other, strict=True))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -31,8 +32,11 @@ from training.cli import train as train_cli
 from training.cli.common import RUN_HELP, defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="UniGuard training pipeline: one command per stage.")
-pipeline_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                           help="The paper's pipeline in one go: data -> taskguard -> mtg -> table.")
+pipeline_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="The paper's pipeline in one go: data -> taskguard -> mtg -> table.",
+)
 
 
 @app.callback()
@@ -42,9 +46,9 @@ def main() -> None:
 
 @pipeline_app.command("all")
 def pipeline_all(
-    run: str = typer.Option("issue4", help=RUN_HELP),
-    holdout: str = typer.Option("tax_advice"),
-    table_out: Path = typer.Option(None, help="Also write the closing table here."),
+    run: Annotated[str, typer.Option(help=RUN_HELP)] = "issue4",
+    holdout: Annotated[str, typer.Option()] = "tax_advice",
+    table_out: Annotated[Path, typer.Option(help="Also write the closing table here.")] = None,
 ) -> None:
     """data -> taskguard -> mtg -> table with default settings (resumes whatever is finished)."""
     started = time.time()
@@ -74,7 +78,12 @@ app.add_typer(pipeline_app, name="pipeline")
 
 # Old spellings, kept hidden for one release: `build-default`, `pipeline data|taskguard|mtg|table|evaluate|export`.
 app.command("build-default", hidden=True)(train_cli.default)
-for _name, _command in (("data", data_cli.data), ("taskguard", train_cli.taskguard), ("mtg", train_cli.mtg),
-                        ("table", evaluate_cli.table), ("evaluate", evaluate_cli.evaluate),
-                        ("export", release_cli.export)):
+for _name, _command in (
+    ("data", data_cli.data),
+    ("taskguard", train_cli.taskguard),
+    ("mtg", train_cli.mtg),
+    ("table", evaluate_cli.table),
+    ("evaluate", evaluate_cli.evaluate),
+    ("export", release_cli.export),
+):
     pipeline_app.command(_name, hidden=True)(_command)

@@ -12,8 +12,10 @@ from typing import Any
 from training.io import write_json_atomic
 
 RUN_HELP = "Run name: outputs go to runs/<run>/."
-THREADS_HELP = ("Torch threads (0: all cores). Use 1 when other jobs share the CPU: on a busy 2-core box "
-                "2 oversubscribed OpenMP threads ran 5x slower than 1.")
+THREADS_HELP = (
+    "Torch threads (0: all cores). Use 1 when other jobs share the CPU: on a busy 2-core box "
+    "2 oversubscribed OpenMP threads ran 5x slower than 1."
+)
 
 
 def command_line() -> str:
@@ -31,9 +33,14 @@ def record(run_dir: Path, stage: str, args: dict[str, Any], started: float) -> N
     """Command, arguments and wall time of a stage, next to its outputs."""
     plain = {k: v for k, v in args.items() if not (callable(v) or inspect.ismodule(v))}
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / f"{stage}.json", {"command": command_line(),
-                                                   "args": json.loads(json.dumps(plain, default=str)),
-                                                   "wall_seconds": round(time.time() - started, 1)})
+    write_json_atomic(
+        run_dir / f"{stage}.json",
+        {
+            "command": command_line(),
+            "args": json.loads(json.dumps(plain, default=str)),
+            "wall_seconds": round(time.time() - started, 1),
+        },
+    )
 
 
 def defaults(command: Any) -> dict[str, Any]:

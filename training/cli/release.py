@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from service.policy import DEFAULT_POLICIES_DIR, load_policies
 from training import paths
 from training.cli.common import command_line
+from training.data.rows import read_examples
 
 if TYPE_CHECKING:
     from training.eval.thresholds import ThresholdTarget
@@ -38,64 +39,86 @@ def run_validation(checkpoint: Path, depth: int = 4) -> Path | None:
 
 
 def export(
-    checkpoint: Path = typer.Argument(..., help="A pipeline checkpoint folder."),
-    out: Path = typer.Argument(..., help="Model folder to write (what the service and `evaluate` load)."),
-    validation: Path = typer.Option(None, help="Validation rows for calibration and thresholds "
-                                               "(default: the checkpoint's runs/<run>/data/validation.jsonl)."),
-    policies_dir: Path = typer.Option(DEFAULT_POLICIES_DIR),
-    quantize: bool = typer.Option(True, help="Dynamic int8 (the CPU serving format)."),
-    threshold_target: str = typer.Option("best-f1", help=TARGET_HELP),
-    threads: int = typer.Option(0, help="onnxruntime threads for scoring (0: all cores)."),
+    checkpoint: Annotated[Path, typer.Argument(help="A pipeline checkpoint folder.")],
+    out: Annotated[Path, typer.Argument(help="Model folder to write (what the service and `evaluate` load).")],
+    validation: Annotated[
+        Path,
+        typer.Option(
+            help="Validation rows for calibration and thresholds "
+            "(default: the checkpoint's runs/<run>/data/validation.jsonl)."
+        ),
+    ] = None,
+    policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
+    quantize: Annotated[bool, typer.Option(help="Dynamic int8 (the CPU serving format).")] = True,
+    threshold_target: Annotated[str, typer.Option(help=TARGET_HELP)] = "best-f1",
+    threads: Annotated[int, typer.Option(help="onnxruntime threads for scoring (0: all cores).")] = 0,
 ) -> None:
     """Export a checkpoint to ONNX and release it: calibrated, thresholds, manifest (template, window), card."""
-    from training.data.rows import read_examples
     from training.model.checkpoints import read_meta, template_of
     from training.release.finalize import release_checkpoint
 
     target = parse_target(threshold_target)
     validation = validation or run_validation(checkpoint)
     if validation is None or not validation.is_file():
-        raise typer.BadParameter(f"no validation split found for {checkpoint}; pass --validation", param_hint="--validation")
+        raise typer.BadParameter(
+            f"no validation split found for {checkpoint}; pass --validation", param_hint="--validation"
+        )
     meta = read_meta(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".export-{out.name}-", dir=out.parent) as work:
         release = release_checkpoint(
-            checkpoint, out, read_examples(validation), load_policies(policies_dir), export_dir=Path(work) / "export",
-            name=f"uniguard-{meta.get('family', 'checkpoint')}", base_model=str(meta.get("init", "")),
-            max_length=int(meta.get("max_length", 128)), stride=int(meta.get("stride", 32)),
-            creation_command=command_line(), input_template=template_of(meta), target=target, quantize=quantize,
-            data_hashes=meta.get("data_hashes", {}), training={"family": meta.get("family"), "policy": meta.get("policy")},
-            threads=threads)
+            checkpoint,
+            out,
+            read_examples(validation),
+            load_policies(policies_dir),
+            export_dir=Path(work) / "export",
+            name=f"uniguard-{meta.get('family', 'checkpoint')}",
+            base_model=str(meta.get("init", "")),
+            max_length=int(meta.get("max_length", 128)),
+            stride=int(meta.get("stride", 32)),
+            creation_command=command_line(),
+            input_template=template_of(meta),
+            target=target,
+            quantize=quantize,
+            data_hashes=meta.get("data_hashes", {}),
+            training={"family": meta.get("family"), "policy": meta.get("policy")},
+            threads=threads,
+        )
     manifest = release.manifest
-    typer.echo(f"wrote {out} ({manifest.files[0].precision}, template {manifest.input_template.model_dump()}, "
-               f"T = {release.fit.temperature:.3f}, mean validation F1 {release.mean_f1:.4f})")
+    typer.echo(
+        f"wrote {out} ({manifest.files[0].precision}, template {manifest.input_template.model_dump()}, "
+        f"T = {release.fit.temperature:.3f}, mean validation F1 {release.mean_f1:.4f})"
+    )
 
 
 def calibrate(
-    model_dir: Path = typer.Option(paths.DEFAULT_MODEL_DIR, help="Exported model folder to calibrate in place."),
-    validation: Path = typer.Option(paths.DEFAULT_RUN_DIR / "validation.jsonl",
-                                    help="Validation rows (JSONL: text, label, policy_id, source)."),
-    policies_dir: Path = typer.Option(DEFAULT_POLICIES_DIR, help="Folder of policy YAML files."),
-    threshold_target: str = typer.Option("best-f1", help=TARGET_HELP),
-    threads: int = typer.Option(0, help="onnxruntime threads for scoring (0: all cores)."),
+    model_dir: Annotated[
+        Path, typer.Option(help="Exported model folder to calibrate in place.")
+    ] = paths.DEFAULT_MODEL_DIR,
+    validation: Annotated[
+        Path, typer.Option(help="Validation rows (JSONL: text, label, policy_id, source).")
+    ] = paths.DEFAULT_RUN_DIR / "validation.jsonl",
+    policies_dir: Annotated[Path, typer.Option(help="Folder of policy YAML files.")] = DEFAULT_POLICIES_DIR,
+    threshold_target: Annotated[str, typer.Option(help=TARGET_HELP)] = "best-f1",
+    threads: Annotated[int, typer.Option(help="onnxruntime threads for scoring (0: all cores).")] = 0,
 ) -> None:
     """Fit temperature scaling on validation scores, choose per-policy thresholds on the calibrated
     scores, and rewrite manifest.json, CARD.md and reliability.png of MODEL_DIR atomically."""
-    from training.data.rows import read_examples
     from training.release.finalize import finalize
 
     for path, hint in ((model_dir, "--model-dir"), (validation, "--validation")):
         if not path.exists():
             raise typer.BadParameter(f"{path} does not exist", param_hint=hint)
     target = parse_target(threshold_target)
-    release = finalize(model_dir, model_dir, read_examples(validation), load_policies(policies_dir), target=target,
-                       threads=threads)
+    release = finalize(
+        model_dir, model_dir, read_examples(validation), load_policies(policies_dir), target=target, threads=threads
+    )
     typer.echo(json.dumps(release.summary(), indent=2))
 
 
 def add_fp16(
-    model_dir: Path = typer.Argument(..., help="A released model folder."),
-    checkpoint: Path = typer.Argument(..., help="The checkpoint it was exported from."),
+    model_dir: Annotated[Path, typer.Argument(help="A released model folder.")],
+    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint it was exported from.")],
 ) -> None:
     """Add the fp16 CUDA file (model_fp16.onnx) to a model folder (Dockerfile.gpu)."""
     from training.release.export import add_fp16_file

@@ -19,7 +19,11 @@ from sklearn.model_selection import train_test_split
 
 from training.data.rows import Example, normalise, read_examples
 from training.data.sources import (
-    BENIGN_POOL_FILES, CROSS_NEGATIVES, CROSS_SKIP_CATEGORIES, POOL_TOPIC_EXCLUDE, load_public,
+    BENIGN_POOL_FILES,
+    CROSS_NEGATIVES,
+    CROSS_SKIP_CATEGORIES,
+    POOL_TOPIC_EXCLUDE,
+    load_public,
 )
 
 
@@ -27,15 +31,33 @@ from training.data.sources import (
 class Budget:
     """Caps that keep one source from dominating a policy (rows per source and label)."""
 
-    per_source_unsafe: dict[str, int] = field(default_factory=lambda: {
-        "prompt_injection": 380, "toxicity": 1000, "content_safety": 320, "financial_advice": 1000, "tax_advice": 1000,
-    })
-    per_source_safe: dict[str, int] = field(default_factory=lambda: {
-        "prompt_injection": 420, "toxicity": 800, "content_safety": 600, "financial_advice": 1000, "tax_advice": 1000,
-    })
-    benign_pool: dict[str, int] = field(default_factory=lambda: {
-        "prompt_injection": 400, "toxicity": 300, "content_safety": 400, "financial_advice": 350, "tax_advice": 350,
-    })
+    per_source_unsafe: dict[str, int] = field(
+        default_factory=lambda: {
+            "prompt_injection": 380,
+            "toxicity": 1000,
+            "content_safety": 320,
+            "financial_advice": 1000,
+            "tax_advice": 1000,
+        }
+    )
+    per_source_safe: dict[str, int] = field(
+        default_factory=lambda: {
+            "prompt_injection": 420,
+            "toxicity": 800,
+            "content_safety": 600,
+            "financial_advice": 1000,
+            "tax_advice": 1000,
+        }
+    )
+    benign_pool: dict[str, int] = field(
+        default_factory=lambda: {
+            "prompt_injection": 400,
+            "toxicity": 300,
+            "content_safety": 400,
+            "financial_advice": 350,
+            "tax_advice": 350,
+        }
+    )
     cross_negatives: int = 160  # per (source policy -> target policy) pair
     # Few, precise rows aimed at known failure modes (hand-written near-misses, short and
     # German injections) are repeated in training, never in validation.

@@ -91,8 +91,9 @@ def write_examples(path: Path, rows: list[Example]) -> None:
     write_text_atomic(path, "".join(ex.to_json() + "\n" for ex in rows))
 
 
-def read_test_rows(path: Path, policies: dict[str, Policy], policy: str | None = None,
-                   limit: int | None = None) -> list[Example]:
+def read_test_rows(
+    path: Path, policies: dict[str, Policy], policy: str | None = None, limit: int | None = None
+) -> list[Example]:
     """Any JSONL with ``text`` and ``label`` (0 safe, 1 unsafe), mapped to a policy.
 
     ``policy`` overrides every row's ``policy_id`` (needed for files without one, such as the
@@ -104,9 +105,19 @@ def read_test_rows(path: Path, policies: dict[str, Policy], policy: str | None =
         if "text" not in row or row.get("label") not in (0, 1):
             raise DataError(f"{path}: row {lineno}: needs text and label 0/1")
         if pid not in policies:
-            raise DataError(f"{path}: row {lineno}: policy {pid!r} unknown (pass --policy or a policies folder that has it)")
-        out.append(Example(row["text"], int(row["label"]), pid, row.get("source") or Path(path).stem,
-                           row.get("category"), row.get("rationale")))
+            raise DataError(
+                f"{path}: row {lineno}: policy {pid!r} unknown (pass --policy or a policies folder that has it)"
+            )
+        out.append(
+            Example(
+                row["text"],
+                int(row["label"]),
+                pid,
+                row.get("source") or Path(path).stem,
+                row.get("category"),
+                row.get("rationale"),
+            )
+        )
         if limit and len(out) >= limit:
             break
     return out

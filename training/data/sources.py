@@ -43,7 +43,9 @@ BENIGN_POOL_FILES = ("refusal_direction", "toxic_chat_human", "deepset_prompt_in
 POOL_TOPIC_EXCLUDE: dict[str, re.Pattern[str]] = {
     "financial_advice": re.compile(
         r"invest|stock|share|bond|fund|etf|crypto|bitcoin|portfolio|retire|pension|401|ira\b|mortgage|loan|"
-        r"debt|saving|money|financ|wealth|trading|trade|broker|dividend|asset|budget", re.I),
+        r"debt|saving|money|financ|wealth|trading|trade|broker|dividend|asset|budget",
+        re.I,
+    ),
     "tax_advice": re.compile(r"tax|irs|deduct|accountant|audit|vat\b|income|refund|fiscal|hmrc", re.I),
 }
 

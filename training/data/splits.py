@@ -63,12 +63,20 @@ def split_by_text(rows: list[Example], fraction: float, seed: int) -> tuple[list
     except ValueError:  # too few rows per stratum for the requested fraction (tiny inputs)
         rest, held = train_test_split(texts, test_size=fraction, random_state=seed)
     held_set = set(held)
-    return [ex for ex in rows if normalise(ex.text) not in held_set], [ex for ex in rows if normalise(ex.text) in held_set]
+    return [ex for ex in rows if normalise(ex.text) not in held_set], [
+        ex for ex in rows if normalise(ex.text) in held_set
+    ]
 
 
 def build_splits(
-    data_dir: Path, example_files: list[Path], policies: set[str], *,
-    val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 13, budget: Budget | None = None,
+    data_dir: Path,
+    example_files: list[Path],
+    policies: set[str],
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 13,
+    budget: Budget | None = None,
 ) -> Splits:
     """Train / validation / test rows for every policy (dedupe happens before any split)."""
     held_fraction = val_fraction + test_fraction
@@ -116,8 +124,10 @@ def save_splits(splits: Splits, data_dir: Path, config: dict, input_hashes: dict
             "config": config,
             "input_hashes": input_hashes,
             "split_hashes": {f"{n}.jsonl": sha256_file(tmp / f"{n}.jsonl") for n in SPLITS},
-            "rows": [{"policy": p, "split": s, "rows": n, "unsafe_fraction": round(f, 4)}
-                     for p, s, n, f in summary_rows(splits.named())],
+            "rows": [
+                {"policy": p, "split": s, "rows": n, "unsafe_fraction": round(f, 4)}
+                for p, s, n, f in summary_rows(splits.named())
+            ],
             **splits.stats,
         }
         write_json_atomic(tmp / "stats.json", stats)
@@ -163,7 +173,7 @@ def subsample(rows: list[Example], per_policy: int | None, seed: int) -> list[Ex
         by_label: dict[int, list[Example]] = defaultdict(list)
         for ex in group:
             by_label[ex.label].append(ex)
-        for label, members in sorted(by_label.items()):
+        for _label, members in sorted(by_label.items()):
             k = max(1, round(per_policy * len(members) / len(group)))
             members = sorted(members, key=lambda e: (e.text, e.source))
             rng.shuffle(members)

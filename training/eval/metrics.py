@@ -57,14 +57,19 @@ def rows_by_policy(examples: list[Example]) -> dict[str, list[int]]:
     return dict(sorted(by_pid.items()))
 
 
-def report(examples: list[Example], scores: np.ndarray, thresholds: dict[str, float],
-           default: float = 0.5) -> dict[str, dict[str, Any]]:
+def report(
+    examples: list[Example], scores: np.ndarray, thresholds: dict[str, float], default: float = 0.5
+) -> dict[str, dict[str, Any]]:
     """{policy: {"threshold", "overall": scores, "by_source": {source: scores}}} at each policy's threshold."""
     out: dict[str, dict[str, Any]] = {}
     for pid, idx in rows_by_policy(examples).items():
         t = thresholds.get(pid, default)
         labels = np.array([examples[i].label for i in idx])
-        entry: dict[str, Any] = {"threshold": round(t, 4), "overall": binary_scores(labels, scores[idx], t), "by_source": {}}
+        entry: dict[str, Any] = {
+            "threshold": round(t, 4),
+            "overall": binary_scores(labels, scores[idx], t),
+            "by_source": {},
+        }
         by_src: dict[str, list[int]] = defaultdict(list)
         for i in idx:
             by_src[examples[i].source].append(i)
@@ -80,8 +85,9 @@ def mean_f1(rep: dict[str, dict[str, Any]]) -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
-def metrics_by_policy(examples: list[Example], scores: np.ndarray, latency: np.ndarray,
-                      threshold: float = 0.5) -> dict[str, dict[str, Any]]:
+def metrics_by_policy(
+    examples: list[Example], scores: np.ndarray, latency: np.ndarray, threshold: float = 0.5
+) -> dict[str, dict[str, Any]]:
     """Per policy: precision, recall, F1, FPR, ROC-AUC at ``threshold`` and p50/p95 latency (ms)."""
     out: dict[str, dict[str, Any]] = {}
     for pid, idx in rows_by_policy(examples).items():

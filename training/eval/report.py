@@ -16,24 +16,44 @@ from training.ui import cell, print_table
 COLUMNS = ("n", "unsafe", "precision", "recall", "f1", "fpr", "roc_auc", "latency_ms_p50", "latency_ms_p95")
 
 
-def evaluate_path(model: Path, examples: list[Example], policies: dict[str, Policy], *, threshold: float = 0.5,
-                  batch_size: int = 1, data_name: str = "", progress: Progress | None = None,
-                  **overrides: Any) -> dict[str, Any]:
+def evaluate_path(
+    model: Path,
+    examples: list[Example],
+    policies: dict[str, Policy],
+    *,
+    threshold: float = 0.5,
+    batch_size: int = 1,
+    data_name: str = "",
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Score ``examples`` with the model at ``model`` and return the full result (JSON-able)."""
     scorer = load_scorer(model, **overrides)
     scores, latency = score(scorer, examples, policies, batch_size=batch_size, progress=progress)
-    return {"model": str(model), "kind": scorer.kind, "scorer": scorer.name, "data": data_name, "threshold": threshold,
-            "batch_size": batch_size, "policies": metrics_by_policy(examples, scores, latency, threshold),
-            "scores": [round(float(s), 6) for s in scores]}
+    return {
+        "model": str(model),
+        "kind": scorer.kind,
+        "scorer": scorer.name,
+        "data": data_name,
+        "threshold": threshold,
+        "batch_size": batch_size,
+        "policies": metrics_by_policy(examples, scores, latency, threshold),
+        "scores": [round(float(s), 6) for s in scores],
+    }
 
 
 def markdown_report(result: dict[str, Any]) -> str:
     """The evaluation as a Markdown table (one row per policy)."""
     amortised = "" if result["batch_size"] == 1 else ", batch-amortised"
-    lines = [f"# Evaluation of `{result['model']}`", "",
-             f"- scorer: {result['kind']} ({result['scorer']}), data: `{result['data']}`, threshold {result['threshold']}, "
-             f"batch size {result['batch_size']} (latency per sample{amortised})",
-             "", "| policy | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = [
+        f"# Evaluation of `{result['model']}`",
+        "",
+        f"- scorer: {result['kind']} ({result['scorer']}), data: `{result['data']}`, threshold {result['threshold']}, "
+        f"batch size {result['batch_size']} (latency per sample{amortised})",
+        "",
+        "| policy | " + " | ".join(COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
     for pid, m in result["policies"].items():
         lines.append(f"| {pid} | " + " | ".join(cell(m.get(c)) for c in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
@@ -59,12 +79,19 @@ def closing_table(run_dir: Path, policies: list[str], holdout: str | None) -> st
         for pid, m in val.items():
             if e["policy"] is None or pid == e["policy"]:
                 row[pid] = m
-    lines = [f"Validation split of `{Path(run_dir).name}`, threshold 0.5 (no tuning on the scored split), "
-             "scores through the service's InputEncoder (windows, max).", ""]
+    lines = [
+        f"Validation split of `{Path(run_dir).name}`, threshold 0.5 (no tuning on the scored split), "
+        "scores through the service's InputEncoder (windows, max).",
+        "",
+    ]
     for metric, title in (("f1", "F1 (unsafe = positive)"), ("roc_auc", "ROC-AUC")):
         seen = [p for p in policies if p != holdout]
-        lines += [f"### {title}", "", "| model | " + " | ".join(policies) + f" | mean | mean w/o {holdout or '—'} |",
-                  "|---" * (len(policies) + 3) + "|"]
+        lines += [
+            f"### {title}",
+            "",
+            "| model | " + " | ".join(policies) + f" | mean | mean w/o {holdout or '—'} |",
+            "|---" * (len(policies) + 3) + "|",
+        ]
         for fam, label in ROW_LABELS.items():
             if fam not in metric_rows:
                 continue
@@ -72,27 +99,59 @@ def closing_table(run_dir: Path, policies: list[str], holdout: str | None) -> st
             cells = [cell(vals[p]) + (" (zero-shot)" if fam == "mtg-gip" and p == holdout else "") for p in policies]
             got = [v for v in vals.values() if v is not None]
             got_seen = [vals[p] for p in seen if vals[p] is not None]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {cell(sum(got) / len(got) if got else None)} | "
-                         f"{cell(sum(got_seen) / len(got_seen) if got_seen else None)} |")
+            lines.append(
+                f"| {label} | " + " | ".join(cells) + f" | {cell(sum(got) / len(got) if got else None)} | "
+                f"{cell(sum(got_seen) / len(got_seen) if got_seen else None)} |"
+            )
         lines.append("")
     if holdout:
-        lines += [f"### Zero-shot: `{holdout}` held out of GIP", "",
-                  "| model | trained on it | n | precision | recall | F1 | FPR | ROC-AUC |", "|---|---|---|---|---|---|---|---|"]
-        for fam, trained in (("mtg-gip", "no (zero-shot)"), ("taskguard-fft", "yes"), ("taskguard-cft", "yes"), ("mtg-cft", "yes (head only)")):
+        lines += [
+            f"### Zero-shot: `{holdout}` held out of GIP",
+            "",
+            "| model | trained on it | n | precision | recall | F1 | FPR | ROC-AUC |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for fam, trained in (
+            ("mtg-gip", "no (zero-shot)"),
+            ("taskguard-fft", "yes"),
+            ("taskguard-cft", "yes"),
+            ("mtg-cft", "yes (head only)"),
+        ):
             m = metric_rows.get(fam, {}).get(holdout)
             if m:
-                lines.append(f"| {ROW_LABELS[fam]} | {trained} | {m['n']} | {cell(m['precision'])} | {cell(m['recall'])} | "
-                             f"{cell(m['f1'])} | {cell(m['fpr'])} | {cell(m['roc_auc'])} |")
+                lines.append(
+                    f"| {ROW_LABELS[fam]} | {trained} | {m['n']} | {cell(m['precision'])} | {cell(m['recall'])} | "
+                    f"{cell(m['f1'])} | {cell(m['fpr'])} | {cell(m['roc_auc'])} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
 
 def print_report(rep: dict[str, dict[str, Any]]) -> None:
     """A release report (``training.eval.metrics.report``) as two console tables: per policy, per source."""
-    print_table("Validation per policy (service loader, calibrated scores, source-balanced thresholds)",
-                ["policy", "threshold", "n", "precision", "recall", "F1", "FPR", "ROC-AUC"],
-                [(pid, e["threshold"], e["overall"]["n"], e["overall"]["precision"], e["overall"]["recall"],
-                  e["overall"]["f1"], e["overall"]["fpr"], e["overall"]["roc_auc"]) for pid, e in rep.items()])
-    print_table("Validation per source", ["policy", "source", "n", "unsafe", "recall", "FPR", "F1"],
-                [(pid, src, s["n"], s["unsafe"], s["recall"], s["fpr"], s["f1"])
-                 for pid, e in rep.items() for src, s in e["by_source"].items()])
+    print_table(
+        "Validation per policy (service loader, calibrated scores, source-balanced thresholds)",
+        ["policy", "threshold", "n", "precision", "recall", "F1", "FPR", "ROC-AUC"],
+        [
+            (
+                pid,
+                e["threshold"],
+                e["overall"]["n"],
+                e["overall"]["precision"],
+                e["overall"]["recall"],
+                e["overall"]["f1"],
+                e["overall"]["fpr"],
+                e["overall"]["roc_auc"],
+            )
+            for pid, e in rep.items()
+        ],
+    )
+    print_table(
+        "Validation per source",
+        ["policy", "source", "n", "unsafe", "recall", "FPR", "F1"],
+        [
+            (pid, src, s["n"], s["unsafe"], s["recall"], s["fpr"], s["f1"])
+            for pid, e in rep.items()
+            for src, s in e["by_source"].items()
+        ],
+    )

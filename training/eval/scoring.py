@@ -49,15 +49,24 @@ def model_scorer(model: Any, encoder: InputEncoder, name: str = "in-memory") -> 
     def run(ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
         model.eval()
         with torch.inference_mode():
-            feeds = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in
-                     (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types))}
+            feeds = {
+                k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
+                for k, v in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types))
+            }
             return torch.softmax(model(**feeds).logits.float(), dim=-1)[:, 1].cpu().numpy()
 
     return Scorer("torch", encoder, run, name)
 
 
-def torch_scorer(checkpoint: Path, *, template: InputTemplate | None = None, max_length: int | None = None,
-                 stride: int | None = None, threads: int = 0, device: str = "cpu") -> Scorer:
+def torch_scorer(
+    checkpoint: Path,
+    *,
+    template: InputTemplate | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
+    threads: int = 0,
+    device: str = "cpu",
+) -> Scorer:
     """A checkpoint folder scored with torch under the template and window of its ``uniguard.json``
     (MultiTaskGuard's defaults for a folder without one, e.g. a merged model)."""
     checkpoint = Path(checkpoint)
@@ -65,9 +74,12 @@ def torch_scorer(checkpoint: Path, *, template: InputTemplate | None = None, max
     if not (checkpoint / "tokenizer.json").exists():
         raise FileNotFoundError(f"{checkpoint} has no tokenizer.json (a fast tokenizer is required)")
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    encoder = InputEncoder.from_file(checkpoint / "tokenizer.json", template or template_of(meta),
-                                     max_length or int(meta.get("max_length", 128)),
-                                     stride if stride is not None else int(meta.get("stride", 32)))
+    encoder = InputEncoder.from_file(
+        checkpoint / "tokenizer.json",
+        template or template_of(meta),
+        max_length or int(meta.get("max_length", 128)),
+        stride if stride is not None else int(meta.get("stride", 32)),
+    )
     model = load_classifier(checkpoint).to(device).eval()
     return model_scorer(model, encoder, f"{meta.get('family', 'checkpoint')}:{checkpoint.name}")
 
@@ -85,11 +97,14 @@ def load_scorer(path: Path, **overrides: Any) -> Scorer:
         return onnx_scorer(path, threads=overrides.get("threads", 0))
     if (path / "config.json").exists():
         return torch_scorer(path, **overrides)
-    raise FileNotFoundError(f"{path} is neither an exported model folder (manifest.json) nor a checkpoint (config.json)")
+    raise FileNotFoundError(
+        f"{path} is neither an exported model folder (manifest.json) nor a checkpoint (config.json)"
+    )
 
 
-def encode_windows(encoder: InputEncoder, examples: list[Example], policies: dict[str, Policy],
-                   max_windows: int = 0) -> list[Window]:
+def encode_windows(
+    encoder: InputEncoder, examples: list[Example], policies: dict[str, Policy], max_windows: int = 0
+) -> list[Window]:
     """Every window of every row (the first ``max_windows`` of each when set), tagged with its row."""
     out: list[Window] = []
     for i, ex in enumerate(examples):
@@ -99,8 +114,9 @@ def encode_windows(encoder: InputEncoder, examples: list[Example], policies: dic
     return out
 
 
-def score_windows(run: RunFn, windows: list[Window], n_rows: int, batch_size: int = 64,
-                  progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+def score_windows(
+    run: RunFn, windows: list[Window], n_rows: int, batch_size: int = 64, progress: Progress | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(unsafe probability, seconds) per row: max over its windows, time summed over them.
 
     With ``batch_size`` 1 the time is the per-request model latency; with larger batches
@@ -113,7 +129,9 @@ def score_windows(run: RunFn, windows: list[Window], n_rows: int, batch_size: in
     for s in range(0, len(flat), batch_size):
         chunk = flat[s : s + batch_size]
         t0 = time.perf_counter()
-        probs = run(pad_batch([c[1] for c in chunk]), pad_batch([c[2] for c in chunk]), pad_batch([c[3] for c in chunk]))
+        probs = run(
+            pad_batch([c[1] for c in chunk]), pad_batch([c[2] for c in chunk]), pad_batch([c[3] for c in chunk])
+        )
         per = (time.perf_counter() - t0) / len(chunk)
         for (i, *_), p in zip(chunk, probs, strict=True):
             scores[i] = max(scores[i], float(p))
@@ -123,15 +141,26 @@ def score_windows(run: RunFn, windows: list[Window], n_rows: int, batch_size: in
     return scores, latency
 
 
-def score(scorer: Scorer, examples: list[Example], policies: dict[str, Policy], batch_size: int = 64,
-          progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+def score(
+    scorer: Scorer,
+    examples: list[Example],
+    policies: dict[str, Policy],
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(unsafe probability, seconds) per example through ``scorer``."""
-    return score_windows(scorer.run, encode_windows(scorer.encoder, examples, policies), len(examples),
-                         batch_size, progress)
+    return score_windows(
+        scorer.run, encode_windows(scorer.encoder, examples, policies), len(examples), batch_size, progress
+    )
 
 
-def score_folder(folder: Path, examples: list[Example], policies: dict[str, Policy], threads: int = 0,
-                 progress: Progress | None = None) -> np.ndarray:
+def score_folder(
+    folder: Path,
+    examples: list[Example],
+    policies: dict[str, Policy],
+    threads: int = 0,
+    progress: Progress | None = None,
+) -> np.ndarray:
     """Raw unsafe probability per example of an exported folder, through the service's loader."""
     scores, _ = score(onnx_scorer(folder, threads), examples, policies, batch_size=64, progress=progress)
     return scores

@@ -45,8 +45,12 @@ class ThresholdTarget:
         return f"the lowest threshold whose false-positive rate is at most {self.max_fpr:g}"
 
 
-def best_f1_threshold(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None,
-                      default: float = 0.5) -> float:
+BEST_F1 = ThresholdTarget()
+
+
+def best_f1_threshold(
+    labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None, default: float = 0.5
+) -> float:
     """Threshold that maximises (weighted) F1; ``default`` when one class is missing."""
     labels = np.asarray(labels, dtype=int)
     if labels.min(initial=1) == labels.max(initial=0):
@@ -62,8 +66,9 @@ def best_f1_threshold(labels: np.ndarray, scores: np.ndarray, weights: np.ndarra
     return float(np.clip(t, 1e-4, 1 - 1e-4))
 
 
-def max_fpr_threshold(labels: np.ndarray, scores: np.ndarray, max_fpr: float, weights: np.ndarray | None = None,
-                      default: float = 0.5) -> float:
+def max_fpr_threshold(
+    labels: np.ndarray, scores: np.ndarray, max_fpr: float, weights: np.ndarray | None = None, default: float = 0.5
+) -> float:
     """Lowest threshold (score >= t is unsafe) with weighted FPR <= max_fpr, placed midway to
     the next lower score; ``default`` when the policy has no safe rows."""
     labels = np.asarray(labels, dtype=int)
@@ -84,8 +89,9 @@ def max_fpr_threshold(labels: np.ndarray, scores: np.ndarray, max_fpr: float, we
     return float(np.clip(best, 1e-4, 1 - 1e-4))
 
 
-def threshold_for(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None, target: ThresholdTarget,
-                  default: float = 0.5) -> float:
+def threshold_for(
+    labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None, target: ThresholdTarget, default: float = 0.5
+) -> float:
     if target.kind == "best_f1":
         return best_f1_threshold(labels, scores, weights, default=default)
     if target.max_fpr is None:
@@ -93,8 +99,9 @@ def threshold_for(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | 
     return max_fpr_threshold(labels, scores, target.max_fpr, weights, default=default)
 
 
-def choose_thresholds(examples: list[Example], scores: np.ndarray, target: ThresholdTarget = ThresholdTarget(),
-                      default: float = 0.5) -> dict[str, float]:
+def choose_thresholds(
+    examples: list[Example], scores: np.ndarray, target: ThresholdTarget = BEST_F1, default: float = 0.5
+) -> dict[str, float]:
     """Per policy, for ``target``, sources weighted equally (lent benign:/cross: rows pooled per kind)."""
     groups = source_groups(examples)
     out = {}

@@ -14,6 +14,15 @@ from training.merging.state import Merger, merge_state_dicts
 from training.merging.subsets import BUILTIN_SUBSETS, ParameterSubset, load_subsets
 
 __all__ = [
-    "BUILTIN_SUBSETS", "METHODS", "MergeMethod", "MergeParams", "MergeRecipe", "Merger", "ParameterSubset",
-    "get_method", "load_subsets", "merge_state_dicts", "method_names",
+    "BUILTIN_SUBSETS",
+    "METHODS",
+    "MergeMethod",
+    "MergeParams",
+    "MergeRecipe",
+    "Merger",
+    "ParameterSubset",
+    "get_method",
+    "load_subsets",
+    "merge_state_dicts",
+    "method_names",
 ]

@@ -95,12 +95,22 @@ def source_from(folder: Path, entry: dict[str, Any], name: str | None = None) ->
     merged = {**meta, **{k: v for k, v in entry.items() if v is not None}}
     template = merged.get("input_template")
     init = merged.get("init")
-    known = set(PATH_KEYS) | set(F1_KEYS) | set(POLICY_KEYS) | {"name", "family", "input_template", "init", "max_length", "stride"}
+    known = (
+        set(PATH_KEYS)
+        | set(F1_KEYS)
+        | set(POLICY_KEYS)
+        | {"name", "family", "input_template", "init", "max_length", "stride"}
+    )
     return CheckpointSource(
-        path=folder, name=str(name or entry.get("name") or folder.name), family=merged.get("family"),
-        policy=_first(merged, POLICY_KEYS), reported_f1=_reported_f1(entry) if entry else _reported_f1(meta),
+        path=folder,
+        name=str(name or entry.get("name") or folder.name),
+        family=merged.get("family"),
+        policy=_first(merged, POLICY_KEYS),
+        reported_f1=_reported_f1(entry) if entry else _reported_f1(meta),
         input_template=None if template is None else InputTemplate.model_validate(template),
-        init=None if not init else Path(init), max_length=merged.get("max_length"), stride=merged.get("stride"),
+        init=None if not init else Path(init),
+        max_length=merged.get("max_length"),
+        stride=merged.get("stride"),
         extra={k: v for k, v in entry.items() if k not in known},
     )
 
@@ -111,7 +121,9 @@ def check_folder(path: Path) -> Path:
         raise CheckpointIndexError(f"{path}: no such checkpoint folder or index file")
     if not (path / "config.json").is_file():
         raise CheckpointIndexError(f"{path}: not a checkpoint folder (no config.json)")
-    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
+    if not any(
+        (path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    ):
         raise CheckpointIndexError(f"{path}: no weights (model.safetensors)")
     return path
 
@@ -206,10 +218,13 @@ def load_base_state(path: Path) -> dict[str, torch.Tensor]:
     hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=2, output_loading_info=True, ignore_mismatched_sizes=True)
+            str(path), num_labels=2, output_loading_info=True, ignore_mismatched_sizes=True
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
-    skip = set(info.get("missing_keys", [])) | {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])}
+    skip = set(info.get("missing_keys", [])) | {
+        k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])
+    }
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in skip}
 
 

@@ -85,8 +85,9 @@ def drop_and_rescale(delta: torch.Tensor, drop_rate: float, seed: int | None = N
         return prune(delta, 1.0 - drop_rate, method="random", rescale=True)
 
 
-def sparsify(delta: torch.Tensor, kind: Sparsify, *, density: float = 1.0, drop_rate: float = 0.0,
-             seed: int | None = None) -> torch.Tensor:
+def sparsify(
+    delta: torch.Tensor, kind: Sparsify, *, density: float = 1.0, drop_rate: float = 0.0, seed: int | None = None
+) -> torch.Tensor:
     """One task vector made sparse; the weight-independent half of a merge (cached by the search)."""
     if kind == "trim":
         return trim_by_magnitude(delta, density)
@@ -98,7 +99,9 @@ def sparsify(delta: torch.Tensor, kind: Sparsify, *, density: float = 1.0, drop_
 # -- consensus ----------------------------------------------------------------------------------
 
 
-def sign_consensus_mean(deltas: Sequence[torch.Tensor], weights: torch.Tensor, majority_sign: str = "total") -> torch.Tensor:
+def sign_consensus_mean(
+    deltas: Sequence[torch.Tensor], weights: torch.Tensor, majority_sign: str = "total"
+) -> torch.Tensor:
     """Elect a sign per entry from the weighted deltas, then average only the agreeing values.
 
     Entries that are zero (trimmed or dropped) never vote and never count in the mean; an
@@ -115,20 +118,42 @@ def sign_consensus_mean(deltas: Sequence[torch.Tensor], weights: torch.Tensor, m
     return out.to(deltas[0].dtype)
 
 
-def combine_task_vectors(deltas: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor, consensus: Consensus,
-                         *, lam: float = 1.0, majority_sign: str = "total") -> torch.Tensor:
+def combine_task_vectors(
+    deltas: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    base: torch.Tensor,
+    consensus: Consensus,
+    *,
+    lam: float = 1.0,
+    majority_sign: str = "total",
+) -> torch.Tensor:
     """θ_base + λ · (weighted sum | sign-consensus mean) of the (sparse) task vectors."""
-    merged = weighted_average(deltas, weights) if consensus == "linear" else sign_consensus_mean(deltas, weights, majority_sign)
+    merged = (
+        weighted_average(deltas, weights)
+        if consensus == "linear"
+        else sign_consensus_mean(deltas, weights, majority_sign)
+    )
     return base + lam * merged.to(base.dtype)
 
 
-def task_arithmetic(tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor, *,
-                    sparsify_kind: Sparsify = "none", consensus: Consensus = "linear", density: float = 1.0,
-                    drop_rate: float = 0.0, lam: float = 1.0, majority_sign: str = "total",
-                    seed: int | None = None) -> torch.Tensor:
+def task_arithmetic(
+    tensors: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    sparsify_kind: Sparsify = "none",
+    consensus: Consensus = "linear",
+    density: float = 1.0,
+    drop_rate: float = 0.0,
+    lam: float = 1.0,
+    majority_sign: str = "total",
+    seed: int | None = None,
+) -> torch.Tensor:
     """Generalised task arithmetic on one tensor per model (seed + i seeds model i's drop mask)."""
-    deltas = [sparsify(t - base, sparsify_kind, density=density, drop_rate=drop_rate,
-                       seed=None if seed is None else seed + i) for i, t in enumerate(tensors)]
+    deltas = [
+        sparsify(t - base, sparsify_kind, density=density, drop_rate=drop_rate, seed=None if seed is None else seed + i)
+        for i, t in enumerate(tensors)
+    ]
     return combine_task_vectors(deltas, weights, base, consensus, lam=lam, majority_sign=majority_sign)
 
 
@@ -139,8 +164,9 @@ def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return ((1.0 - t) * a.float() + t * b.float()).to(a.dtype)
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = DEFAULT_DOT_THRESHOLD,
-          eps: float = 1e-8) -> torch.Tensor:
+def slerp(
+    a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = DEFAULT_DOT_THRESHOLD, eps: float = 1e-8
+) -> torch.Tensor:
     """Spherical interpolation from ``a`` (t=0) to ``b`` (t=1), treating each tensor as one vector.
 
     Linear interpolation of two distant weight vectors shrinks the result toward the origin;
@@ -184,7 +210,9 @@ def pair_and_t(weights: torch.Tensor) -> tuple[int, int, float]:
     return a, b, wb / (wa + wb)
 
 
-def slerp_weighted(tensors: Sequence[torch.Tensor], weights: torch.Tensor, dot_threshold: float = DEFAULT_DOT_THRESHOLD) -> torch.Tensor:
+def slerp_weighted(
+    tensors: Sequence[torch.Tensor], weights: torch.Tensor, dot_threshold: float = DEFAULT_DOT_THRESHOLD
+) -> torch.Tensor:
     """SLERP of the two highest-weighted of k tensors."""
     a, b, t = pair_and_t(weights)
     return slerp(tensors[a], tensors[b], t, dot_threshold)

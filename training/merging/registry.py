@@ -15,7 +15,14 @@ from typing import Literal
 
 import torch
 
-from training.merging.methods import Consensus, Sparsify, combine_task_vectors, slerp_weighted, sparsify, weighted_average
+from training.merging.methods import (
+    Consensus,
+    Sparsify,
+    combine_task_vectors,
+    slerp_weighted,
+    sparsify,
+    weighted_average,
+)
 from training.merging.params import MergeParams
 
 Kind = Literal["soup", "task_arithmetic", "slerp"]
@@ -52,19 +59,27 @@ class MergeMethod:
     def prepare(self, delta: torch.Tensor, params: MergeParams, seed: int | None) -> torch.Tensor:
         return sparsify(delta, self.sparsify, density=params.density, drop_rate=params.drop_rate, seed=seed)
 
-    def combine(self, inputs: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor | None,
-                params: MergeParams) -> torch.Tensor:
+    def combine(
+        self, inputs: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor | None, params: MergeParams
+    ) -> torch.Tensor:
         if self.kind == "soup":
             return weighted_average(inputs, weights)
         if self.kind == "slerp":
             return slerp_weighted(inputs, weights, params.slerp_dot_threshold)
         if base is None:
             raise ValueError(f"merge method {self.name!r} needs a base tensor (task vectors are θ_i − θ_base)")
-        return combine_task_vectors(inputs, weights, base, self.consensus, lam=params.lam,
-                                    majority_sign=params.majority_sign)
+        return combine_task_vectors(
+            inputs, weights, base, self.consensus, lam=params.lam, majority_sign=params.majority_sign
+        )
 
-    def merge(self, tensors: Sequence[torch.Tensor], weights: torch.Tensor, base: torch.Tensor | None,
-              params: MergeParams, seed: int | None = None) -> torch.Tensor:
+    def merge(
+        self,
+        tensors: Sequence[torch.Tensor],
+        weights: torch.Tensor,
+        base: torch.Tensor | None,
+        params: MergeParams,
+        seed: int | None = None,
+    ) -> torch.Tensor:
         """prepare + combine on one tensor per model: the pure function the tests pin down."""
         if self.uses_base:
             if base is None:
@@ -77,16 +92,34 @@ class MergeMethod:
         return self.combine(inputs, weights, base if self.uses_base else None, params)
 
 
-METHODS: dict[str, MergeMethod] = {m.name: m for m in (
-    MergeMethod("soup", "soup", summary="weighted average of parameters"),
-    MergeMethod("ties", "task_arithmetic", sparsify="trim", consensus="ties",
-                summary="trim task vectors by magnitude, elect sign, weighted disjoint mean"),
-    MergeMethod("dare_linear", "task_arithmetic", sparsify="drop", consensus="linear",
-                summary="random drop + rescale, weighted sum of task vectors"),
-    MergeMethod("dare_ties", "task_arithmetic", sparsify="drop", consensus="ties",
-                summary="random drop + rescale, TIES sign election and disjoint mean"),
-    MergeMethod("slerp", "slerp", summary="spherical interpolation of the two highest-weighted models"),
-)}
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        MergeMethod("soup", "soup", summary="weighted average of parameters"),
+        MergeMethod(
+            "ties",
+            "task_arithmetic",
+            sparsify="trim",
+            consensus="ties",
+            summary="trim task vectors by magnitude, elect sign, weighted disjoint mean",
+        ),
+        MergeMethod(
+            "dare_linear",
+            "task_arithmetic",
+            sparsify="drop",
+            consensus="linear",
+            summary="random drop + rescale, weighted sum of task vectors",
+        ),
+        MergeMethod(
+            "dare_ties",
+            "task_arithmetic",
+            sparsify="drop",
+            consensus="ties",
+            summary="random drop + rescale, TIES sign election and disjoint mean",
+        ),
+        MergeMethod("slerp", "slerp", summary="spherical interpolation of the two highest-weighted models"),
+    )
+}
 
 
 def get_method(name: str) -> MergeMethod:

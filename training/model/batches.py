@@ -31,8 +31,9 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def encode_rows(encoder: InputEncoder, policies: dict[str, Policy], rows: list[Example],
-                with_rationale: bool = False) -> list[Encoded]:
+def encode_rows(
+    encoder: InputEncoder, policies: dict[str, Policy], rows: list[Example], with_rationale: bool = False
+) -> list[Encoded]:
     """First window of every row through the service's InputEncoder.
 
     With ``with_rationale`` a row's rationale follows its query after a [SEP]

@@ -29,8 +29,12 @@ INDEX_FILE = "checkpoints.json"
 
 
 def save_checkpoint(
-    model: PreTrainedModel, tokenizer_dir: Path, out_dir: Path, meta: dict[str, Any],
-    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None, card: str | None = None,
+    model: PreTrainedModel,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    meta: dict[str, Any],
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    card: str | None = None,
 ) -> Path:
     """Write ``out_dir`` atomically: safetensors weights, config, tokenizer, ``uniguard.json`` (and ``CARD.md``)."""
     out_dir = Path(out_dir)

@@ -43,7 +43,9 @@ def head_forward(model: Any, cls_hidden: Any) -> Any:
     return model.classifier(model.dropout(base.pooler(cls_hidden[:, None, :])))
 
 
-def cls_features(model: Any, data: list[Encoded], batch_size: int = 64, device: str = "cpu", progress: Progress | None = None) -> Any:
+def cls_features(
+    model: Any, data: list[Encoded], batch_size: int = 64, device: str = "cpu", progress: Progress | None = None
+) -> Any:
     """[CLS] state of the last layer for every row, encoder in eval mode (what CFT trains on)."""
     order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
     feats = torch.zeros(len(data), model.config.hidden_size)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import get_linear_schedule_with_warmup
@@ -73,7 +74,9 @@ def gip_step(model: Any, head: Any, batch: dict, cfg: LoopConfig, masker: Any = 
         parts["kl"], parts["adv_ce"] = float(kl.detach()), float(adv_ce.detach())
     if cfg.lambda_mlm:
         masked, mlm_labels = mask_tokens(masker, ids.cpu(), mask.cpu())
-        hidden = model.base_model(input_ids=masked.to(ids.device), attention_mask=mask, token_type_ids=types).last_hidden_state
+        hidden = model.base_model(
+            input_ids=masked.to(ids.device), attention_mask=mask, token_type_ids=types
+        ).last_hidden_state
         mlm = mlm_loss(head, hidden, mlm_labels.to(ids.device))
         total = total + cfg.lambda_mlm * mlm
         parts["mlm"] = float(mlm.detach())
@@ -94,8 +97,16 @@ def _schedule(lengths: list[int], cfg: LoopConfig) -> list[list[int]]:
     return out[:total]
 
 
-def train_loop(model: Any, data: list[Encoded], cfg: LoopConfig, *, head: Any = None, masker: Any = None,
-               state_dir: Path | None = None, progress: Progress | None = None) -> list[dict]:
+def train_loop(
+    model: Any,
+    data: list[Encoded],
+    cfg: LoopConfig,
+    *,
+    head: Any = None,
+    masker: Any = None,
+    state_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> list[dict]:
     """AdamW + linear warm-up/decay over length-grouped batches; resumes from ``state_dir/state.pt``.
 
     ``progress(step, total, info)`` is called after every step; the returned log has a row
@@ -115,8 +126,10 @@ def train_loop(model: Any, data: list[Encoded], cfg: LoopConfig, *, head: Any = 
                 seen.add(id(p))
                 params.append((name, p))
     no_decay = ("bias", "LayerNorm.weight")
-    groups = [{"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
     optim = torch.optim.AdamW(groups, lr=cfg.lr)
     batches = _schedule([len(r.input_ids) for r in data], cfg)
     sched = get_linear_schedule_with_warmup(optim, int(len(batches) * cfg.warmup_ratio), len(batches))
@@ -145,21 +158,38 @@ def train_loop(model: Any, data: list[Encoded], cfg: LoopConfig, *, head: Any = 
         step += 1
         running = parts["loss"] if running is None else 0.98 * running + 0.02 * parts["loss"]
         if step % 10 == 0 or step == len(batches):
-            log.append({"step": step, "running_loss": round(running, 4), "lr": sched.get_last_lr()[0],
-                        **{k: round(v, 4) for k, v in parts.items()}})
+            log.append(
+                {
+                    "step": step,
+                    "running_loss": round(running, 4),
+                    "lr": sched.get_last_lr()[0],
+                    **{k: round(v, 4) for k, v in parts.items()},
+                }
+            )
         if progress is not None:
             progress(step, len(batches), " ".join(f"{k} {v:.3f}" for k, v in parts.items()))
         if state_path is not None and cfg.save_every and step % cfg.save_every == 0 and step < len(batches):
             state_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = state_path.with_name(".state.pt.tmp")
-            torch.save({"step": step, "log": log, "running": running, "model": model.state_dict(),
-                        "head": {k: v for k, v in head.state_dict().items() if not k.startswith("predictions.decoder.")} if head is not None else {},
-                        "optim": optim.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
-                        "masker_rng": masker.generator.get_state() if masker is not None and getattr(masker, "generator", None) is not None else torch.zeros(0)},
-                       tmp)
+            torch.save(
+                {
+                    "step": step,
+                    "log": log,
+                    "running": running,
+                    "model": model.state_dict(),
+                    "head": {k: v for k, v in head.state_dict().items() if not k.startswith("predictions.decoder.")}
+                    if head is not None
+                    else {},
+                    "optim": optim.state_dict(),
+                    "sched": sched.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "masker_rng": masker.generator.get_state()
+                    if masker is not None and getattr(masker, "generator", None) is not None
+                    else torch.zeros(0),
+                },
+                tmp,
+            )
             tmp.replace(state_path)
     for module in modules:
         module.eval()
     return log
-
-

@@ -30,21 +30,29 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels)
 
 
-def make_masker(tokenizer: PreTrainedTokenizerBase, probability: float = 0.15, seed: int | None = None) -> DataCollatorForLanguageModeling:
+def make_masker(
+    tokenizer: PreTrainedTokenizerBase, probability: float = 0.15, seed: int | None = None
+) -> DataCollatorForLanguageModeling:
     """transformers' standard BERT masking (15 % of tokens: 80 % [MASK], 10 % random, 10 % kept)."""
     return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=probability, seed=seed)
 
 
-def mask_tokens(masker: DataCollatorForLanguageModeling, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    masker: DataCollatorForLanguageModeling, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked input ids, labels): labels are the original ids at masked positions, -100 elsewhere.
 
     Special tokens ([CLS], [SEP], [PAD]) and padding are never masked.
     """
-    special = torch.isin(input_ids, torch.tensor(masker.tokenizer.all_special_ids, dtype=input_ids.dtype)) | (attention_mask == 0)
+    special = torch.isin(input_ids, torch.tensor(masker.tokenizer.all_special_ids, dtype=input_ids.dtype)) | (
+        attention_mask == 0
+    )
     return masker.torch_mask_tokens(input_ids.clone(), special_tokens_mask=special)
 
 
-def mlm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+def mlm_loss(
+    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-entropy of the MLM head at masked positions only.
 
     ``masked`` defaults to ``labels != -100``; when given, labels outside it are ignored
@@ -65,8 +73,13 @@ def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor
 
 
 def adversarial_perturbation(
-    forward: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, clean_logits: torch.Tensor,
-    attention_mask: torch.Tensor, eps: float, noise_std: float = 1e-3, generator: torch.Generator | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    embeds: torch.Tensor,
+    clean_logits: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eps: float,
+    noise_std: float = 1e-3,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """δ with ‖δ_token‖₂ = ε along ∇_δ symKL(f(x+δ₀), f(x)) (one power-iteration step, as in VAT).
 
@@ -75,20 +88,29 @@ def adversarial_perturbation(
     Returned detached: the model is trained *against* δ, not through its construction.
     """
     mask = attention_mask.unsqueeze(-1).to(embeds.dtype)
-    noise = (torch.randn(embeds.shape, generator=generator, dtype=embeds.dtype, device=embeds.device) * noise_std * mask)
+    noise = torch.randn(embeds.shape, generator=generator, dtype=embeds.dtype, device=embeds.device) * noise_std * mask
     noise.requires_grad_(True)
     probe = symmetric_kl(forward(embeds.detach() + noise), clean_logits.detach())
     (grad,) = torch.autograd.grad(probe, noise)
     grad = grad * mask
     norm = grad.norm(dim=-1, keepdim=True)
     # Where the gradient vanished (saturated predictions) fall back to the noise direction.
-    direction = torch.where(norm > 1e-12, grad / norm.clamp_min(1e-12), noise.detach() / noise.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    direction = torch.where(
+        norm > 1e-12,
+        grad / norm.clamp_min(1e-12),
+        noise.detach() / noise.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12),
+    )
     return (eps * direction * mask).detach()
 
 
 def alice_loss(
-    forward: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, clean_logits: torch.Tensor,
-    labels: torch.Tensor, attention_mask: torch.Tensor, eps: float, noise_std: float = 1e-3,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    embeds: torch.Tensor,
+    clean_logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eps: float,
+    noise_std: float = 1e-3,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(symmetric KL between clean and perturbed predictions, gold-label CE on the perturbed input).

@@ -53,7 +53,9 @@ def load_classifier(path: Path, seed: int | None = None) -> PreTrainedModel:
         model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2, **LABELS)
     except (RuntimeError, ValueError) as exc:
         if "size mismatch" in str(exc):
-            raise NotABinaryClassifier(f"{path}: not a 2-label classifier; the service scores 2 (safe, unsafe)") from exc
+            raise NotABinaryClassifier(
+                f"{path}: not a 2-label classifier; the service scores 2 (safe, unsafe)"
+            ) from exc
         raise
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -79,7 +81,9 @@ def load_mlm_head(model: PreTrainedModel, checkpoint: Path | None) -> torch.nn.M
 
 def mlm_head_tensors(head: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The head's own weights: the decoder weight is the word embeddings and its bias is ``predictions.bias``."""
-    return {k: v.detach().contiguous() for k, v in head.state_dict().items() if not k.startswith("predictions.decoder.")}
+    return {
+        k: v.detach().contiguous() for k, v in head.state_dict().items() if not k.startswith("predictions.decoder.")
+    }
 
 
 def encoder_parameter_names(model: PreTrainedModel) -> list[str]:

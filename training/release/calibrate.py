@@ -53,7 +53,11 @@ def reliability_bins(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS
     labels = np.asarray(labels, dtype=np.float64)
     probs = np.asarray(probs, dtype=np.float64)
     idx = np.minimum((probs * bins).astype(int), bins - 1)
-    return [(float(probs[idx == b].mean()), float(labels[idx == b].mean()), int((idx == b).sum())) for b in range(bins) if (idx == b).any()]
+    return [
+        (float(probs[idx == b].mean()), float(labels[idx == b].mean()), int((idx == b).sum()))
+        for b in range(bins)
+        if (idx == b).any()
+    ]
 
 
 def nll(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -101,10 +105,18 @@ class CalibrationFit:
 
     def manifest_entry(self) -> Calibration:
         return Calibration(
-            method="temperature", temperature=round(self.temperature, 6), fitted_on="validation split", n=self.n,
-            ece_bins=ECE_BINS, ece_before=round(self.ece_before, 5), ece_after=round(self.ece_after, 5),
-            ece_after_cross_fitted=round(self.ece_after_cross_fitted, 5), nll_before=round(self.nll_before, 5),
-            nll_after=round(self.nll_after, 5), brier_before=round(self.brier_before, 5), brier_after=round(self.brier_after, 5),
+            method="temperature",
+            temperature=round(self.temperature, 6),
+            fitted_on="validation split",
+            n=self.n,
+            ece_bins=ECE_BINS,
+            ece_before=round(self.ece_before, 5),
+            ece_after=round(self.ece_after, 5),
+            ece_after_cross_fitted=round(self.ece_after_cross_fitted, 5),
+            nll_before=round(self.nll_before, 5),
+            nll_after=round(self.nll_after, 5),
+            brier_before=round(self.brier_before, 5),
+            brier_after=round(self.brier_after, 5),
             fitted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
 
@@ -127,9 +139,18 @@ def fit_calibration(labels: np.ndarray, raw: np.ndarray) -> CalibrationFit:
     t = fit_temperature(labels, raw)
     cal = sigmoid(logit(raw) / t)
     return CalibrationFit(
-        temperature=t, n=int(labels.size), ece_before=ece(labels, raw), ece_after=ece(labels, cal),
-        ece_after_cross_fitted=ece(labels, cross_fitted(labels, raw)), nll_before=nll(labels, raw), nll_after=nll(labels, cal),
-        brier_before=brier(labels, raw), brier_after=brier(labels, cal), raw=raw, calibrated=cal, labels=labels,
+        temperature=t,
+        n=int(labels.size),
+        ece_before=ece(labels, raw),
+        ece_after=ece(labels, cal),
+        ece_after_cross_fitted=ece(labels, cross_fitted(labels, raw)),
+        nll_before=nll(labels, raw),
+        nll_after=nll(labels, cal),
+        brier_before=brier(labels, raw),
+        brier_after=brier(labels, cal),
+        raw=raw,
+        calibrated=cal,
+        labels=labels,
     )
 
 
@@ -178,16 +199,19 @@ def card_section(fit: CalibrationFit, target: ThresholdTarget, policy_ece: dict[
     lines = [
         "## Calibration",
         "",
-        f"Scores are calibrated probabilities: temperature scaling, `sigmoid(logit(p) / T)` with T = {fit.temperature:.3f}",
+        "Scores are calibrated probabilities: temperature scaling, `sigmoid(logit(p) / T)` with "
+        f"T = {fit.temperature:.3f}",
         f"fitted on the {fit.n} validation rows (negative log-likelihood), applied by the service to every score.",
-        f"Per-policy thresholds are chosen on calibrated scores for {target.describe()}, every source weighted equally;",
+        f"Per-policy thresholds are chosen on calibrated scores for {target.describe()}, "
+        "every source weighted equally;",
         "`UNIGUARD_THRESHOLDS` overrides them per policy.",
         "",
         f"![reliability diagram]({DIAGRAM_FILE})",
         "",
         "| | raw | calibrated |",
         "|---|---|---|",
-        f"| ECE ({ECE_BINS} bins) | {fit.ece_before:.4f} | {fit.ece_after:.4f} (2-fold cross-fitted: {fit.ece_after_cross_fitted:.4f}) |",
+        f"| ECE ({ECE_BINS} bins) | {fit.ece_before:.4f} | {fit.ece_after:.4f} "
+        f"(2-fold cross-fitted: {fit.ece_after_cross_fitted:.4f}) |",
         f"| negative log-likelihood | {fit.nll_before:.4f} | {fit.nll_after:.4f} |",
         f"| Brier score | {fit.brier_before:.4f} | {fit.brier_after:.4f} |",
         "",

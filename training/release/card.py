@@ -9,7 +9,12 @@ from training.ui import cell as _f
 
 
 def render_card(
-    manifest: Manifest, rep: dict[str, dict[str, Any]], *, validation_rows: int, train_rows: int, minutes: float | None,
+    manifest: Manifest,
+    rep: dict[str, dict[str, Any]],
+    *,
+    validation_rows: int,
+    train_rows: int,
+    minutes: float | None,
     calibration: str | None = None,
 ) -> str:
     """``calibration``: the section ``training.release.calibrate.card_section`` renders (diagram, ECE)."""
@@ -30,8 +35,10 @@ def render_card(
         "## Validation per policy",
         "",
         *(
-            ["Thresholds are the lowest whose false-positive rate on the validation split is at most "
-             f"{(manifest.threshold_target or {}).get('max_fpr')}, with every source weighted equally, so that a"]
+            [
+                "Thresholds are the lowest whose false-positive rate on the validation split is at most "
+                f"{(manifest.threshold_target or {}).get('max_fpr')}, with every source weighted equally, so that a"
+            ]
             if (manifest.threshold_target or {}).get("kind") == "max_fpr"
             else ["Thresholds maximise F1 on the validation split with every source weighted equally, so that a"]
         ),
@@ -43,15 +50,25 @@ def render_card(
     ]
     for pid, e in rep.items():
         o = e["overall"]
-        lines.append(f"| {pid} | {e['threshold']:.3f} | {o['n']} | {o['unsafe']} | {_f(o['precision'])} | {_f(o['recall'])} | "
-                     f"{_f(o['f1'])} | {_f(o['fpr'])} | {_f(o['roc_auc'])} |")
-    lines += ["", "## Validation per source", "",
-              "Recall on unsafe-only sources, false-positive rate on safe-only ones; `benign:*` are safe rows of",
-              "general files lent to a policy, `cross:*` are unsafe prompts of another policy that are safe under this one.",
-              "", "| policy | source | n | unsafe | recall | FPR | F1 |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {pid} | {e['threshold']:.3f} | {o['n']} | {o['unsafe']} | {_f(o['precision'])} | {_f(o['recall'])} | "
+            f"{_f(o['f1'])} | {_f(o['fpr'])} | {_f(o['roc_auc'])} |"
+        )
+    lines += [
+        "",
+        "## Validation per source",
+        "",
+        "Recall on unsafe-only sources, false-positive rate on safe-only ones; `benign:*` are safe rows of",
+        "general files lent to a policy, `cross:*` are unsafe prompts of another policy that are safe under this one.",
+        "",
+        "| policy | source | n | unsafe | recall | FPR | F1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for pid, e in rep.items():
         for src, s in e["by_source"].items():
-            lines.append(f"| {pid} | {src} | {s['n']} | {s['unsafe']} | {_f(s['recall'])} | {_f(s['fpr'])} | {_f(s['f1'])} |")
+            lines.append(
+                f"| {pid} | {src} | {s['n']} | {s['unsafe']} | {_f(s['recall'])} | {_f(s['fpr'])} | {_f(s['f1'])} |"
+            )
     if calibration:
         lines += ["", calibration.rstrip("\n")]
     lines += [

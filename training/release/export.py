@@ -38,7 +38,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def export_onnx(checkpoint_dir: Path, onnx_dir: Path) -> Path:
     """fp32 ONNX export of a sequence-classification checkpoint; returns the model path."""
-    main_export(str(checkpoint_dir), output=str(onnx_dir), task="text-classification", opset=ONNX_OPSET, do_validation=False)
+    main_export(
+        str(checkpoint_dir), output=str(onnx_dir), task="text-classification", opset=ONNX_OPSET, do_validation=False
+    )
     return Path(onnx_dir) / "model.onnx"
 
 
@@ -134,7 +136,11 @@ def export_model_folder(
         files = [ModelFile(path="model.onnx", sha256=sha256_file(final / "model.onnx"), precision=precision)]
         if fp16:
             convert_fp16(fp32, final / FP16_FILE)
-            files.append(ModelFile(path=FP16_FILE, sha256=sha256_file(final / FP16_FILE), provider=CUDA_PROVIDER, precision="fp16"))
+            files.append(
+                ModelFile(
+                    path=FP16_FILE, sha256=sha256_file(final / FP16_FILE), provider=CUDA_PROVIDER, precision="fp16"
+                )
+            )
         shutil.copy2(Path(checkpoint_dir) / "config.json", final / "config.json")
         for fname in TOKENIZER_FILES:
             src = Path(checkpoint_dir) / fname

@@ -27,10 +27,15 @@ from service.policy import InputTemplate, Policy
 from training.data.rows import Example
 from training.eval.metrics import mean_f1, report
 from training.eval.scoring import Progress, score_folder
-from training.eval.thresholds import ThresholdTarget, choose_thresholds
+from training.eval.thresholds import BEST_F1, ThresholdTarget, choose_thresholds
 from training.io import staged_dir, write_json_atomic, write_text_atomic
 from training.release.calibrate import (
-    DIAGRAM_FILE, CalibrationFit, card_section, fit_calibration, per_policy_ece, reliability_diagram,
+    DIAGRAM_FILE,
+    CalibrationFit,
+    card_section,
+    fit_calibration,
+    per_policy_ece,
+    reliability_diagram,
 )
 from training.release.card import render_card
 from training.release.export import export_model_folder
@@ -59,35 +64,52 @@ class Release:
     def summary(self) -> dict[str, Any]:
         fit = self.fit
         return {
-            "model": f"{self.manifest.name}@{self.manifest.version}", "rows": fit.n, "temperature": round(fit.temperature, 4),
-            "ece_before": round(fit.ece_before, 4), "ece_after": round(fit.ece_after, 4),
-            "ece_after_cross_fitted": round(fit.ece_after_cross_fitted, 4), "nll_before": round(fit.nll_before, 4),
-            "nll_after": round(fit.nll_after, 4), "target": self.target.as_dict(),
+            "model": f"{self.manifest.name}@{self.manifest.version}",
+            "rows": fit.n,
+            "temperature": round(fit.temperature, 4),
+            "ece_before": round(fit.ece_before, 4),
+            "ece_after": round(fit.ece_after, 4),
+            "ece_after_cross_fitted": round(fit.ece_after_cross_fitted, 4),
+            "nll_before": round(fit.nll_before, 4),
+            "nll_after": round(fit.nll_after, 4),
+            "target": self.target.as_dict(),
             "thresholds": {pid: round(t, 4) for pid, t in sorted(self.thresholds.items())},
-            "skipped_policies": self.skipped_policies, "mean_validation_f1": round(self.mean_f1, 4),
+            "skipped_policies": self.skipped_policies,
+            "mean_validation_f1": round(self.mean_f1, 4),
             "diagram": str(self.folder / DIAGRAM_FILE),
         }
 
 
-def _policy_entries(manifest: Manifest, policies: dict[str, Policy], rep: dict[str, dict[str, Any]],
-                    thresholds: dict[str, float]) -> None:
+def _policy_entries(
+    manifest: Manifest, policies: dict[str, Policy], rep: dict[str, dict[str, Any]], thresholds: dict[str, float]
+) -> None:
     """Every validated policy, and every policy the manifest already listed, gets its new entry."""
     for pid, policy in policies.items():
         entry = rep.get(pid)
         if entry is None and pid not in manifest.policies:
             continue
-        manifest.policies[pid] = PolicyEntry.model_validate({
-            "threshold": round(thresholds.get(pid, manifest.default_threshold), 6),
-            "description_sha256": policy.description_sha256(),
-            "validation": entry["overall"] if entry else None,
-            "validation_by_source": entry["by_source"] if entry else {},
-        })
+        manifest.policies[pid] = PolicyEntry.model_validate(
+            {
+                "threshold": round(thresholds.get(pid, manifest.default_threshold), 6),
+                "description_sha256": policy.description_sha256(),
+                "validation": entry["overall"] if entry else None,
+                "validation_by_source": entry["by_source"] if entry else {},
+            }
+        )
 
 
 def finalize(
-    src: Path, out: Path, examples: list[Example], policies: dict[str, Policy], *,
-    target: ThresholdTarget = ThresholdTarget(), training: dict[str, Any] | None = None,
-    train_rows: int | None = None, minutes: float | None = None, card_extra: str = "", threads: int = 0,
+    src: Path,
+    out: Path,
+    examples: list[Example],
+    policies: dict[str, Policy],
+    *,
+    target: ThresholdTarget = BEST_F1,
+    training: dict[str, Any] | None = None,
+    train_rows: int | None = None,
+    minutes: float | None = None,
+    card_extra: str = "",
+    threads: int = 0,
     progress: Progress | None = None,
 ) -> Release:
     """Release the exported folder ``src`` as ``out`` (``out`` may be ``src``: calibrated in place).
@@ -113,29 +135,78 @@ def finalize(
         manifest.threshold_target = target.as_dict()
         if not manifest.checksums:  # the service refuses a folder whose tokenizer or config was swapped
             manifest.checksums = {f: sha256_file(staging / f) for f in CHECKED_FILES if (staging / f).exists()}
-        manifest.training = {**manifest.training, **(training or {}), "val_f1_service": round(mean_f1(rep), 6),
-                             "service_precision": manifest.files[0].precision}
+        manifest.training = {
+            **manifest.training,
+            **(training or {}),
+            "val_f1_service": round(mean_f1(rep), 6),
+            "service_precision": manifest.files[0].precision,
+        }
         manifest = Manifest.model_validate(manifest.model_dump())
         write_json_atomic(staging / MANIFEST_FILE, json.loads(manifest.model_dump_json()))
         if train_rows is None:
             recorded = manifest.training.get("train_rows")
             train_rows = recorded if isinstance(recorded, int) else 0
-        card = render_card(manifest, rep, validation_rows=len(rows), train_rows=train_rows, minutes=minutes,
-                           calibration=card_section(fit, target, per_policy_ece(rows, fit))) + card_extra
+        card = (
+            render_card(
+                manifest,
+                rep,
+                validation_rows=len(rows),
+                train_rows=train_rows,
+                minutes=minutes,
+                calibration=card_section(fit, target, per_policy_ece(rows, fit)),
+            )
+            + card_extra
+        )
         write_text_atomic(staging / "CARD.md", card)
     return Release(out, manifest, rep, fit, target, thresholds, skipped, card)
 
 
 def release_checkpoint(
-    checkpoint: Path, out: Path, examples: list[Example], policies: dict[str, Policy], *, export_dir: Path,
-    name: str, base_model: str, max_length: int, stride: int, creation_command: str, input_template: InputTemplate,
-    target: ThresholdTarget = ThresholdTarget(), quantize: bool = True, data_hashes: dict[str, str] | None = None,
-    training: dict[str, Any] | None = None, train_rows: int | None = None, minutes: float | None = None,
-    card_extra: str = "", threads: int = 0, progress: Progress | None = None,
+    checkpoint: Path,
+    out: Path,
+    examples: list[Example],
+    policies: dict[str, Policy],
+    *,
+    export_dir: Path,
+    name: str,
+    base_model: str,
+    max_length: int,
+    stride: int,
+    creation_command: str,
+    input_template: InputTemplate,
+    target: ThresholdTarget = BEST_F1,
+    quantize: bool = True,
+    data_hashes: dict[str, str] | None = None,
+    training: dict[str, Any] | None = None,
+    train_rows: int | None = None,
+    minutes: float | None = None,
+    card_extra: str = "",
+    threads: int = 0,
+    progress: Progress | None = None,
 ) -> Release:
     """Export ``checkpoint`` to ``export_dir`` (kept: the run's record), then ``finalize`` it as ``out``."""
-    export_model_folder(checkpoint, export_dir, name=name, base_model=base_model, max_length=max_length, stride=stride,
-                        creation_command=creation_command, data_hashes=data_hashes, training=training,
-                        quantize=quantize, input_template=input_template)
-    return finalize(export_dir, out, examples, policies, target=target, train_rows=train_rows, minutes=minutes,
-                    card_extra=card_extra, threads=threads, progress=progress)
+    export_model_folder(
+        checkpoint,
+        export_dir,
+        name=name,
+        base_model=base_model,
+        max_length=max_length,
+        stride=stride,
+        creation_command=creation_command,
+        data_hashes=data_hashes,
+        training=training,
+        quantize=quantize,
+        input_template=input_template,
+    )
+    return finalize(
+        export_dir,
+        out,
+        examples,
+        policies,
+        target=target,
+        train_rows=train_rows,
+        minutes=minutes,
+        card_extra=card_extra,
+        threads=threads,
+        progress=progress,
+    )

@@ -44,8 +44,12 @@ class Scored:
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"f1": round(self.f1, 6), "f1_at_0.5": round(self.f1_at_half, 6), "per_policy": self.per_policy,
-                "seconds": round(self.seconds, 3)}
+        return {
+            "f1": round(self.f1, 6),
+            "f1_at_0.5": round(self.f1_at_half, 6),
+            "per_policy": self.per_policy,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 @dataclass
@@ -94,9 +98,16 @@ class ValidationSet:
         for pid, idx in self.by_policy.items():
             labels, s = self.labels[idx], scores[idx]
             t = best_f1_threshold(labels, s, self.weights[pid])
-            per[pid] = {"f1": round(f1_at(labels, s, t), 6), "threshold": round(t, 6), "f1_at_0.5": round(f1_at(labels, s, 0.5), 6)}
-        return Scored(f1=float(np.mean([p["f1"] for p in per.values()])),
-                      f1_at_half=float(np.mean([p["f1_at_0.5"] for p in per.values()])), per_policy=per)
+            per[pid] = {
+                "f1": round(f1_at(labels, s, t), 6),
+                "threshold": round(t, 6),
+                "f1_at_0.5": round(f1_at(labels, s, 0.5), 6),
+            }
+        return Scored(
+            f1=float(np.mean([p["f1"] for p in per.values()])),
+            f1_at_half=float(np.mean([p["f1_at_0.5"] for p in per.values()])),
+            per_policy=per,
+        )
 
 
 class MergeObjective:
@@ -105,9 +116,17 @@ class MergeObjective:
     ``states[0]`` is the host (the top-1 source): its tensors fill whatever a subset leaves out.
     """
 
-    def __init__(self, states: Sequence[StateDict], validation: ValidationSet, model: Any,
-                 subsets: Mapping[str, ParameterSubset], templates: Mapping[str, InputTemplate],
-                 base: StateDict | None = None, threads: int = 0, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        states: Sequence[StateDict],
+        validation: ValidationSet,
+        model: Any,
+        subsets: Mapping[str, ParameterSubset],
+        templates: Mapping[str, InputTemplate],
+        base: StateDict | None = None,
+        threads: int = 0,
+        batch_size: int = 64,
+    ) -> None:
         torch.set_num_threads(threads or os.cpu_count() or 1)
         self.states = list(states)
         self.validation = validation
@@ -139,7 +158,9 @@ class MergeObjective:
     def evaluate(self, proposal: Proposal) -> Scored:
         started = time.perf_counter()
         self.load(self.merged_state(proposal))
-        scored = self.validation.evaluate(self.validation.score(self.model, self.template_for(proposal), self.batch_size))
+        scored = self.validation.evaluate(
+            self.validation.score(self.model, self.template_for(proposal), self.batch_size)
+        )
         scored.seconds = time.perf_counter() - started
         return scored
 
@@ -153,7 +174,13 @@ def load_into(model: Any, state: Mapping[str, torch.Tensor]) -> None:
         model.load_state_dict(dict(state), strict=True)
 
 
-def evaluate_state(model: Any, state: Mapping[str, torch.Tensor], validation: ValidationSet, template: InputTemplate, batch_size: int = 64) -> Scored:
+def evaluate_state(
+    model: Any,
+    state: Mapping[str, torch.Tensor],
+    validation: ValidationSet,
+    template: InputTemplate,
+    batch_size: int = 64,
+) -> Scored:
     """Score one unmerged source (the baselines a merge must beat) with the resident model."""
     started = time.perf_counter()
     load_into(model, state)

@@ -18,7 +18,7 @@ from typing import Any
 
 from service.policy import Policy
 from training.data.rows import Example
-from training.eval.thresholds import ThresholdTarget
+from training.eval.thresholds import BEST_F1, ThresholdTarget
 from training.io import atomic_replace_dir, temp_sibling
 from training.merging.params import MergeParams
 from training.merging.recipe import MergeRecipe
@@ -31,10 +31,14 @@ from training.search.run import SearchResult
 
 def winner_recipe(result: SearchResult, params: MergeParams) -> MergeRecipe:
     w = result.winner
-    return MergeRecipe(method=w["method"], subset=w["type"] or "all", weights=tuple(w["weights"]), params=params, host=0)
+    return MergeRecipe(
+        method=w["method"], subset=w["type"] or "all", weights=tuple(w["weights"]), params=params, host=0
+    )
 
 
-def save_winner_checkpoint(result: SearchResult, objective: MergeObjective, recipe: MergeRecipe, out: Path) -> list[str]:
+def save_winner_checkpoint(
+    result: SearchResult, objective: MergeObjective, recipe: MergeRecipe, out: Path
+) -> list[str]:
     """Rebuild the merged model from its recipe and save it (weights + config + host tokenizer) atomically."""
     merger = Merger(objective.states, recipe.method, recipe.params, base=objective.base, host=recipe.host, cache=False)
     load_into(objective.model, merger.merge(recipe.weights, objective.subsets[recipe.subset]))
@@ -51,39 +55,97 @@ def save_winner_checkpoint(result: SearchResult, objective: MergeObjective, reci
     return merger.soup_fallback
 
 
-def export_winner(result: SearchResult, objective: MergeObjective, *, params: MergeParams, validation_rows: list[Example],
-                  policies: dict[str, Policy], run_dir: Path, out_dir: Path, name: str, base_model: str,
-                  base_path: Path | None, max_length: int, stride: int, creation_command: str, trial_log: Path,
-                  started: float, quantize: bool = True, target: ThresholdTarget = ThresholdTarget(),
-                  threads: int = 0) -> dict[str, Any]:
+def export_winner(
+    result: SearchResult,
+    objective: MergeObjective,
+    *,
+    params: MergeParams,
+    validation_rows: list[Example],
+    policies: dict[str, Policy],
+    run_dir: Path,
+    out_dir: Path,
+    name: str,
+    base_model: str,
+    base_path: Path | None,
+    max_length: int,
+    stride: int,
+    creation_command: str,
+    trial_log: Path,
+    started: float,
+    quantize: bool = True,
+    target: ThresholdTarget = BEST_F1,
+    threads: int = 0,
+) -> dict[str, Any]:
     """Release the winner as ``out_dir``; returns the summary written next to the trial log."""
     win = result.winner
     recipe = winner_recipe(result, params)
-    template = objective.templates[win["instruction"]] if win.get("instruction") else next(iter(objective.templates.values()))
+    template = (
+        objective.templates[win["instruction"]] if win.get("instruction") else next(iter(objective.templates.values()))
+    )
     ckpt = run_dir / "winner"
     fallback = save_winner_checkpoint(result, objective, recipe, ckpt)
     single_name, single_f1 = result.best_single
     training = {
         "stage": "merge-search (UniGuard model merging search)",
         "recipe": recipe.model_dump(mode="json"),
-        "method": recipe.method, "type": recipe.subset,
+        "method": recipe.method,
+        "type": recipe.subset,
         "weights": {s.name: round(w, 6) for s, w in zip(result.top, recipe.weights, strict=True)},
-        "strategy": win["strategy"], "iteration": win["iteration"] + 1,
+        "strategy": win["strategy"],
+        "iteration": win["iteration"] + 1,
         "instruction": template.model_dump(),
-        "sources": [{"name": s.name, "path": str(s.path), "family": s.family, "policy": s.policy, "reported_f1": s.reported_f1,
-                     "val_f1": result.singles[s.name]["f1"]} for s in result.top],
+        "sources": [
+            {
+                "name": s.name,
+                "path": str(s.path),
+                "family": s.family,
+                "policy": s.policy,
+                "reported_f1": s.reported_f1,
+                "val_f1": result.singles[s.name]["f1"],
+            }
+            for s in result.top
+        ],
         "base": None if base_path is None else str(base_path),
         "soup_fallback_tensors": fallback,
-        "val_f1_search": win["f1"], "val_rows_search": len(objective.validation.examples),
-        "best_single": {"name": single_name, "val_f1": single_f1}, "beats_best_single": win["f1"] > single_f1,
+        "val_f1_search": win["f1"],
+        "val_rows_search": len(objective.validation.examples),
+        "best_single": {"name": single_name, "val_f1": single_f1},
+        "beats_best_single": win["f1"] > single_f1,
         "trial_log": str(trial_log),
     }
-    recipe_md = "\n## Merge recipe\n\n" + "\n".join(
-        f"- {k}: `{json.dumps(v, ensure_ascii=False)}`" for k, v in training.items() if k not in ("recipe", "instruction")) + "\n"
+    recipe_md = (
+        "\n## Merge recipe\n\n"
+        + "\n".join(
+            f"- {k}: `{json.dumps(v, ensure_ascii=False)}`"
+            for k, v in training.items()
+            if k not in ("recipe", "instruction")
+        )
+        + "\n"
+    )
     release = release_checkpoint(
-        ckpt, out_dir, validation_rows, policies, export_dir=run_dir / "export", name=name, base_model=base_model,
-        max_length=max_length, stride=stride, creation_command=creation_command, input_template=template, target=target,
-        quantize=quantize, training=training, train_rows=0, minutes=(time.time() - started) / 60, card_extra=recipe_md,
-        threads=threads)
-    return {"out": str(out_dir), "val_f1_service": release.mean_f1, "service_precision": release.manifest.files[0].precision,
-            "calibration": release.summary(), **training}
+        ckpt,
+        out_dir,
+        validation_rows,
+        policies,
+        export_dir=run_dir / "export",
+        name=name,
+        base_model=base_model,
+        max_length=max_length,
+        stride=stride,
+        creation_command=creation_command,
+        input_template=template,
+        target=target,
+        quantize=quantize,
+        training=training,
+        train_rows=0,
+        minutes=(time.time() - started) / 60,
+        card_extra=recipe_md,
+        threads=threads,
+    )
+    return {
+        "out": str(out_dir),
+        "val_f1_service": release.mean_f1,
+        "service_precision": release.manifest.files[0].precision,
+        "calibration": release.summary(),
+        **training,
+    }

@@ -17,7 +17,7 @@ from service.policy import InputEncoder, InputTemplate, Policy, load_policies
 from training.data.build import build_dataset
 from training.data.rows import Example, read_examples, summary_rows, write_examples
 from training.eval.report import print_report
-from training.eval.thresholds import ThresholdTarget
+from training.eval.thresholds import BEST_F1, ThresholdTarget
 from training.io import write_json_atomic
 from training.model.batches import encode_rows
 from training.model.checkpoints import save_checkpoint
@@ -30,13 +30,25 @@ from training.ui import Reporter, console, print_table
 
 NAME = "uniguard-default"
 # The preset: one pass over ~15k rows at batch 32 takes ~20 min on 2 cores.
-DEFAULT_LOOP = LoopConfig(epochs=1.0, batch_size=32, lr=8e-5, warmup_ratio=0.06, weight_decay=0.01, max_grad_norm=1.0,
-                          seed=13, lambda_mlm=0.0, lambda_alice=0.0, lambda_cls=1.0, save_every=100)
+DEFAULT_LOOP = LoopConfig(
+    epochs=1.0,
+    batch_size=32,
+    lr=8e-5,
+    warmup_ratio=0.06,
+    weight_decay=0.01,
+    max_grad_norm=1.0,
+    seed=13,
+    lambda_mlm=0.0,
+    lambda_alice=0.0,
+    lambda_cls=1.0,
+    save_every=100,
+)
 SPLITS = ("train", "validation")
 
 
-def prepare_split(data_dir: Path, example_files: list[Path], policies: set[str], run_dir: Path,
-                  seed: int) -> dict[str, list[Example]]:
+def prepare_split(
+    data_dir: Path, example_files: list[Path], policies: set[str], run_dir: Path, seed: int
+) -> dict[str, list[Example]]:
     """``run_dir/{train,validation}.jsonl``, built once; a rerun reads them back."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "validation.jsonl").exists():
@@ -47,8 +59,15 @@ def prepare_split(data_dir: Path, example_files: list[Path], policies: set[str],
     return {name: read_examples(run_dir / f"{name}.jsonl") for name in SPLITS}
 
 
-def train_checkpoint(base: Path, encoder: InputEncoder, policies: dict[str, Policy], train: list[Example],
-                     run_dir: Path, loop: LoopConfig, reporter: Reporter) -> Path:
+def train_checkpoint(
+    base: Path,
+    encoder: InputEncoder,
+    policies: dict[str, Policy],
+    train: list[Example],
+    run_dir: Path,
+    loop: LoopConfig,
+    reporter: Reporter,
+) -> Path:
     """``run_dir/checkpoint``: the base encoder fine-tuned on the first window of every row."""
     ckpt = run_dir / "checkpoint"
     if (ckpt / "config.json").exists():
@@ -56,20 +75,39 @@ def train_checkpoint(base: Path, encoder: InputEncoder, policies: dict[str, Poli
         return ckpt
     model = load_classifier(base, seed=loop.seed)
     with reporter.task("fine-tune") as update:
-        log = train_loop(model, encode_rows(encoder, policies, train), loop, state_dir=run_dir / ".state-checkpoint",
-                         progress=update)
-    meta = {"family": "default", "policy": None, "trained_policies": sorted(policies), "init": str(base),
-            "input_template": encoder.template.model_dump(), "max_length": encoder.max_length,
-            "stride": encoder.stride, "config": {"loop": loop.to_dict()}, "train_log": log}
+        log = train_loop(
+            model, encode_rows(encoder, policies, train), loop, state_dir=run_dir / ".state-checkpoint", progress=update
+        )
+    meta = {
+        "family": "default",
+        "policy": None,
+        "trained_policies": sorted(policies),
+        "init": str(base),
+        "input_template": encoder.template.model_dump(),
+        "max_length": encoder.max_length,
+        "stride": encoder.stride,
+        "config": {"loop": loop.to_dict()},
+        "train_log": log,
+    }
     save_checkpoint(model, base, ckpt, meta)
     (run_dir / ".state-checkpoint" / "state.pt").unlink(missing_ok=True)
     return ckpt
 
 
 def build_default(
-    data_dir: Path, examples_dir: Path, policies_dir: Path, out_dir: Path, run_dir: Path, *, max_length: int,
-    stride: int, loop: LoopConfig = DEFAULT_LOOP, force: bool = False, target: ThresholdTarget = ThresholdTarget(),
-    creation_command: str = "make model", reporter: Reporter | None = None,
+    data_dir: Path,
+    examples_dir: Path,
+    policies_dir: Path,
+    out_dir: Path,
+    run_dir: Path,
+    *,
+    max_length: int,
+    stride: int,
+    loop: LoopConfig = DEFAULT_LOOP,
+    force: bool = False,
+    target: ThresholdTarget = BEST_F1,
+    creation_command: str = "make model",
+    reporter: Reporter | None = None,
 ) -> Release:
     """Train, export and release ``run_dir/export``; promote it to ``out_dir`` if it is better (or ``force``)."""
     reporter = reporter or Reporter()
@@ -87,15 +125,31 @@ def build_default(
     hashes = {p.name: sha256_file(p) for p in sorted(Path(data_dir).glob("*.jsonl")) + example_files}
     with reporter.task("score validation (onnxruntime, service loader)") as update:
         release = release_checkpoint(
-            ckpt, export_dir, validation, policies, export_dir=export_dir, name=NAME, base_model=BASE_MODEL_NAME,
-            max_length=max_length, stride=stride, creation_command=creation_command, input_template=InputTemplate(),
-            target=target, data_hashes=hashes, training={"config": loop.to_dict(), "train_rows": len(train)},
-            train_rows=len(train), minutes=(time.time() - started) / 60, progress=lambda d, t: update(d, t, ""))
+            ckpt,
+            export_dir,
+            validation,
+            policies,
+            export_dir=export_dir,
+            name=NAME,
+            base_model=BASE_MODEL_NAME,
+            max_length=max_length,
+            stride=stride,
+            creation_command=creation_command,
+            input_template=InputTemplate(),
+            target=target,
+            data_hashes=hashes,
+            training={"config": loop.to_dict(), "train_rows": len(train)},
+            train_rows=len(train),
+            minutes=(time.time() - started) / 60,
+            progress=lambda d, t: update(d, t, ""),
+        )
     print_report(release.report)
     done, why = promote(export_dir, out_dir, force=force)
     if done:
-        console.print(f"[green]wrote {out_dir} (mean validation F1 {release.mean_f1:.4f}; {why}) "
-                      f"in {(time.time() - started) / 60:.1f} min")
+        console.print(
+            f"[green]wrote {out_dir} (mean validation F1 {release.mean_f1:.4f}; {why}) "
+            f"in {(time.time() - started) / 60:.1f} min"
+        )
     else:
         console.print(f"[yellow]kept {out_dir}: {why}; the new model stays in {export_dir} (use --force to replace)")
     print(release.card)

@@ -29,14 +29,16 @@ class StageConfigMismatch(RuntimeError):
     """A finished checkpoint exists for a different configuration: rerun with --force or a new run name."""
 
 
-def validate(model: Any, encoder: InputEncoder, policies: dict[str, Policy], rows: list[Example],
-             reporter: Reporter, label: str) -> dict[str, dict]:
+def validate(
+    model: Any, encoder: InputEncoder, policies: dict[str, Policy], rows: list[Example], reporter: Reporter, label: str
+) -> dict[str, dict]:
     """Per-policy validation metrics at threshold 0.5, windows and max like the service."""
     if not rows:
         return {}
     with reporter.task(f"validate {label}") as update:
-        scores, latency = score(model_scorer(model, encoder), rows, policies, batch_size=64,
-                                progress=lambda d, t: update(d, t, ""))
+        scores, latency = score(
+            model_scorer(model, encoder), rows, policies, batch_size=64, progress=lambda d, t: update(d, t, "")
+        )
     return metrics_by_policy(rows, scores, latency)
 
 
@@ -47,8 +49,14 @@ def stage_identity(config: Any) -> Any:
     """A stage config without the settings that change speed, not results (threads, device, checkpoint cadence)."""
     if not isinstance(config, dict):
         return config
-    return {k: ({kk: vv for kk, vv in v.items() if kk not in RUNTIME_KEYS} if isinstance(v, dict) and k in ("loop", "head") else v)
-            for k, v in config.items()}
+    return {
+        k: (
+            {kk: vv for kk, vv in v.items() if kk not in RUNTIME_KEYS}
+            if isinstance(v, dict) and k in ("loop", "head")
+            else v
+        )
+        for k, v in config.items()
+    }
 
 
 def stage_done(out: Path, config: dict[str, Any], force: bool) -> dict[str, Any] | None:
@@ -59,21 +67,46 @@ def stage_done(out: Path, config: dict[str, Any], force: bool) -> dict[str, Any]
         return None
     meta = read_meta(out)
     if stage_identity(meta.get("config")) != stage_identity(config):
-        raise StageConfigMismatch(f"{out} was trained with another configuration; use --force to retrain it or another --run name")
+        raise StageConfigMismatch(
+            f"{out} was trained with another configuration; use --force to retrain it or another --run name"
+        )
     return meta
 
 
 def finetune_stage(
-    init: Path, out: Path, *, family: str, policy: str, mode: str, train_rows: list[Example], val_rows: list[Example],
-    policies: dict[str, Policy], template: InputTemplate, max_length: int, stride: int, loop: LoopConfig, head: HeadConfig,
-    run_dir: Path, data_hashes: dict[str, str], reporter: Reporter, force: bool = False,
+    init: Path,
+    out: Path,
+    *,
+    family: str,
+    policy: str,
+    mode: str,
+    train_rows: list[Example],
+    val_rows: list[Example],
+    policies: dict[str, Policy],
+    template: InputTemplate,
+    max_length: int,
+    stride: int,
+    loop: LoopConfig,
+    head: HeadConfig,
+    run_dir: Path,
+    data_hashes: dict[str, str],
+    reporter: Reporter,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``init`` on one policy (FFT: every weight; CFT: pooler + classifier) and register it."""
     if mode not in ("fft", "cft"):
         raise ValueError(f"mode must be fft or cft, got {mode!r}")
-    config = {"mode": mode, "init": str(init), "init_sha256": sha256_file(Path(init) / "model.safetensors")[:16], "max_length": max_length, "stride": stride,
-              "train_rows": len(train_rows), "loop": loop.to_dict() if mode == "fft" else None,
-              "head": head.to_dict() if mode == "cft" else None, "data": data_hashes}
+    config = {
+        "mode": mode,
+        "init": str(init),
+        "init_sha256": sha256_file(Path(init) / "model.safetensors")[:16],
+        "max_length": max_length,
+        "stride": stride,
+        "train_rows": len(train_rows),
+        "loop": loop.to_dict() if mode == "fft" else None,
+        "head": head.to_dict() if mode == "cft" else None,
+        "data": data_hashes,
+    }
     meta = stage_done(out, config, force)
     if meta is not None:
         reporter.print(f"[dim]skip {family} {policy}: {out} is complete")
@@ -92,14 +125,27 @@ def finetune_stage(
     model.to("cpu")
     validation = validate(model, encoder, policies, val_rows, reporter, f"{family} {policy}")
     parent = read_meta(init).get("family")
-    meta = {"family": family, "policy": policy, "trained_policies": [policy], "parent": parent or "base",
-            "init": str(init), "input_template": template.model_dump(), "max_length": max_length, "stride": stride,
-            "config": config, "data_hashes": data_hashes, "train_log": log, "validation": validation,
-            "train_seconds": round(time.time() - started, 1)}
+    meta = {
+        "family": family,
+        "policy": policy,
+        "trained_policies": [policy],
+        "parent": parent or "base",
+        "init": str(init),
+        "input_template": template.model_dump(),
+        "max_length": max_length,
+        "stride": stride,
+        "config": config,
+        "data_hashes": data_hashes,
+        "train_log": log,
+        "validation": validation,
+        "train_seconds": round(time.time() - started, 1),
+    }
     save_checkpoint(model, Path(init), out, meta)
     shutil.rmtree(out.with_name(f".state-{out.name}"), ignore_errors=True)
     register(run_dir, out, meta)
     m = validation.get(policy, {})
-    reporter.print(f"{family} {policy}: validation F1 {m.get('f1')} ROC-AUC {m.get('roc_auc')} "
-                   f"({meta['train_seconds']:.0f} s, {len(train_rows)} rows)")
+    reporter.print(
+        f"{family} {policy}: validation F1 {m.get('f1')} ROC-AUC {m.get('roc_auc')} "
+        f"({meta['train_seconds']:.0f} s, {len(train_rows)} rows)"
+    )
     return meta

@@ -30,17 +30,35 @@ from training.ui import Reporter
 
 
 def gip_stage(
-    run_dir: Path, base: Path, policies: dict[str, Policy], train: list[Example], validation: list[Example], *,
-    holdout: str | None, max_train_per_policy: int, max_length: int, stride: int, loop: LoopConfig,
-    data_hashes: dict[str, str], reporter: Reporter, force: bool = False,
+    run_dir: Path,
+    base: Path,
+    policies: dict[str, Policy],
+    train: list[Example],
+    validation: list[Example],
+    *,
+    holdout: str | None,
+    max_train_per_policy: int,
+    max_length: int,
+    stride: int,
+    loop: LoopConfig,
+    data_hashes: dict[str, str],
+    reporter: Reporter,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume, or skip) the GIP checkpoint at ``run_dir/mtg/gip``; validates on every policy."""
     out = run_dir / "mtg" / "gip"
     rows = without_policy(train, holdout) if holdout else list(train)
     rows = subsample(rows, max_train_per_policy, loop.seed)
     trained = sorted({ex.policy_id for ex in rows})
-    config = {"holdout": holdout, "max_length": max_length, "stride": stride, "train_rows": len(rows),
-              "loop": loop.to_dict(), "data": data_hashes, "init": str(base)}
+    config = {
+        "holdout": holdout,
+        "max_length": max_length,
+        "stride": stride,
+        "train_rows": len(rows),
+        "loop": loop.to_dict(),
+        "data": data_hashes,
+        "init": str(base),
+    }
     meta = stage_done(out, config, force)
     if meta is not None:
         reporter.print(f"[dim]skip mtg-gip: {out} is complete")
@@ -59,53 +77,122 @@ def gip_stage(
     model.to("cpu")
     head.to("cpu")
     validation = validate(model, encoder, policies, validation, reporter, "mtg-gip")
-    meta = {"family": "mtg-gip", "policy": None, "trained_policies": trained, "holdout": holdout, "parent": "base",
-            "init": str(base), "input_template": MTG_TEMPLATE.model_dump(), "max_length": max_length, "stride": stride,
-            "mlm_head": f"{MLM_HEAD_FILE}: BertOnlyMLMHead initialised fresh (the base ships as BertModel without "
-                        "pretraining heads), decoder tied to the word embeddings",
-            "config": config, "data_hashes": data_hashes, "train_log": log, "validation": validation,
-            "train_seconds": round(time.time() - started, 1)}
-    save_checkpoint(model, Path(base), out, meta, extra_tensors={MLM_HEAD_FILE: mlm_head_tensors(head)}, card=gip_card(meta))
+    meta = {
+        "family": "mtg-gip",
+        "policy": None,
+        "trained_policies": trained,
+        "holdout": holdout,
+        "parent": "base",
+        "init": str(base),
+        "input_template": MTG_TEMPLATE.model_dump(),
+        "max_length": max_length,
+        "stride": stride,
+        "mlm_head": f"{MLM_HEAD_FILE}: BertOnlyMLMHead initialised fresh (the base ships as BertModel without "
+        "pretraining heads), decoder tied to the word embeddings",
+        "config": config,
+        "data_hashes": data_hashes,
+        "train_log": log,
+        "validation": validation,
+        "train_seconds": round(time.time() - started, 1),
+    }
+    save_checkpoint(
+        model, Path(base), out, meta, extra_tensors={MLM_HEAD_FILE: mlm_head_tensors(head)}, card=gip_card(meta)
+    )
     shutil.rmtree(state_dir, ignore_errors=True)
     register(run_dir, out, meta)
-    reporter.print("mtg-gip validation F1: " + ", ".join(f"{p} {m.get('f1')}" + (" (zero-shot)" if p == holdout else "")
-                                                        for p, m in validation.items()))
+    reporter.print(
+        "mtg-gip validation F1: "
+        + ", ".join(f"{p} {m.get('f1')}" + (" (zero-shot)" if p == holdout else "") for p, m in validation.items())
+    )
     return meta
 
 
 def gip_card(meta: dict[str, Any]) -> str:
     """CARD.md of the GIP checkpoint: what it is, how it was trained, what is new in it."""
     loop = meta["config"]["loop"]
-    val = ", ".join(f"{p} {m.get('f1')}" + (" (zero-shot)" if p == meta["holdout"] else "") for p, m in meta["validation"].items())
-    return "\n".join([
-        "# MultiTaskGuard — guardrail-instruction pretraining (GIP)", "",
-        f"- Base: {meta['init']} (all-MiniLM-L6-v2); input `Instruct: <policy description>` [SEP] "
-        f"`Query: <prompt>` [SEP] `<rationale>` (rationale in training only), max {meta['max_length']} tokens.",
-        f"- Loss: {loop['lambda_mlm']}·MLM + {loop['lambda_alice']}·ALICE (ε = {loop['alice_eps']}) + {loop['lambda_cls']}·CE; "
-        f"{meta['config']['train_rows']} rows of {', '.join(meta['trained_policies'])}; held out: {meta['holdout'] or 'none'}.",
-        "- MLM head: the base ships as a BertModel without pretraining heads, so `mlm_head.safetensors` holds a",
-        "  BertOnlyMLMHead initialised fresh for GIP, its decoder tied to the word embeddings (only its transform",
-        "  and bias are stored). The classifier itself loads with AutoModelForSequenceClassification.",
-        f"- Validation F1 at threshold 0.5: {val}.", ""])
+    val = ", ".join(
+        f"{p} {m.get('f1')}" + (" (zero-shot)" if p == meta["holdout"] else "") for p, m in meta["validation"].items()
+    )
+    return "\n".join(
+        [
+            "# MultiTaskGuard — guardrail-instruction pretraining (GIP)",
+            "",
+            f"- Base: {meta['init']} (all-MiniLM-L6-v2); input `Instruct: <policy description>` [SEP] "
+            f"`Query: <prompt>` [SEP] `<rationale>` (rationale in training only), max {meta['max_length']} tokens.",
+            f"- Loss: {loop['lambda_mlm']}·MLM + {loop['lambda_alice']}·ALICE (ε = {loop['alice_eps']}) + "
+            f"{loop['lambda_cls']}·CE; {meta['config']['train_rows']} rows of {', '.join(meta['trained_policies'])}; "
+            f"held out: {meta['holdout'] or 'none'}.",
+            "- MLM head: the base ships as a BertModel without pretraining heads, so `mlm_head.safetensors` holds a",
+            "  BertOnlyMLMHead initialised fresh for GIP, its decoder tied to the word embeddings (only its transform",
+            "  and bias are stored). The classifier itself loads with AutoModelForSequenceClassification.",
+            f"- Validation F1 at threshold 0.5: {val}.",
+            "",
+        ]
+    )
 
 
 def run_mtg(
-    run_dir: Path, base: Path, policies: dict[str, Policy], train: list[Example], validation: list[Example], *,
-    holdout: str | None, policy_ids: list[str], finetune_modes: list[str], gip_max_train: int, ft_max_train: int,
-    max_length: int, stride: int, gip_loop: LoopConfig, ft_loop: LoopConfig, head: HeadConfig,
-    data_hashes: dict[str, str], reporter: Reporter, force: bool = False,
+    run_dir: Path,
+    base: Path,
+    policies: dict[str, Policy],
+    train: list[Example],
+    validation: list[Example],
+    *,
+    holdout: str | None,
+    policy_ids: list[str],
+    finetune_modes: list[str],
+    gip_max_train: int,
+    ft_max_train: int,
+    max_length: int,
+    stride: int,
+    gip_loop: LoopConfig,
+    ft_loop: LoopConfig,
+    head: HeadConfig,
+    data_hashes: dict[str, str],
+    reporter: Reporter,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
     """GIP, then per-policy CFT / FFT of the GIP checkpoint (instruction inputs, no rationale)."""
-    metas = [gip_stage(run_dir, base, policies, train, validation, holdout=holdout, max_train_per_policy=gip_max_train,
-                       max_length=max_length, stride=stride, loop=gip_loop, data_hashes=data_hashes, reporter=reporter,
-                       force=force)]
+    metas = [
+        gip_stage(
+            run_dir,
+            base,
+            policies,
+            train,
+            validation,
+            holdout=holdout,
+            max_train_per_policy=gip_max_train,
+            max_length=max_length,
+            stride=stride,
+            loop=gip_loop,
+            data_hashes=data_hashes,
+            reporter=reporter,
+            force=force,
+        )
+    ]
     gip = run_dir / "mtg" / "gip"
     for pid in policy_ids:
         rows = subsample(for_policy(train, pid), ft_max_train, ft_loop.seed)
         for mode in finetune_modes:
-            metas.append(finetune_stage(
-                gip, run_dir / "mtg" / pid / mode, family=f"mtg-{mode}", policy=pid, mode=mode, train_rows=rows,
-                val_rows=for_policy(validation, pid), policies=policies, template=MTG_TEMPLATE, max_length=max_length,
-                stride=stride, loop=ft_loop, head=head, run_dir=run_dir, data_hashes=data_hashes, reporter=reporter,
-                force=force))
+            metas.append(
+                finetune_stage(
+                    gip,
+                    run_dir / "mtg" / pid / mode,
+                    family=f"mtg-{mode}",
+                    policy=pid,
+                    mode=mode,
+                    train_rows=rows,
+                    val_rows=for_policy(validation, pid),
+                    policies=policies,
+                    template=MTG_TEMPLATE,
+                    max_length=max_length,
+                    stride=stride,
+                    loop=ft_loop,
+                    head=head,
+                    run_dir=run_dir,
+                    data_hashes=data_hashes,
+                    reporter=reporter,
+                    force=force,
+                )
+            )
     return metas

@@ -16,18 +16,47 @@ from training.ui import Reporter
 
 
 def run_taskguard(
-    run_dir: Path, base: Path, policies: dict[str, Policy], train: list[Example], validation: list[Example], *,
-    policy_ids: list[str], modes: list[str], max_train: int, max_length: int, stride: int,
-    loop: LoopConfig, head: HeadConfig, data_hashes: dict[str, str], reporter: Reporter, force: bool = False,
+    run_dir: Path,
+    base: Path,
+    policies: dict[str, Policy],
+    train: list[Example],
+    validation: list[Example],
+    *,
+    policy_ids: list[str],
+    modes: list[str],
+    max_train: int,
+    max_length: int,
+    stride: int,
+    loop: LoopConfig,
+    head: HeadConfig,
+    data_hashes: dict[str, str],
+    reporter: Reporter,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
     """TaskGuard-FFT / -CFT for each policy: plain prompts (no instruction), base encoder start."""
     metas = []
     for pid in policy_ids:
         rows = subsample(for_policy(train, pid), max_train, loop.seed)
         for mode in modes:
-            metas.append(finetune_stage(
-                base, run_dir / "taskguard" / pid / mode, family=f"taskguard-{mode}", policy=pid, mode=mode,
-                train_rows=rows, val_rows=for_policy(validation, pid), policies=policies, template=TASKGUARD_TEMPLATE,
-                max_length=max_length, stride=stride, loop=loop, head=head, run_dir=run_dir, data_hashes=data_hashes,
-                reporter=reporter, force=force))
+            metas.append(
+                finetune_stage(
+                    base,
+                    run_dir / "taskguard" / pid / mode,
+                    family=f"taskguard-{mode}",
+                    policy=pid,
+                    mode=mode,
+                    train_rows=rows,
+                    val_rows=for_policy(validation, pid),
+                    policies=policies,
+                    template=TASKGUARD_TEMPLATE,
+                    max_length=max_length,
+                    stride=stride,
+                    loop=loop,
+                    head=head,
+                    run_dir=run_dir,
+                    data_hashes=data_hashes,
+                    reporter=reporter,
+                    force=force,
+                )
+            )
     return metas
