@@ -17,7 +17,7 @@ from tests.tiny import build_tiny_model_folder
 from training.data.rows import Example, read_examples
 from training.eval.thresholds import ThresholdTarget, choose_thresholds, max_fpr_threshold
 from training.release.calibrate import ece, fit_calibration, fit_temperature
-from training.release.finalize import finalize
+from training.release.finalize import ReleaseOptions, finalize
 
 
 def synthetic(n: int = 4000, overconfidence: float = 3.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -119,14 +119,8 @@ def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tm
     onnx_sha = sha256_file(varied_model / "model.onnx")
 
     policies = load_policies(DEFAULT_POLICIES_DIR)
-    summary = finalize(
-        varied_model,
-        varied_model,
-        read_examples(validation),
-        policies,
-        target=ThresholdTarget("max_fpr", 0.2),
-        threads=1,
-    ).summary()
+    options = ReleaseOptions(ThresholdTarget("max_fpr", 0.2), threads=1)
+    summary = finalize(varied_model, varied_model, read_examples(validation), policies, options).summary()
     assert summary["rows"] == 120 and summary["temperature"] > 0
     manifest = read_manifest(varied_model)
     assert manifest.calibration is not None and manifest.calibration.temperature == pytest.approx(
@@ -142,12 +136,5 @@ def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tm
     load_and_validate(varied_model, threads=1)  # the service still takes it
 
     # Idempotent: raw scores never include the calibration.
-    again = finalize(
-        varied_model,
-        varied_model,
-        read_examples(validation),
-        policies,
-        target=ThresholdTarget("max_fpr", 0.2),
-        threads=1,
-    ).summary()
+    again = finalize(varied_model, varied_model, read_examples(validation), policies, options).summary()
     assert again["temperature"] == pytest.approx(summary["temperature"], rel=1e-3)

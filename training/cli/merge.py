@@ -103,6 +103,7 @@ def merge_search(
     from training.merging.checkpoints import CheckpointIndexError, resolve_sources
     from training.merging.params import MergeParams
     from training.merging.subsets import SubsetFileError, load_subsets
+    from training.release.finalize import ReleaseOptions
     from training.release.promote import promote as promote_folder
     from training.search.report import markdown, print_summary
     from training.search.run import SearchSettings, load_validation, run_search
@@ -172,7 +173,6 @@ def merge_search(
     if not export:
         return
     rows, policies = load_validation(validation, policies_dir, settings.policies)
-    command = command_line()
     summary = export_winner(
         result,
         objective,
@@ -182,16 +182,11 @@ def merge_search(
         run_dir=run_dir,
         out_dir=out,
         name=name,
-        base_model=f"UniGuard merge of {', '.join(s.name for s in result.top)}",
-        base_path=result.base,
-        max_length=result.max_length,
-        stride=result.stride,
-        creation_command=command,
+        creation_command=command_line(),
         trial_log=log,
         started=started,
         quantize=quantize,
-        target=target,
-        threads=threads,
+        options=ReleaseOptions(target, threads=threads),
     )
     write_json_atomic(run_dir / "summary.json", summary)
     console.print(

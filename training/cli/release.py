@@ -55,7 +55,8 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX and release it: calibrated, thresholds, manifest (template, window), card."""
     from training.model.checkpoints import read_meta, template_of
-    from training.release.finalize import release_checkpoint
+    from training.release.export import ExportSpec
+    from training.release.finalize import ReleaseOptions, release_checkpoint
 
     target = parse_target(threshold_target)
     validation = validation or run_validation(checkpoint)
@@ -72,17 +73,18 @@ def export(
             read_examples(validation),
             load_policies(policies_dir),
             export_dir=Path(work) / "export",
-            name=f"uniguard-{meta.get('family', 'checkpoint')}",
-            base_model=str(meta.get("init", "")),
-            max_length=int(meta.get("max_length", 128)),
-            stride=int(meta.get("stride", 32)),
-            creation_command=command_line(),
-            input_template=template_of(meta),
-            target=target,
-            quantize=quantize,
-            data_hashes=meta.get("data_hashes", {}),
-            training={"family": meta.get("family"), "policy": meta.get("policy")},
-            threads=threads,
+            spec=ExportSpec(
+                f"uniguard-{meta.get('family', 'checkpoint')}",
+                str(meta.get("init", "")),
+                int(meta.get("max_length", 128)),
+                int(meta.get("stride", 32)),
+                command_line(),
+                template_of(meta),
+                quantize=quantize,
+                data_hashes=meta.get("data_hashes", {}),
+                training={"family": meta.get("family"), "policy": meta.get("policy")},
+            ),
+            options=ReleaseOptions(target, threads=threads),
         )
     manifest = release.manifest
     typer.echo(
@@ -104,15 +106,14 @@ def calibrate(
 ) -> None:
     """Fit temperature scaling on validation scores, choose per-policy thresholds on the calibrated
     scores, and rewrite manifest.json, CARD.md and reliability.png of MODEL_DIR atomically."""
-    from training.release.finalize import finalize
+    from training.release.finalize import ReleaseOptions, finalize
 
     for path, hint in ((model_dir, "--model-dir"), (validation, "--validation")):
         if not path.exists():
             raise typer.BadParameter(f"{path} does not exist", param_hint=hint)
     target = parse_target(threshold_target)
-    release = finalize(
-        model_dir, model_dir, read_examples(validation), load_policies(policies_dir), target=target, threads=threads
-    )
+    options = ReleaseOptions(target, threads=threads)
+    release = finalize(model_dir, model_dir, read_examples(validation), load_policies(policies_dir), options)
     typer.echo(json.dumps(release.summary(), indent=2))
 
 

@@ -152,15 +152,3 @@ def score(
     return score_windows(
         scorer.run, encode_windows(scorer.encoder, examples, policies), len(examples), batch_size, progress
     )
-
-
-def score_folder(
-    folder: Path,
-    examples: list[Example],
-    policies: dict[str, Policy],
-    threads: int = 0,
-    progress: Progress | None = None,
-) -> np.ndarray:
-    """Raw unsafe probability per example of an exported folder, through the service's loader."""
-    scores, _ = score(onnx_scorer(folder, threads), examples, policies, batch_size=64, progress=progress)
-    return scores

@@ -16,8 +16,10 @@ import logging
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from onnxruntime.transformers.optimizer import optimize_model
 from optimum.exporters.onnx import main_export
@@ -100,6 +102,24 @@ def clean_tokenizer(path: Path) -> None:
     tok.no_padding()
     tok.no_truncation()
     tok.save(str(path))
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What the manifest of an exported folder says about the model (``export_model_folder``'s settings)."""
+
+    name: str
+    base_model: str
+    max_length: int
+    stride: int
+    creation_command: str
+    input_template: InputTemplate | None = None
+    quantize: bool = True
+    data_hashes: dict[str, str] | None = None
+    training: dict[str, Any] | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def export_model_folder(

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from service.manifest import MANIFEST_FILE, Manifest, PolicyEntry, read_manifest, sha256_file
-from service.policy import InputTemplate, Policy
+from service.policy import Policy
 from training.data.rows import Example
 from training.eval.metrics import mean_f1, report
-from training.eval.scoring import Progress, score_folder
+from training.eval.scoring import Progress, onnx_scorer, score
 from training.eval.thresholds import BEST_F1, ThresholdTarget, choose_thresholds
 from training.io import staged_dir, write_json_atomic, write_text_atomic
 from training.release.calibrate import (
@@ -38,7 +38,7 @@ from training.release.calibrate import (
     reliability_diagram,
 )
 from training.release.card import render_card
-from training.release.export import export_model_folder
+from training.release.export import ExportSpec, export_model_folder
 
 CHECKED_FILES = ("tokenizer.json", "config.json")
 
@@ -98,33 +98,46 @@ def _policy_entries(
         )
 
 
+@dataclass(frozen=True)
+class ReleaseOptions:
+    """How to release, beyond the folder and its validation rows.
+
+    ``training`` is merged into the manifest's ``training`` record; ``train_rows`` (default:
+    the manifest's own record) and ``minutes`` go into the card; ``card_extra`` is Markdown
+    appended to the card (e.g. a merge recipe).
+    """
+
+    target: ThresholdTarget = BEST_F1
+    training: dict[str, Any] | None = None
+    train_rows: int | None = None
+    minutes: float | None = None
+    card_extra: str = ""
+    threads: int = 0
+
+
+DEFAULT_OPTIONS = ReleaseOptions()
+
+
 def finalize(
     src: Path,
     out: Path,
     examples: list[Example],
     policies: dict[str, Policy],
-    *,
-    target: ThresholdTarget = BEST_F1,
-    training: dict[str, Any] | None = None,
-    train_rows: int | None = None,
-    minutes: float | None = None,
-    card_extra: str = "",
-    threads: int = 0,
+    options: ReleaseOptions = DEFAULT_OPTIONS,
     progress: Progress | None = None,
 ) -> Release:
     """Release the exported folder ``src`` as ``out`` (``out`` may be ``src``: calibrated in place).
 
-    ``examples`` are the validation rows (rows of policies not in ``policies`` are skipped);
-    ``training`` is merged into the manifest's ``training`` record; ``card_extra`` is
-    Markdown appended to the card (e.g. a merge recipe).
+    ``examples`` are the validation rows; rows of policies not in ``policies`` are skipped.
     """
     src, out = Path(src), Path(out)
     skipped = sorted({ex.policy_id for ex in examples if ex.policy_id not in policies})
     rows = [ex for ex in examples if ex.policy_id in policies]
     if not rows:
         raise ValueError(f"no validation rows for the policies {sorted(policies)}")
-    raw = score_folder(src, rows, policies, threads=threads, progress=progress)
+    raw, _ = score(onnx_scorer(src, options.threads), rows, policies, progress=progress)  # the service's loader
     fit = fit_calibration(np.array([ex.label for ex in rows], dtype=int), raw)
+    target = options.target
     thresholds = choose_thresholds(rows, fit.calibrated, target)
     rep = report(rows, fit.calibrated, thresholds)  # what the service answers: calibrated scores
     manifest = read_manifest(src)
@@ -137,25 +150,26 @@ def finalize(
             manifest.checksums = {f: sha256_file(staging / f) for f in CHECKED_FILES if (staging / f).exists()}
         manifest.training = {
             **manifest.training,
-            **(training or {}),
+            **(options.training or {}),
             "val_f1_service": round(mean_f1(rep), 6),
             "service_precision": manifest.files[0].precision,
         }
         manifest = Manifest.model_validate(manifest.model_dump())
         write_json_atomic(staging / MANIFEST_FILE, json.loads(manifest.model_dump_json()))
-        if train_rows is None:
-            recorded = manifest.training.get("train_rows")
-            train_rows = recorded if isinstance(recorded, int) else 0
+        recorded = manifest.training.get("train_rows")
+        train_rows = (
+            options.train_rows if options.train_rows is not None else recorded if isinstance(recorded, int) else 0
+        )
         card = (
             render_card(
                 manifest,
                 rep,
                 validation_rows=len(rows),
                 train_rows=train_rows,
-                minutes=minutes,
+                minutes=options.minutes,
                 calibration=card_section(fit, target, per_policy_ece(rows, fit)),
             )
-            + card_extra
+            + options.card_extra
         )
         write_text_atomic(staging / "CARD.md", card)
     return Release(out, manifest, rep, fit, target, thresholds, skipped, card)
@@ -168,45 +182,10 @@ def release_checkpoint(
     policies: dict[str, Policy],
     *,
     export_dir: Path,
-    name: str,
-    base_model: str,
-    max_length: int,
-    stride: int,
-    creation_command: str,
-    input_template: InputTemplate,
-    target: ThresholdTarget = BEST_F1,
-    quantize: bool = True,
-    data_hashes: dict[str, str] | None = None,
-    training: dict[str, Any] | None = None,
-    train_rows: int | None = None,
-    minutes: float | None = None,
-    card_extra: str = "",
-    threads: int = 0,
+    spec: ExportSpec,
+    options: ReleaseOptions = DEFAULT_OPTIONS,
     progress: Progress | None = None,
 ) -> Release:
     """Export ``checkpoint`` to ``export_dir`` (kept: the run's record), then ``finalize`` it as ``out``."""
-    export_model_folder(
-        checkpoint,
-        export_dir,
-        name=name,
-        base_model=base_model,
-        max_length=max_length,
-        stride=stride,
-        creation_command=creation_command,
-        data_hashes=data_hashes,
-        training=training,
-        quantize=quantize,
-        input_template=input_template,
-    )
-    return finalize(
-        export_dir,
-        out,
-        examples,
-        policies,
-        target=target,
-        train_rows=train_rows,
-        minutes=minutes,
-        card_extra=card_extra,
-        threads=threads,
-        progress=progress,
-    )
+    export_model_folder(checkpoint, export_dir, **spec.as_kwargs())
+    return finalize(export_dir, out, examples, policies, options, progress)

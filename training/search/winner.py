@@ -13,18 +13,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from service.policy import Policy
 from training.data.rows import Example
-from training.eval.thresholds import BEST_F1, ThresholdTarget
 from training.io import atomic_replace_dir, temp_sibling
 from training.merging.params import MergeParams
 from training.merging.recipe import MergeRecipe
 from training.merging.state import Merger
-from training.release.export import TOKENIZER_FILES
-from training.release.finalize import release_checkpoint
+from training.release.export import TOKENIZER_FILES, ExportSpec
+from training.release.finalize import DEFAULT_OPTIONS, ReleaseOptions, release_checkpoint
 from training.search.objective import MergeObjective, load_into
 from training.search.run import SearchResult
 
@@ -65,18 +65,17 @@ def export_winner(
     run_dir: Path,
     out_dir: Path,
     name: str,
-    base_model: str,
-    base_path: Path | None,
-    max_length: int,
-    stride: int,
     creation_command: str,
     trial_log: Path,
     started: float,
     quantize: bool = True,
-    target: ThresholdTarget = BEST_F1,
-    threads: int = 0,
+    options: ReleaseOptions = DEFAULT_OPTIONS,
 ) -> dict[str, Any]:
-    """Release the winner as ``out_dir``; returns the summary written next to the trial log."""
+    """Release the winner as ``out_dir``; returns the summary written next to the trial log.
+
+    ``options`` sets the threshold target and scoring threads; the recipe, the training
+    record and the card's merge section are the winner's own.
+    """
     win = result.winner
     recipe = winner_recipe(result, params)
     template = (
@@ -105,7 +104,7 @@ def export_winner(
             }
             for s in result.top
         ],
-        "base": None if base_path is None else str(base_path),
+        "base": None if result.base is None else str(result.base),
         "soup_fallback_tensors": fallback,
         "val_f1_search": win["f1"],
         "val_rows_search": len(objective.validation.examples),
@@ -128,19 +127,17 @@ def export_winner(
         validation_rows,
         policies,
         export_dir=run_dir / "export",
-        name=name,
-        base_model=base_model,
-        max_length=max_length,
-        stride=stride,
-        creation_command=creation_command,
-        input_template=template,
-        target=target,
-        quantize=quantize,
-        training=training,
-        train_rows=0,
-        minutes=(time.time() - started) / 60,
-        card_extra=recipe_md,
-        threads=threads,
+        spec=ExportSpec(
+            name,
+            f"UniGuard merge of {', '.join(s.name for s in result.top)}",
+            result.max_length,
+            result.stride,
+            creation_command,
+            template,
+            quantize=quantize,
+            training=training,
+        ),
+        options=replace(options, train_rows=0, minutes=(time.time() - started) / 60, card_extra=recipe_md),
     )
     return {
         "out": str(out_dir),

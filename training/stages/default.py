@@ -24,7 +24,8 @@ from training.model.checkpoints import save_checkpoint
 from training.model.loop import LoopConfig, train_loop
 from training.model.modeling import load_classifier
 from training.paths import BASE_MODEL_NAME, base_model_path
-from training.release.finalize import Release, release_checkpoint
+from training.release.export import ExportSpec
+from training.release.finalize import Release, ReleaseOptions, release_checkpoint
 from training.release.promote import promote
 from training.ui import Reporter, console, print_table
 
@@ -130,17 +131,17 @@ def build_default(
             validation,
             policies,
             export_dir=export_dir,
-            name=NAME,
-            base_model=BASE_MODEL_NAME,
-            max_length=max_length,
-            stride=stride,
-            creation_command=creation_command,
-            input_template=InputTemplate(),
-            target=target,
-            data_hashes=hashes,
-            training={"config": loop.to_dict(), "train_rows": len(train)},
-            train_rows=len(train),
-            minutes=(time.time() - started) / 60,
+            spec=ExportSpec(
+                NAME,
+                BASE_MODEL_NAME,
+                max_length,
+                stride,
+                creation_command,
+                InputTemplate(),
+                data_hashes=hashes,
+                training={"config": loop.to_dict(), "train_rows": len(train)},
+            ),
+            options=ReleaseOptions(target, train_rows=len(train), minutes=(time.time() - started) / 60),
             progress=lambda d, t: update(d, t, ""),
         )
     print_report(release.report)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.manifest import sha256_file
 from service.policy import InputEncoder, InputTemplate, Policy
 from training.data.rows import Example
+from training.data.splits import for_policy, subsample
 from training.eval.metrics import metrics_by_policy
 from training.eval.scoring import model_scorer, score
 from training.model.batches import encode_rows
@@ -73,25 +75,32 @@ def stage_done(out: Path, config: dict[str, Any], force: bool) -> dict[str, Any]
     return meta
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of one run shares: where checkpoints register, the policies, the window, the split."""
+
+    run_dir: Path
+    policies: dict[str, Policy]
+    max_length: int
+    stride: int
+    data_hashes: dict[str, str]
+    reporter: Reporter
+    force: bool = False
+
+
 def finetune_stage(
     init: Path,
     out: Path,
+    ctx: RunContext,
     *,
     family: str,
     policy: str,
     mode: str,
     train_rows: list[Example],
     val_rows: list[Example],
-    policies: dict[str, Policy],
     template: InputTemplate,
-    max_length: int,
-    stride: int,
     loop: LoopConfig,
     head: HeadConfig,
-    run_dir: Path,
-    data_hashes: dict[str, str],
-    reporter: Reporter,
-    force: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``init`` on one policy (FFT: every weight; CFT: pooler + classifier) and register it."""
     if mode not in ("fft", "cft"):
@@ -100,30 +109,30 @@ def finetune_stage(
         "mode": mode,
         "init": str(init),
         "init_sha256": sha256_file(Path(init) / "model.safetensors")[:16],
-        "max_length": max_length,
-        "stride": stride,
+        "max_length": ctx.max_length,
+        "stride": ctx.stride,
         "train_rows": len(train_rows),
         "loop": loop.to_dict() if mode == "fft" else None,
         "head": head.to_dict() if mode == "cft" else None,
-        "data": data_hashes,
+        "data": ctx.data_hashes,
     }
-    meta = stage_done(out, config, force)
+    meta = stage_done(out, config, ctx.force)
     if meta is not None:
-        reporter.print(f"[dim]skip {family} {policy}: {out} is complete")
+        ctx.reporter.print(f"[dim]skip {family} {policy}: {out} is complete")
         return meta
-    if force:
+    if ctx.force:
         shutil.rmtree(out.with_name(f".state-{out.name}"), ignore_errors=True)
     started = time.time()
-    encoder = InputEncoder.from_file(Path(init) / "tokenizer.json", template, max_length, stride)
-    data = encode_rows(encoder, policies, train_rows)
+    encoder = InputEncoder.from_file(Path(init) / "tokenizer.json", template, ctx.max_length, ctx.stride)
+    data = encode_rows(encoder, ctx.policies, train_rows)
     model = load_classifier(init, seed=(loop if mode == "fft" else head).seed)
-    with reporter.task(f"{family} {policy}") as update:
+    with ctx.reporter.task(f"{family} {policy}") as update:
         if mode == "fft":
             log = train_loop(model, data, loop, state_dir=out.with_name(f".state-{out.name}"), progress=update)
         else:
             log = train_head(model, data, head, progress=update)
     model.to("cpu")
-    validation = validate(model, encoder, policies, val_rows, reporter, f"{family} {policy}")
+    validation = validate(model, encoder, ctx.policies, val_rows, ctx.reporter, f"{family} {policy}")
     parent = read_meta(init).get("family")
     meta = {
         "family": family,
@@ -132,20 +141,58 @@ def finetune_stage(
         "parent": parent or "base",
         "init": str(init),
         "input_template": template.model_dump(),
-        "max_length": max_length,
-        "stride": stride,
+        "max_length": ctx.max_length,
+        "stride": ctx.stride,
         "config": config,
-        "data_hashes": data_hashes,
+        "data_hashes": ctx.data_hashes,
         "train_log": log,
         "validation": validation,
         "train_seconds": round(time.time() - started, 1),
     }
     save_checkpoint(model, Path(init), out, meta)
     shutil.rmtree(out.with_name(f".state-{out.name}"), ignore_errors=True)
-    register(run_dir, out, meta)
+    register(ctx.run_dir, out, meta)
     m = validation.get(policy, {})
-    reporter.print(
+    ctx.reporter.print(
         f"{family} {policy}: validation F1 {m.get('f1')} ROC-AUC {m.get('roc_auc')} "
         f"({meta['train_seconds']:.0f} s, {len(train_rows)} rows)"
     )
     return meta
+
+
+def finetune_per_policy(
+    init: Path,
+    out_root: Path,
+    ctx: RunContext,
+    *,
+    family: str,
+    template: InputTemplate,
+    train: list[Example],
+    validation: list[Example],
+    policy_ids: list[str],
+    modes: list[str],
+    max_train: int,
+    loop: LoopConfig,
+    head: HeadConfig,
+) -> list[dict[str, Any]]:
+    """``<family>-<mode>`` of ``init`` for every policy and mode, at ``out_root/<policy>/<mode>``."""
+    metas = []
+    for pid in policy_ids:
+        rows = subsample(for_policy(train, pid), max_train, loop.seed)
+        for mode in modes:
+            metas.append(
+                finetune_stage(
+                    init,
+                    out_root / pid / mode,
+                    ctx,
+                    family=f"{family}-{mode}",
+                    policy=pid,
+                    mode=mode,
+                    train_rows=rows,
+                    val_rows=for_policy(validation, pid),
+                    template=template,
+                    loop=loop,
+                    head=head,
+                )
+            )
+    return metas

@@ -18,65 +18,59 @@ from transformers import AutoTokenizer
 
 from service.policy import InputEncoder, Policy
 from training.data.rows import Example
-from training.data.splits import for_policy, subsample, without_policy
+from training.data.splits import subsample, without_policy
 from training.model.batches import encode_rows
 from training.model.checkpoints import register, save_checkpoint
 from training.model.head import HeadConfig
 from training.model.loop import LoopConfig, train_loop
 from training.model.losses import make_masker
 from training.model.modeling import MLM_HEAD_FILE, MTG_TEMPLATE, load_classifier, load_mlm_head, mlm_head_tensors
-from training.stages.finetune import finetune_stage, stage_done, validate
+from training.stages.finetune import RunContext, finetune_per_policy, stage_done, validate
 from training.ui import Reporter
 
 
 def gip_stage(
-    run_dir: Path,
     base: Path,
-    policies: dict[str, Policy],
+    ctx: RunContext,
     train: list[Example],
     validation: list[Example],
     *,
     holdout: str | None,
     max_train_per_policy: int,
-    max_length: int,
-    stride: int,
     loop: LoopConfig,
-    data_hashes: dict[str, str],
-    reporter: Reporter,
-    force: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume, or skip) the GIP checkpoint at ``run_dir/mtg/gip``; validates on every policy."""
-    out = run_dir / "mtg" / "gip"
+    out = ctx.run_dir / "mtg" / "gip"
     rows = without_policy(train, holdout) if holdout else list(train)
     rows = subsample(rows, max_train_per_policy, loop.seed)
     trained = sorted({ex.policy_id for ex in rows})
     config = {
         "holdout": holdout,
-        "max_length": max_length,
-        "stride": stride,
+        "max_length": ctx.max_length,
+        "stride": ctx.stride,
         "train_rows": len(rows),
         "loop": loop.to_dict(),
-        "data": data_hashes,
+        "data": ctx.data_hashes,
         "init": str(base),
     }
-    meta = stage_done(out, config, force)
+    meta = stage_done(out, config, ctx.force)
     if meta is not None:
-        reporter.print(f"[dim]skip mtg-gip: {out} is complete")
+        ctx.reporter.print(f"[dim]skip mtg-gip: {out} is complete")
         return meta
-    state_dir = run_dir / "mtg" / ".state-gip"
-    if force:
+    state_dir = ctx.run_dir / "mtg" / ".state-gip"
+    if ctx.force:
         shutil.rmtree(state_dir, ignore_errors=True)
     started = time.time()
-    encoder = InputEncoder.from_file(Path(base) / "tokenizer.json", MTG_TEMPLATE, max_length, stride)
-    data = encode_rows(encoder, policies, rows, with_rationale=True)
+    encoder = InputEncoder.from_file(Path(base) / "tokenizer.json", MTG_TEMPLATE, ctx.max_length, ctx.stride)
+    data = encode_rows(encoder, ctx.policies, rows, with_rationale=True)
     model = load_classifier(base, seed=loop.seed)
     head = load_mlm_head(model, base)
     masker = make_masker(AutoTokenizer.from_pretrained(str(base)), loop.mlm_probability, seed=loop.seed)
-    with reporter.task(f"mtg-gip ({len(rows)} rows, {len(trained)} policies)") as update:
+    with ctx.reporter.task(f"mtg-gip ({len(rows)} rows, {len(trained)} policies)") as update:
         log = train_loop(model, data, loop, head=head, masker=masker, state_dir=state_dir, progress=update)
     model.to("cpu")
     head.to("cpu")
-    validation = validate(model, encoder, policies, validation, reporter, "mtg-gip")
+    validation = validate(model, encoder, ctx.policies, validation, ctx.reporter, "mtg-gip")
     meta = {
         "family": "mtg-gip",
         "policy": None,
@@ -85,12 +79,12 @@ def gip_stage(
         "parent": "base",
         "init": str(base),
         "input_template": MTG_TEMPLATE.model_dump(),
-        "max_length": max_length,
-        "stride": stride,
+        "max_length": ctx.max_length,
+        "stride": ctx.stride,
         "mlm_head": f"{MLM_HEAD_FILE}: BertOnlyMLMHead initialised fresh (the base ships as BertModel without "
         "pretraining heads), decoder tied to the word embeddings",
         "config": config,
-        "data_hashes": data_hashes,
+        "data_hashes": ctx.data_hashes,
         "train_log": log,
         "validation": validation,
         "train_seconds": round(time.time() - started, 1),
@@ -99,8 +93,8 @@ def gip_stage(
         model, Path(base), out, meta, extra_tensors={MLM_HEAD_FILE: mlm_head_tensors(head)}, card=gip_card(meta)
     )
     shutil.rmtree(state_dir, ignore_errors=True)
-    register(run_dir, out, meta)
-    reporter.print(
+    register(ctx.run_dir, out, meta)
+    ctx.reporter.print(
         "mtg-gip validation F1: "
         + ", ".join(f"{p} {m.get('f1')}" + (" (zero-shot)" if p == holdout else "") for p, m in validation.items())
     )
@@ -153,46 +147,19 @@ def run_mtg(
     force: bool = False,
 ) -> list[dict[str, Any]]:
     """GIP, then per-policy CFT / FFT of the GIP checkpoint (instruction inputs, no rationale)."""
-    metas = [
-        gip_stage(
-            run_dir,
-            base,
-            policies,
-            train,
-            validation,
-            holdout=holdout,
-            max_train_per_policy=gip_max_train,
-            max_length=max_length,
-            stride=stride,
-            loop=gip_loop,
-            data_hashes=data_hashes,
-            reporter=reporter,
-            force=force,
-        )
-    ]
-    gip = run_dir / "mtg" / "gip"
-    for pid in policy_ids:
-        rows = subsample(for_policy(train, pid), ft_max_train, ft_loop.seed)
-        for mode in finetune_modes:
-            metas.append(
-                finetune_stage(
-                    gip,
-                    run_dir / "mtg" / pid / mode,
-                    family=f"mtg-{mode}",
-                    policy=pid,
-                    mode=mode,
-                    train_rows=rows,
-                    val_rows=for_policy(validation, pid),
-                    policies=policies,
-                    template=MTG_TEMPLATE,
-                    max_length=max_length,
-                    stride=stride,
-                    loop=ft_loop,
-                    head=head,
-                    run_dir=run_dir,
-                    data_hashes=data_hashes,
-                    reporter=reporter,
-                    force=force,
-                )
-            )
-    return metas
+    ctx = RunContext(run_dir, policies, max_length, stride, data_hashes, reporter, force)
+    gip = gip_stage(base, ctx, train, validation, holdout=holdout, max_train_per_policy=gip_max_train, loop=gip_loop)
+    return [gip] + finetune_per_policy(
+        run_dir / "mtg" / "gip",
+        run_dir / "mtg",
+        ctx,
+        family="mtg",
+        template=MTG_TEMPLATE,
+        train=train,
+        validation=validation,
+        policy_ids=policy_ids,
+        modes=finetune_modes,
+        max_train=ft_max_train,
+        loop=ft_loop,
+        head=head,
+    )

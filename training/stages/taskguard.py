@@ -7,11 +7,10 @@ from typing import Any
 
 from service.policy import Policy
 from training.data.rows import Example
-from training.data.splits import for_policy, subsample
 from training.model.head import HeadConfig
 from training.model.loop import LoopConfig
 from training.model.modeling import TASKGUARD_TEMPLATE
-from training.stages.finetune import finetune_stage
+from training.stages.finetune import RunContext, finetune_per_policy
 from training.ui import Reporter
 
 
@@ -34,29 +33,18 @@ def run_taskguard(
     force: bool = False,
 ) -> list[dict[str, Any]]:
     """TaskGuard-FFT / -CFT for each policy: plain prompts (no instruction), base encoder start."""
-    metas = []
-    for pid in policy_ids:
-        rows = subsample(for_policy(train, pid), max_train, loop.seed)
-        for mode in modes:
-            metas.append(
-                finetune_stage(
-                    base,
-                    run_dir / "taskguard" / pid / mode,
-                    family=f"taskguard-{mode}",
-                    policy=pid,
-                    mode=mode,
-                    train_rows=rows,
-                    val_rows=for_policy(validation, pid),
-                    policies=policies,
-                    template=TASKGUARD_TEMPLATE,
-                    max_length=max_length,
-                    stride=stride,
-                    loop=loop,
-                    head=head,
-                    run_dir=run_dir,
-                    data_hashes=data_hashes,
-                    reporter=reporter,
-                    force=force,
-                )
-            )
-    return metas
+    ctx = RunContext(run_dir, policies, max_length, stride, data_hashes, reporter, force)
+    return finetune_per_policy(
+        base,
+        run_dir / "taskguard",
+        ctx,
+        family="taskguard",
+        template=TASKGUARD_TEMPLATE,
+        train=train,
+        validation=validation,
+        policy_ids=policy_ids,
+        modes=modes,
+        max_train=max_train,
+        loop=loop,
+        head=head,
+    )
