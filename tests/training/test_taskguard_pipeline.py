@@ -373,3 +373,51 @@ def test_fresh_heads_are_seeded(base: Path, tmp_path: Path) -> None:
     first, again, other = heads(13), heads(13), heads(14)
     assert all((a == b).all() for a, b in zip(first, again, strict=True))
     assert not any((a == b).all() for a, b in zip(first, other, strict=True))
+
+
+def test_default_model_is_a_preset_of_the_loop_and_goes_through_the_release_step(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make model` end to end on tiny data and a tiny encoder: split, one loop, export, release, promote."""
+    from dataclasses import replace
+
+    from service.manifest import read_manifest
+    from training.stages import default as default_stage
+
+    args = _data_cli_args(tmp_path, monkeypatch)
+    data_dir, examples_dir = Path(args[2]), Path(args[4])
+    monkeypatch.setattr(default_stage, "base_model_path", lambda: base)
+    run_dir, out = tmp_path / "runs" / "default", tmp_path / "models" / "default"
+    loop = replace(default_stage.DEFAULT_LOOP, batch_size=8, max_steps=2, threads=1)
+    release = default_stage.build_default(
+        data_dir,
+        examples_dir,
+        DEFAULT_POLICIES_DIR,
+        out,
+        run_dir,
+        max_length=128,
+        stride=32,
+        loop=loop,
+        reporter=QUIET,
+    )
+    manifest = read_manifest(out)
+    assert manifest.name == "uniguard-default" and manifest.calibration is not None
+    assert manifest.training["config"]["lambda_mlm"] == 0 and manifest.training["config"]["max_steps"] == 2
+    assert set(manifest.policies) == set(POLICIES) and (out / "reliability.png").exists()
+    assert json.loads((run_dir / "checkpoint" / "uniguard.json").read_text())["train_log"][-1]["step"] == 2
+    assert not (run_dir / ".state-checkpoint").exists() and release.mean_f1 >= 0
+    # A rerun resumes: the split and the checkpoint are kept, the candidate is not better, so out stays.
+    stamp = (run_dir / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    default_stage.build_default(
+        data_dir,
+        examples_dir,
+        DEFAULT_POLICIES_DIR,
+        out,
+        run_dir,
+        max_length=128,
+        stride=32,
+        loop=loop,
+        reporter=QUIET,
+    )
+    assert (run_dir / "checkpoint" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert read_manifest(out).version == manifest.version

@@ -9,6 +9,8 @@ split, the checkpoint (and a half-trained one from its last saved step), the exp
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -74,11 +76,18 @@ def train_checkpoint(
     if (ckpt / "config.json").exists():
         reporter.print(f"[dim]skip fine-tune: {ckpt} exists")
         return ckpt
+    state_dir = run_dir / ".state-checkpoint"
+    settings = {
+        "loop": {k: v for k, v in loop.to_dict().items() if k not in ("threads", "save_every")},
+        "rows": len(train),
+    }
+    if (state_dir / "settings.json").exists() and json.loads((state_dir / "settings.json").read_text()) != settings:
+        shutil.rmtree(state_dir)  # a half-trained state of other settings: start again, never mix the two
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state_dir / "settings.json", settings)
     model = load_classifier(base, seed=loop.seed)
     with reporter.task("fine-tune") as update:
-        log = train_loop(
-            model, encode_rows(encoder, policies, train), loop, state_dir=run_dir / ".state-checkpoint", progress=update
-        )
+        log = train_loop(model, encode_rows(encoder, policies, train), loop, state_dir=state_dir, progress=update)
     meta = {
         "family": "default",
         "policy": None,
@@ -91,7 +100,7 @@ def train_checkpoint(
         "train_log": log,
     }
     save_checkpoint(model, base, ckpt, meta)
-    (run_dir / ".state-checkpoint" / "state.pt").unlink(missing_ok=True)
+    shutil.rmtree(state_dir, ignore_errors=True)  # finished: no step to resume from
     return ckpt
 
 
