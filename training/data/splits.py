@@ -136,7 +136,8 @@ def save_splits(splits: Splits, data_dir: Path, config: dict, input_hashes: dict
 
 def load_splits(data_dir: Path) -> Splits:
     stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8"))
-    return Splits(*(read_examples(data_dir / f"{n}.jsonl") for n in SPLITS), stats=stats)
+    train, validation, test = (read_examples(data_dir / f"{n}.jsonl") for n in SPLITS)
+    return Splits(train, validation, test, stats=stats)
 
 
 def split_hashes(data_dir: Path) -> dict[str, str]:

@@ -180,7 +180,7 @@ def export_model_folder(
             policies=policies or {},
             data_hashes=data_hashes or {},
             training=training or {},
-            **({"input_template": input_template} if input_template is not None else {}),
+            input_template=input_template or InputTemplate(),
             # The service refuses a folder whose tokenizer or config was swapped or truncated.
             checksums={f: sha256_file(final / f) for f in ("tokenizer.json", "config.json") if (final / f).exists()},
         )

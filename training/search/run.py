@@ -289,8 +289,8 @@ def run_search(
         for strategy_name in settings.strategies:
             strategy = make_strategy(strategy_name, space, seed=settings.seed, reward=settings.reward)
             history = done.get((method, strategy_name), [])
-            for t in history:
-                strategy.observe(Proposal.from_json(t), t["f1"])
+            for trial in history:
+                strategy.observe(Proposal.from_json(trial), trial["f1"])
             for it in range(len(history), settings.iterations):
                 note(
                     f"{method} × {strategy_name}",

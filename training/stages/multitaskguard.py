@@ -70,7 +70,7 @@ def gip_stage(
         log = train_loop(model, data, loop, head=head, masker=masker, state_dir=state_dir, progress=update)
     model.to("cpu")
     head.to("cpu")
-    validation = validate(model, encoder, ctx.policies, validation, ctx.reporter, "mtg-gip")
+    scores = validate(model, encoder, ctx.policies, validation, ctx.reporter, "mtg-gip")
     meta = {
         "family": "mtg-gip",
         "policy": None,
@@ -86,7 +86,7 @@ def gip_stage(
         "config": config,
         "data_hashes": ctx.data_hashes,
         "train_log": log,
-        "validation": validation,
+        "validation": scores,
         "train_seconds": round(time.time() - started, 1),
     }
     save_checkpoint(
@@ -96,7 +96,7 @@ def gip_stage(
     register(ctx.run_dir, out, meta)
     ctx.reporter.print(
         "mtg-gip validation F1: "
-        + ", ".join(f"{p} {m.get('f1')}" + (" (zero-shot)" if p == holdout else "") for p, m in validation.items())
+        + ", ".join(f"{p} {m.get('f1')}" + (" (zero-shot)" if p == holdout else "") for p, m in scores.items())
     )
     return meta
 
