@@ -29,7 +29,6 @@ def synthetic(n: int = 4000, overconfidence: float = 3.0, seed: int = 0) -> tupl
 
 
 def test_ece_is_near_zero_when_calibrated_and_large_when_not() -> None:
-    labels, _ = synthetic()
     rng = np.random.default_rng(0)
     z = rng.normal(0, 1.5, 20000)
     y = (rng.random(20000) < sigmoid(z)).astype(int)

@@ -132,7 +132,7 @@ def test_benign_pool_skips_rows_on_the_policy_topic(public_dir: Path) -> None:
             )
             + "\n"
         )
-    budget = Budget(benign_pool={p: 8 for p in POLICIES})
+    budget = Budget(benign_pool=dict.fromkeys(POLICIES, 8))
     ds = build_dataset(public_dir, [], POLICIES, seed=3, budget=budget)
     lent = [e for e in ds.train + ds.validation if e.policy_id == "financial_advice" and e.source.startswith("benign:")]
     assert lent and not any("invest" in e.text for e in lent)

@@ -93,15 +93,15 @@ def backend(srv: ScriptedChatServer, **kw: object) -> OpenAIChatBackend:
 
 
 def llm_cfg(**kw: object) -> SDGConfig:
-    base = dict(
-        mode="llm",
-        batch_size=4,
-        prompts_per_call=4,
-        rows_per_policy=8,
-        dedup_threshold=0.97,
-        refine=False,
-        review=ReviewConfig(fraction=0.0),
-    )
+    base = {
+        "mode": "llm",
+        "batch_size": 4,
+        "prompts_per_call": 4,
+        "rows_per_policy": 8,
+        "dedup_threshold": 0.97,
+        "refine": False,
+        "review": ReviewConfig(fraction=0.0),
+    }
     return SDGConfig(**(base | kw))  # type: ignore[arg-type]
 
 

@@ -222,7 +222,7 @@ def test_merge_search_end_to_end_resumes_and_exports(tiny_run: Path, tmp_path: P
         "--name",
         "tiny-uniguard",
     ]
-    invoke(common + ["--iterations", "2", "--no-export"])
+    invoke([*common, "--iterations", "2", "--no-export"])
     log = run_dir / "trials.jsonl"
     first = [json.loads(line) for line in log.read_text().splitlines()]
     assert first[0]["kind"] == "meta" and first[0]["max_length"] == 128
@@ -232,7 +232,7 @@ def test_merge_search_end_to_end_resumes_and_exports(tiny_run: Path, tmp_path: P
     assert len([r for r in first if r["kind"] == "single"]) == 3
     assert len([r for r in first if r["kind"] == "trial"]) == 5 * 4 * 2
 
-    invoke(common + ["--iterations", "3", "--no-quantize"])  # resume: one more iteration each, then export
+    invoke([*common, "--iterations", "3", "--no-quantize"])  # resume: one more iteration each, then export
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records[: len(first)] == first
     trials = [r for r in records if r["kind"] == "trial"]

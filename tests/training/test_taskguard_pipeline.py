@@ -57,7 +57,7 @@ def test_taskguard_and_multitaskguard_two_steps_end_to_end(base: Path, tmp_path:
     val = [ex for p in pids for ex in rows_for(p, 4, offset=100)]
     loop = LoopConfig(batch_size=4, max_steps=2, threads=1, save_every=1)
     head = HeadConfig(epochs=2, threads=1)
-    common = dict(max_length=128, stride=32, data_hashes={"train.jsonl": "x"}, reporter=QUIET)
+    common = {"max_length": 128, "stride": 32, "data_hashes": {"train.jsonl": "x"}, "reporter": QUIET}
     run_taskguard(
         tmp_path,
         base,
@@ -102,7 +102,7 @@ def test_taskguard_and_multitaskguard_two_steps_end_to_end(base: Path, tmp_path:
         assert (folder / "model.safetensors").exists() and (folder / "uniguard.json").exists()
         assert not (folder / "pytorch_model.bin").exists()
         AutoModelForSequenceClassification.from_pretrained(folder)  # what the merging stage does
-    assert not [p for p in tmp_path.rglob(".tmp-*")] and not [p for p in tmp_path.rglob(".state-*")]
+    assert not list(tmp_path.rglob(".tmp-*")) and not list(tmp_path.rglob(".state-*"))
 
     gip = json.loads((tmp_path / "mtg/gip/uniguard.json").read_text())
     assert gip["trained_policies"] == ["prompt_injection", "toxicity"]  # tax_advice held out entirely
@@ -279,7 +279,7 @@ def test_data_stage_three_group_safe_splits_and_cli(tmp_path: Path, monkeypatch:
     from training.data.splits import load_splits, subsample, without_policy
 
     runner = CliRunner()
-    args = _data_cli_args(tmp_path, monkeypatch) + ["--run", "t"]
+    args = [*_data_cli_args(tmp_path, monkeypatch), "--run", "t"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     splits = load_splits(tmp_path / "runs/t/data")
@@ -287,7 +287,7 @@ def test_data_stage_three_group_safe_splits_and_cli(tmp_path: Path, monkeypatch:
     assert all(sides) and not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
     assert {"tax_advice", "toxicity"} <= {e.policy_id for e in splits.test}
     assert set(splits.stats["split_hashes"]) == {"train.jsonl", "validation.jsonl", "test.jsonl"}
-    assert runner.invoke(app, args + ["--seed", "5"]).exit_code != 0  # no silent rebuild on another config
+    assert runner.invoke(app, [*args, "--seed", "5"]).exit_code != 0  # no silent rebuild on another config
 
     lent = [e for e in splits.train if e.source == "cross:tax_advice"]
     kept = without_policy(splits.train, "tax_advice")
@@ -307,7 +307,7 @@ def test_data_stage_train_only_rows_leave_validation_and_test_unchanged(
 
     runner = CliRunner()
     base = _data_cli_args(tmp_path, monkeypatch)
-    assert runner.invoke(app, base + ["--run", "without"]).exit_code == 0
+    assert runner.invoke(app, [*base, "--run", "without"]).exit_code == 0
     without = load_splits(tmp_path / "runs/without/data")
     held_text = without.validation[0].text
     generated = [
@@ -324,7 +324,7 @@ def test_data_stage_train_only_rows_leave_validation_and_test_unchanged(
     generated.append(dict(generated[0]))  # duplicate
     synth = tmp_path / "sdg_tax.jsonl"
     synth.write_text("".join(json.dumps(r) + "\n" for r in generated))
-    res = runner.invoke(app, base + ["--run", "with", "--train-only", str(synth)])
+    res = runner.invoke(app, [*base, "--run", "with", "--train-only", str(synth)])
     assert res.exit_code == 0, res.output
     assert "5 of 7 rows added to train (1 already held out, 1 duplicates)" in res.output.replace("\n", " ")
     with_ = load_splits(tmp_path / "runs/with/data")
@@ -336,7 +336,7 @@ def test_data_stage_train_only_rows_leave_validation_and_test_unchanged(
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "x", "label": 1, "policy_id": "no_such_policy"}) + "\n")
-    res = runner.invoke(app, base + ["--run", "bad", "--train-only", str(bad)])
+    res = runner.invoke(app, [*base, "--run", "bad", "--train-only", str(bad)])
     assert res.exit_code != 0 and "no_such_policy" in str(res.exception or res.output)
 
 

@@ -48,7 +48,7 @@ def main() -> None:
 def pipeline_all(
     run: Annotated[str, typer.Option(help=RUN_HELP)] = "issue4",
     holdout: Annotated[str, typer.Option()] = "tax_advice",
-    table_out: Annotated[Path, typer.Option(help="Also write the closing table here.")] = None,
+    table_out: Annotated[Path | None, typer.Option(help="Also write the closing table here.")] = None,
 ) -> None:
     """data -> taskguard -> mtg -> table with default settings (resumes whatever is finished)."""
     started = time.time()

@@ -36,19 +36,19 @@ def evaluate(
         Path, typer.Argument(help="Checkpoint folder (config.json) or exported model folder (manifest.json).")
     ],
     data_file: Annotated[Path, typer.Argument(help="JSONL with text and label (and policy_id unless --policy).")],
-    policy: Annotated[str, typer.Option(help="Map every row to this policy.")] = None,
+    policy: Annotated[str | None, typer.Option(help="Map every row to this policy.")] = None,
     policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
     threshold: Annotated[float, typer.Option(help="Unsafe if the score is at least this.")] = 0.5,
     batch_size: Annotated[int, typer.Option(help="1: per-request latency; larger: batch-amortised throughput.")] = 1,
     limit: Annotated[int, typer.Option(help="Score only the first N rows (0: all).")] = 0,
     max_length: Annotated[
-        int, typer.Option(help="Checkpoints only: window override (default: its uniguard.json).")
+        int | None, typer.Option(help="Checkpoints only: window override (default: its uniguard.json).")
     ] = None,
     template: Annotated[
         str, typer.Option(help="Checkpoints only: auto (its uniguard.json, else mtg), mtg or taskguard.")
     ] = "auto",
     out: Annotated[
-        Path, typer.Option(help="Folder for report.json + report.md (default runs/eval/<model>-<data>).")
+        Path | None, typer.Option(help="Folder for report.json + report.md (default runs/eval/<model>-<data>).")
     ] = None,
 ) -> None:
     """Precision, recall, F1, FPR, ROC-AUC and p50/p95 latency per policy (raw scores); table, JSON + Markdown."""
@@ -82,7 +82,7 @@ def evaluate(
 def table(
     run: Annotated[str, typer.Option(help=RUN_HELP)] = "issue4",
     holdout: Annotated[str, typer.Option()] = "tax_advice",
-    out: Annotated[Path, typer.Option(help="Markdown file (default runs/<run>/table.md).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Markdown file (default runs/<run>/table.md).")] = None,
 ) -> None:
     """The closing table (validation F1 / ROC-AUC per family and policy, zero-shot row) from checkpoints.json."""
     from training.eval.report import closing_table

@@ -29,31 +29,31 @@ def merge_search(
     ],
     name: Annotated[str, typer.Option(help="Model name; the winner is written to models/<name>/.")] = "uniguard",
     policy: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--policy", help="Policy id(s) to merge for (repeat or comma-separate; default: all in the file)."
         ),
     ] = None,
     policies_dir: Annotated[Path, typer.Option(help="Folder of policy YAML files.")] = DEFAULT_POLICIES_DIR,
     base: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             help="θ_base for task vectors (default: the nearest checkpoint all top-k sources were "
             "fine-tuned from, e.g. GIP for MultiTaskGuard fine-tunes, else the pretrained encoder)."
         ),
     ] = None,
     methods: Annotated[
-        list[str], typer.Option("--methods", help="soup,ties,dare_linear,dare_ties,slerp (default: all).")
+        list[str] | None, typer.Option("--methods", help="soup,ties,dare_linear,dare_ties,slerp (default: all).")
     ] = None,
     strategies: Annotated[
-        list[str], typer.Option("--strategies", help="random,egreedy,ucb,thompson (default: all).")
+        list[str] | None, typer.Option("--strategies", help="random,egreedy,ucb,thompson (default: all).")
     ] = None,
     subsets: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option("--subsets", help="Merge types: all,attention,attention_output,no_head (default: all four)."),
     ] = None,
     subsets_file: Annotated[
-        Path, typer.Option(help="YAML/JSON {name: {include: [regex], exclude: [regex]}} adding subsets.")
+        Path | None, typer.Option(help="YAML/JSON {name: {include: [regex], exclude: [regex]}} adding subsets.")
     ] = None,
     iterations: Annotated[int, typer.Option(help="Trials per method × strategy.")] = 50,
     top_k: Annotated[int, typer.Option(help="Sources merged: the k best by validation F1 (at most 6).")] = 6,
@@ -75,19 +75,19 @@ def merge_search(
         ),
     ] = 0,
     max_length: Annotated[
-        int, typer.Option(help="Tokens per window (default: what the sources were trained with, else 128).")
+        int | None, typer.Option(help="Tokens per window (default: what the sources were trained with, else 128).")
     ] = None,
     stride: Annotated[
-        int, typer.Option(help="Tokens shared by consecutive windows (default: the sources', else 32).")
+        int | None, typer.Option(help="Tokens shared by consecutive windows (default: the sources', else 32).")
     ] = None,
     threads: Annotated[int, typer.Option(help="torch threads (0: all cores).")] = 0,
     run_dir: Annotated[
-        Path, typer.Option(help="Work folder (trial log, winner checkpoint); default runs/merge-<name>.")
+        Path | None, typer.Option(help="Work folder (trial log, winner checkpoint); default runs/merge-<name>.")
     ] = None,
     log: Annotated[
-        Path, typer.Option(help="Trial log JSONL (default <run-dir>/trials.jsonl); rerun to resume.")
+        Path | None, typer.Option(help="Trial log JSONL (default <run-dir>/trials.jsonl); rerun to resume.")
     ] = None,
-    out: Annotated[Path, typer.Option(help="Model folder to write (default models/<name>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Model folder to write (default models/<name>).")] = None,
     export: Annotated[bool, typer.Option(help="Export the winner (ONNX + manifest) after the search.")] = True,
     quantize: Annotated[
         bool, typer.Option(help="int8 ONNX (the CPU serving format); --no-quantize keeps fp32.")

@@ -42,7 +42,7 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="A pipeline checkpoint folder.")],
     out: Annotated[Path, typer.Argument(help="Model folder to write (what the service and `evaluate` load).")],
     validation: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             help="Validation rows for calibration and thresholds "
             "(default: the checkpoint's runs/<run>/data/validation.jsonl)."

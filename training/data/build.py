@@ -171,7 +171,7 @@ def build_dataset(
     labels = [strata[t] for t in texts]
     counts = Counter(labels)
     labels = [s if counts[s] >= 2 else "rare" for s in labels]
-    train_texts, val_texts = train_test_split(texts, test_size=val_fraction, random_state=seed, stratify=labels)
+    _train_texts, val_texts = train_test_split(texts, test_size=val_fraction, random_state=seed, stratify=labels)
     val_set = set(val_texts)
     train = [ex for ex in chosen if normalise(ex.text) not in val_set]
     validation = [ex for ex in chosen if normalise(ex.text) in val_set]

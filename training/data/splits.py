@@ -59,9 +59,9 @@ def split_by_text(rows: list[Example], fraction: float, seed: int) -> tuple[list
         return list(rows), []
     keys = _safe_strata([strata[t] for t in texts])
     try:
-        rest, held = train_test_split(texts, test_size=fraction, random_state=seed, stratify=keys)
+        _, held = train_test_split(texts, test_size=fraction, random_state=seed, stratify=keys)
     except ValueError:  # too few rows per stratum for the requested fraction (tiny inputs)
-        rest, held = train_test_split(texts, test_size=fraction, random_state=seed)
+        _, held = train_test_split(texts, test_size=fraction, random_state=seed)
     held_set = set(held)
     return [ex for ex in rows if normalise(ex.text) not in held_set], [
         ex for ex in rows if normalise(ex.text) in held_set

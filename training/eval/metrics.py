@@ -17,7 +17,7 @@ def binary_scores(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
     pred = (np.asarray(scores) >= threshold).astype(int)
     n_pos = int(labels.sum())
     n_neg = int(len(labels) - n_pos)
-    out: dict[str, float | int | None] = {"n": int(len(labels)), "unsafe": n_pos}
+    out: dict[str, float | int | None] = {"n": len(labels), "unsafe": n_pos}
     if n_pos:
         p, r, f, _ = precision_recall_fscore_support(labels, pred, average="binary", pos_label=1, zero_division=0)
         out.update(precision=round(float(p), 4), recall=round(float(r), 4), f1=round(float(f), 4))

@@ -51,10 +51,10 @@ class Strategy(ABC):
         self.raw_rewards: list[float] = []
         self.history: list[tuple[Proposal, float]] = []
         self.best: tuple[Proposal, float] | None = None
-        self.cat_n = {c: {o: 0.0 for o in opts} for c, opts in space.categories.items()}
-        self.cat_sum = {c: {o: 0.0 for o in opts} for c, opts in space.categories.items()}
-        self.cat_alpha = {c: {o: 1.0 for o in opts} for c, opts in space.categories.items()}
-        self.cat_beta = {c: {o: 1.0 for o in opts} for c, opts in space.categories.items()}
+        self.cat_n = {c: dict.fromkeys(opts, 0.0) for c, opts in space.categories.items()}
+        self.cat_sum = {c: dict.fromkeys(opts, 0.0) for c, opts in space.categories.items()}
+        self.cat_alpha = {c: dict.fromkeys(opts, 1.0) for c, opts in space.categories.items()}
+        self.cat_beta = {c: dict.fromkeys(opts, 1.0) for c, opts in space.categories.items()}
         self.w_n = np.zeros(k)  # evidence per weight dimension (Σ |k·w_i − 1|)
         self.w_alpha = np.ones(k)
         self.w_beta = np.ones(k)

@@ -149,17 +149,20 @@ def run_mtg(
     """GIP, then per-policy CFT / FFT of the GIP checkpoint (instruction inputs, no rationale)."""
     ctx = RunContext(run_dir, policies, max_length, stride, data_hashes, reporter, force)
     gip = gip_stage(base, ctx, train, validation, holdout=holdout, max_train_per_policy=gip_max_train, loop=gip_loop)
-    return [gip] + finetune_per_policy(
-        run_dir / "mtg" / "gip",
-        run_dir / "mtg",
-        ctx,
-        family="mtg",
-        template=MTG_TEMPLATE,
-        train=train,
-        validation=validation,
-        policy_ids=policy_ids,
-        modes=finetune_modes,
-        max_train=ft_max_train,
-        loop=ft_loop,
-        head=head,
-    )
+    return [
+        gip,
+        *finetune_per_policy(
+            run_dir / "mtg" / "gip",
+            run_dir / "mtg",
+            ctx,
+            family="mtg",
+            template=MTG_TEMPLATE,
+            train=train,
+            validation=validation,
+            policy_ids=policy_ids,
+            modes=finetune_modes,
+            max_train=ft_max_train,
+            loop=ft_loop,
+            head=head,
+        ),
+    ]
