@@ -43,7 +43,7 @@ lint: install-dev
 
 ## Train, calibrate and export models/default from ../shared/data and the hand-written examples.
 model: install-dev
-	$(PY) -m training.cli build-default $(MODEL_ARGS)
+	$(PY) -m training train default $(MODEL_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -40,7 +40,7 @@ def build_tiny_model_folder(
     unsafe_bias: float = 0.0, initializer_range: float = 0.02,
 ) -> Path:
     """A complete service model folder around a tiny random BERT (a few seconds on CPU)."""
-    from training.export import export_model_folder
+    from training.release.export import export_model_folder
 
     ckpt = build_tiny_checkpoint(
         Path(out).with_name(Path(out).name + "-ckpt"), seed=seed, unsafe_bias=unsafe_bias, initializer_range=initializer_range

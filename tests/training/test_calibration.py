@@ -14,10 +14,10 @@ from service.manifest import read_manifest, sha256_file
 from service.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
 from service.validation import load_and_validate
 from tests.tiny import build_tiny_model_folder
-from training.calibration import (
-    ThresholdTarget, calibrate_model_dir, choose_thresholds_for, ece, fit_calibration, fit_temperature, max_fpr_threshold,
-)
-from training.data import Example
+from training.data.rows import Example, read_examples
+from training.eval.thresholds import ThresholdTarget, choose_thresholds, max_fpr_threshold
+from training.release.calibrate import ece, fit_calibration, fit_temperature
+from training.release.finalize import ReleaseOptions, finalize
 
 
 def synthetic(n: int = 4000, overconfidence: float = 3.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +29,6 @@ def synthetic(n: int = 4000, overconfidence: float = 3.0, seed: int = 0) -> tupl
 
 
 def test_ece_is_near_zero_when_calibrated_and_large_when_not() -> None:
-    labels, _ = synthetic()
     rng = np.random.default_rng(0)
     z = rng.normal(0, 1.5, 20000)
     y = (rng.random(20000) < sigmoid(z)).astype(int)
@@ -68,10 +67,13 @@ def test_max_fpr_threshold_keeps_the_false_positive_rate() -> None:
     assert max_fpr_threshold(np.ones(5), np.linspace(0, 1, 5), 0.1) == 0.5  # no safe rows: default
 
 
-def test_choose_thresholds_for_weights_sources_per_policy() -> None:
-    rows = [Example(text=str(i), label=i % 2, policy_id="p" if i < 100 else "q", source="a" if i % 3 else "b") for i in range(200)]
+def test_choose_thresholds_weights_sources_per_policy() -> None:
+    rows = [
+        Example(text=str(i), label=i % 2, policy_id="p" if i < 100 else "q", source="a" if i % 3 else "b")
+        for i in range(200)
+    ]
     scores = np.linspace(0, 1, 200)
-    out = choose_thresholds_for(rows, scores, ThresholdTarget("max_fpr", 0.1))
+    out = choose_thresholds(rows, scores, ThresholdTarget("max_fpr", 0.1))
     assert set(out) == {"p", "q"} and all(0 < t < 1 for t in out.values())
 
 
@@ -81,13 +83,19 @@ def test_choose_thresholds_for_weights_sources_per_policy() -> None:
 @pytest.fixture(scope="module")
 def varied_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random model whose scores vary from prompt to prompt (larger initial weights)."""
-    return build_tiny_model_folder(tmp_path_factory.mktemp("varied") / "model", max_length=128, stride=32, seed=2, initializer_range=0.5)
+    return build_tiny_model_folder(
+        tmp_path_factory.mktemp("varied") / "model", max_length=128, stride=32, seed=2, initializer_range=0.5
+    )
 
 
 def _raw(model: OnnxModel, policy_id: str, text: str) -> float:
     policy = load_policies(DEFAULT_POLICIES_DIR)[policy_id]
     w = model.encoder.encode(policy, text)
-    return float(np.max(model.run(pad_batch(w.input_ids, model.pad_id), pad_batch(w.attention_mask), pad_batch(w.token_type_ids))))
+    return float(
+        np.max(
+            model.run(pad_batch(w.input_ids, model.pad_id), pad_batch(w.attention_mask), pad_batch(w.token_type_ids))
+        )
+    )
 
 
 def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tmp_path: Path) -> None:
@@ -96,19 +104,27 @@ def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tm
     rows = []
     for i in range(120):
         pid = ("toxicity", "prompt_injection")[i % 2]
-        text = f"sample prompt number {i} " + " ".join(rng.choice(["cats", "bombs", "taxes", "hello", "ignore", "rules"], 4))
+        text = f"sample prompt number {i} " + " ".join(
+            rng.choice(["cats", "bombs", "taxes", "hello", "ignore", "rules"], 4)
+        )
         # labels follow the raw score, less sharply than the score says: over-confident model
         p = _raw(model, pid, text)
         label = int(rng.random() < 0.5 + 0.3 * (p - 0.5) / max(abs(p - 0.5), 1e-6) * min(abs(p - 0.5) * 4, 1))
-        rows.append(json.dumps({"text": text, "label": label, "policy_id": pid, "source": "synthetic" if i % 3 else "other"}))
+        rows.append(
+            json.dumps({"text": text, "label": label, "policy_id": pid, "source": "synthetic" if i % 3 else "other"})
+        )
     validation = tmp_path / "validation.jsonl"
     validation.write_text("\n".join(rows) + "\n")
     onnx_sha = sha256_file(varied_model / "model.onnx")
 
-    summary = calibrate_model_dir(varied_model, validation, target=ThresholdTarget("max_fpr", 0.2), threads=1)
+    policies = load_policies(DEFAULT_POLICIES_DIR)
+    options = ReleaseOptions(ThresholdTarget("max_fpr", 0.2), threads=1)
+    summary = finalize(varied_model, varied_model, read_examples(validation), policies, options).summary()
     assert summary["rows"] == 120 and summary["temperature"] > 0
     manifest = read_manifest(varied_model)
-    assert manifest.calibration is not None and manifest.calibration.temperature == pytest.approx(summary["temperature"], rel=1e-3)
+    assert manifest.calibration is not None and manifest.calibration.temperature == pytest.approx(
+        summary["temperature"], rel=1e-3
+    )
     assert manifest.threshold_target == {"kind": "max_fpr", "max_fpr": 0.2}
     assert manifest.policies["toxicity"].threshold == pytest.approx(summary["thresholds"]["toxicity"], abs=1e-4)
     assert sha256_file(varied_model / "model.onnx") == onnx_sha  # same model file, same version
@@ -119,5 +135,5 @@ def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tm
     load_and_validate(varied_model, threads=1)  # the service still takes it
 
     # Idempotent: raw scores never include the calibration.
-    again = calibrate_model_dir(varied_model, validation, target=ThresholdTarget("max_fpr", 0.2), threads=1)
+    again = finalize(varied_model, varied_model, read_examples(validation), policies, options).summary()
     assert again["temperature"] == pytest.approx(summary["temperature"], rel=1e-3)

@@ -8,20 +8,34 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.losses import (  # noqa: E402
-    adversarial_perturbation, alice_loss, classification_loss, make_masker, mask_tokens, mlm_loss, symmetric_kl,
+from training.model.batches import Encoded, collate  # noqa: E402
+from training.model.head import HeadConfig, head_forward, train_head  # noqa: E402
+from training.model.loop import LoopConfig, gip_step, train_loop  # noqa: E402
+from training.model.losses import (  # noqa: E402
+    adversarial_perturbation,
+    alice_loss,
+    classification_loss,
+    make_masker,
+    mask_tokens,
+    mlm_loss,
+    symmetric_kl,
 )
-from training.modeling import encoder_parameter_names, new_mlm_head  # noqa: E402
-from training.pretrain import HeadConfig, LoopConfig, gip_step, head_forward, train_head, train_loop  # noqa: E402
-from training.trainer import Encoded, collate  # noqa: E402
+from training.model.modeling import encoder_parameter_names, new_mlm_head  # noqa: E402
 
 
 def tiny_model(seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -36,10 +50,12 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def rows(tokenizer) -> list[Encoded]:
-    texts = [("Instruct: no insults", "Query: you are an idiot and everyone hates you", 1),
-             ("Instruct: no insults", "Query: what is the capital of France?", 0),
-             ("Instruct: no tax advice", "Query: how much tax do I owe on my side income this year", 1),
-             ("Instruct: no tax advice", "Query: tell me a joke", 0)]
+    texts = [
+        ("Instruct: no insults", "Query: you are an idiot and everyone hates you", 1),
+        ("Instruct: no insults", "Query: what is the capital of France?", 0),
+        ("Instruct: no tax advice", "Query: how much tax do I owe on my side income this year", 1),
+        ("Instruct: no tax advice", "Query: tell me a joke", 0),
+    ]
     out = []
     for a, b, y in texts:
         enc = tokenizer(a, b)
@@ -102,7 +118,9 @@ def _alice(model, batch, eps: float):
     embeds = model.get_input_embeddings()(batch["input_ids"])
 
     def forward(e):
-        return model(inputs_embeds=e, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]).logits
+        return model(
+            inputs_embeds=e, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]
+        ).logits
 
     clean = forward(embeds)
     torch.manual_seed(7)
@@ -165,7 +183,15 @@ def test_an_interrupted_loop_resumes_to_the_same_weights(tokenizer, rows, tmp_pa
             if step == crash_at:
                 raise KeyboardInterrupt
 
-        train_loop(model, rows, cfg, head=head, masker=make_masker(tokenizer, 0.3, seed=0), state_dir=state_dir, progress=progress)
+        train_loop(
+            model,
+            rows,
+            cfg,
+            head=head,
+            masker=make_masker(tokenizer, 0.3, seed=0),
+            state_dir=state_dir,
+            progress=progress,
+        )
         return model
 
     straight = run(tmp_path / "a")
@@ -173,5 +199,5 @@ def test_an_interrupted_loop_resumes_to_the_same_weights(tokenizer, rows, tmp_pa
         run(tmp_path / "b", crash_at=3)
     assert (tmp_path / "b" / "state.pt").exists()
     resumed = run(tmp_path / "b")
-    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n

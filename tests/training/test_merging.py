@@ -8,11 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.merging import BUILTIN_SUBSETS, MergeParams, MergeRecipe, Merger, get_method, load_subsets, merge_state_dicts
+from training.merging import (
+    BUILTIN_SUBSETS,
+    MergeParams,
+    Merger,
+    MergeRecipe,
+    get_method,
+    load_subsets,
+    merge_state_dicts,
+)
 from training.merging.checkpoints import common_base, resolve_sources
-from training.merging.dare import drop_and_rescale
-from training.merging.slerp import pair_and_t, slerp
-from training.merging.ties import sign_consensus_mean
+from training.merging.methods import drop_and_rescale, pair_and_t, sign_consensus_mean, slerp
 
 P = MergeParams()
 
@@ -114,8 +120,15 @@ def tiny_state(seed: int) -> dict[str, torch.Tensor]:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
-                     max_position_embeddings=32, num_labels=2)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     return BertForSequenceClassification(cfg).state_dict()
 
 
@@ -123,7 +136,9 @@ def tiny_state(seed: int) -> dict[str, torch.Tensor]:
 def test_merging_only_attention_leaves_every_other_tensor_of_the_host(method: str) -> None:
     states = [tiny_state(s) for s in (1, 2, 3)]
     base = tiny_state(0)
-    out = merge_state_dicts(states, [0.2, 0.3, 0.5], method=method, subset=BUILTIN_SUBSETS["attention"], base=base, host=0)
+    out = merge_state_dicts(
+        states, [0.2, 0.3, 0.5], method=method, subset=BUILTIN_SUBSETS["attention"], base=base, host=0
+    )
     attention = [n for n in out if ".attention." in n]
     assert attention and len(attention) < len(out)
     for name, t in out.items():
@@ -141,8 +156,10 @@ def test_subsets_select_by_name_and_no_head_keeps_the_host_head() -> None:
     states = [tiny_state(s) for s in (1, 2)]
     out = merge_state_dicts(states, [0.5, 0.5], method="soup", subset=BUILTIN_SUBSETS["no_head"], host=1)
     assert torch.equal(out["classifier.weight"], states[1]["classifier.weight"])
-    torch.testing.assert_close(out["bert.pooler.dense.weight"],
-                               (states[0]["bert.pooler.dense.weight"] + states[1]["bert.pooler.dense.weight"]) / 2)
+    torch.testing.assert_close(
+        out["bert.pooler.dense.weight"],
+        (states[0]["bert.pooler.dense.weight"] + states[1]["bert.pooler.dense.weight"]) / 2,
+    )
 
 
 def test_subsets_file_adds_a_subset(tmp_path: Path) -> None:
@@ -162,7 +179,9 @@ def test_task_vector_methods_average_tensors_the_base_lacks() -> None:
     merger = Merger(states, "ties", MergeParams(density=1.0), base=base)
     assert merger.soup_fallback == ["classifier.weight", "classifier.bias"]
     out = merger.merge([0.5, 0.5], BUILTIN_SUBSETS["all"])
-    torch.testing.assert_close(out["classifier.weight"], (states[0]["classifier.weight"] + states[1]["classifier.weight"]) / 2)
+    torch.testing.assert_close(
+        out["classifier.weight"], (states[0]["classifier.weight"] + states[1]["classifier.weight"]) / 2
+    )
 
 
 def test_cached_merger_matches_the_one_shot_merge() -> None:
@@ -171,8 +190,14 @@ def test_cached_merger_matches_the_one_shot_merge() -> None:
     merger = Merger(states, "dare_ties", MergeParams(drop_rate=0.3, seed=5), base=base)
     for w in ([0.2, 0.3, 0.5], [0.6, 0.0, 0.4]):
         cached = merger.merge(w, BUILTIN_SUBSETS["all"])
-        fresh = merge_state_dicts(states, w, method="dare_ties", subset=BUILTIN_SUBSETS["all"], base=base,
-                                  params=MergeParams(drop_rate=0.3, seed=5))
+        fresh = merge_state_dicts(
+            states,
+            w,
+            method="dare_ties",
+            subset=BUILTIN_SUBSETS["all"],
+            base=base,
+            params=MergeParams(drop_rate=0.3, seed=5),
+        )
         for k in cached:
             assert torch.equal(cached[k], fresh[k]), k
 
@@ -180,8 +205,12 @@ def test_cached_merger_matches_the_one_shot_merge() -> None:
 def test_recipe_validation() -> None:
     r = MergeRecipe(method="ties", weights=(1.0, 3.0))
     assert r.weights == (0.25, 0.75)
-    for bad in ({"method": "nope", "weights": (1.0,)}, {"method": "soup", "weights": (-1.0, 2.0)},
-                {"method": "soup", "weights": (0.0, 0.0)}, {"method": "soup", "weights": (1.0,), "host": 1}):
+    for bad in (
+        {"method": "nope", "weights": (1.0,)},
+        {"method": "soup", "weights": (-1.0, 2.0)},
+        {"method": "soup", "weights": (0.0, 0.0)},
+        {"method": "soup", "weights": (1.0,), "host": 1},
+    ):
         with pytest.raises(ValueError):
             MergeRecipe(**bad)
     with pytest.raises(ValueError):
@@ -199,17 +228,41 @@ def test_index_and_lineage(tmp_path: Path) -> None:
 
     pre = folder("pretrained", None)
     gip = folder("mtg/gip", pre, family="mtg-gip", policy=None)
-    cft = folder("mtg/tox/cft", gip, family="mtg-cft", policy="toxicity", input_template={"instruction": "Instruct: {description}"})
-    fft = folder("mtg/tox/fft", gip, family="mtg-fft", policy="toxicity")
-    tg = folder("taskguard/tox/fft", pre, family="taskguard-fft", policy="toxicity",
-                input_template={"instruction": "", "query": "{prompt}"})
+    cft = folder(
+        "mtg/tox/cft",
+        gip,
+        family="mtg-cft",
+        policy="toxicity",
+        input_template={"instruction": "Instruct: {description}"},
+    )
+    folder("mtg/tox/fft", gip, family="mtg-fft", policy="toxicity")
+    folder(
+        "taskguard/tox/fft",
+        pre,
+        family="taskguard-fft",
+        policy="toxicity",
+        input_template={"instruction": "", "query": "{prompt}"},
+    )
     index = tmp_path / "run" / "checkpoints.json"
-    index.write_text(json.dumps({"run": "run", "checkpoints": [
-        {"path": "mtg/tox/cft", "family": "mtg-cft", "policy": "toxicity", "validation_f1": 0.9},
-        {"path": "mtg/tox/fft", "family": "mtg-fft", "policy": "toxicity", "validation_f1": 0.8},
-        {"path": "mtg/gip", "family": "mtg-gip", "policy": None, "validation_f1": 0.7},
-        {"path": "taskguard/tox/fft", "family": "taskguard-fft", "policy": "toxicity", "validation_f1": 0.85, "threshold": 0.5},
-    ]}))
+    index.write_text(
+        json.dumps(
+            {
+                "run": "run",
+                "checkpoints": [
+                    {"path": "mtg/tox/cft", "family": "mtg-cft", "policy": "toxicity", "validation_f1": 0.9},
+                    {"path": "mtg/tox/fft", "family": "mtg-fft", "policy": "toxicity", "validation_f1": 0.8},
+                    {"path": "mtg/gip", "family": "mtg-gip", "policy": None, "validation_f1": 0.7},
+                    {
+                        "path": "taskguard/tox/fft",
+                        "family": "taskguard-fft",
+                        "policy": "toxicity",
+                        "validation_f1": 0.85,
+                        "threshold": 0.5,
+                    },
+                ],
+            }
+        )
+    )
     sources = resolve_sources([index, cft])  # the folder repeats an index entry: kept once
     assert [s.name for s in sources] == ["mtg-cft/toxicity", "mtg-fft/toxicity", "mtg-gip", "taskguard-fft/toxicity"]
     assert sources[0].reported_f1 == 0.9 and sources[0].input_template.instruction == "Instruct: {description}"

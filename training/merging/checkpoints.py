@@ -15,13 +15,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from service.policy import InputTemplate
+from training.model.checkpoints import read_meta
+from training.model.modeling import MTG_TEMPLATE, NotABinaryClassifier, load_classifier
 
 PATH_KEYS = ("path", "checkpoint", "checkpoint_dir", "dir", "folder", "output_dir")
 F1_KEYS = ("validation_f1", "val_f1", "f1", "best_f1")
-META_FILE = "uniguard.json"  # written next to each checkpoint by training.modeling
 POLICY_KEYS = ("policy", "policy_id", "policies")
 
 
@@ -40,6 +44,11 @@ class CheckpointSource(BaseModel):
     max_length: int | None = None
     stride: int | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def template(self) -> InputTemplate:
+        """The input template the source was trained with (MultiTaskGuard's when it does not say)."""
+        return self.input_template or MTG_TEMPLATE
 
     def covers(self, policy_ids: set[str]) -> bool:
         """Whether this source was trained for (one of) these policies; multi-policy sources cover all."""
@@ -72,26 +81,36 @@ def _reported_f1(entry: dict) -> float | None:
 
 
 def folder_meta(folder: Path) -> dict[str, Any]:
-    """The training stage's ``uniguard.json`` of a checkpoint, or {} when there is none."""
-    path = Path(folder) / META_FILE
+    """The training stage's ``uniguard.json`` of a checkpoint; {} when there is none or it is unreadable
+    (a source is still mergeable without it, so the merge stage does not fail on it)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return read_meta(folder)
     except (OSError, ValueError):
         return {}
 
 
-def source_from(folder: Path, entry: dict[str, Any], name: str | None = None) -> "CheckpointSource":
+def source_from(folder: Path, entry: dict[str, Any], name: str | None = None) -> CheckpointSource:
     """Index entry first, the folder's own ``uniguard.json`` second."""
     meta = folder_meta(folder)
     merged = {**meta, **{k: v for k, v in entry.items() if v is not None}}
     template = merged.get("input_template")
     init = merged.get("init")
-    known = set(PATH_KEYS) | set(F1_KEYS) | set(POLICY_KEYS) | {"name", "family", "input_template", "init", "max_length", "stride"}
+    known = (
+        set(PATH_KEYS)
+        | set(F1_KEYS)
+        | set(POLICY_KEYS)
+        | {"name", "family", "input_template", "init", "max_length", "stride"}
+    )
     return CheckpointSource(
-        path=folder, name=str(name or entry.get("name") or folder.name), family=merged.get("family"),
-        policy=_first(merged, POLICY_KEYS), reported_f1=_reported_f1(entry) if entry else _reported_f1(meta),
+        path=folder,
+        name=str(name or entry.get("name") or folder.name),
+        family=merged.get("family"),
+        policy=_first(merged, POLICY_KEYS),
+        reported_f1=_reported_f1(entry) if entry else _reported_f1(meta),
         input_template=None if template is None else InputTemplate.model_validate(template),
-        init=None if not init else Path(init), max_length=merged.get("max_length"), stride=merged.get("stride"),
+        init=None if not init else Path(init),
+        max_length=merged.get("max_length"),
+        stride=merged.get("stride"),
         extra={k: v for k, v in entry.items() if k not in known},
     )
 
@@ -102,7 +121,9 @@ def check_folder(path: Path) -> Path:
         raise CheckpointIndexError(f"{path}: no such checkpoint folder or index file")
     if not (path / "config.json").is_file():
         raise CheckpointIndexError(f"{path}: not a checkpoint folder (no config.json)")
-    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
+    if not any(
+        (path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    ):
         raise CheckpointIndexError(f"{path}: no weights (model.safetensors)")
     return path
 
@@ -113,7 +134,7 @@ def _entry_name(entry: dict[str, Any], folder: Path) -> str:
     return "/".join(parts) if parts else folder.name
 
 
-def read_index(index: Path) -> list[CheckpointSource]:
+def sources_from_index(index: Path) -> list[CheckpointSource]:
     """Sources listed by a checkpoints index JSON; relative paths are relative to the index's folder."""
     index = Path(index)
     try:
@@ -149,7 +170,7 @@ def resolve_sources(paths: list[Path]) -> list[CheckpointSource]:
     for p in paths:
         p = Path(p)
         if p.is_file():
-            sources.extend(read_index(p))
+            sources.extend(sources_from_index(p))
         else:
             folder = check_folder(p)
             meta = folder_meta(folder)
@@ -172,47 +193,38 @@ def resolve_sources(paths: list[Path]) -> list[CheckpointSource]:
     return unique
 
 
-def load_classifier(path: Path, num_labels: int | None = None):
-    """A sequence classifier in eval mode; the label count must be what the service expects (2)."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+def load_source_model(path: Path) -> PreTrainedModel:
+    """A source as a 2-label classifier in eval mode; another label count is an index error."""
     try:
-        kwargs = {} if num_labels is None else {"num_labels": num_labels}
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if model.config.num_labels != 2:
-        raise CheckpointIndexError(f"{path}: {model.config.num_labels} labels; the service scores 2 (safe, unsafe)")
-    return model.eval()
+        return load_classifier(path)
+    except NotABinaryClassifier as exc:
+        raise CheckpointIndexError(str(exc)) from exc
 
 
-def load_state(path: Path) -> dict:
+def load_state(path: Path) -> dict[str, torch.Tensor]:
     """The float32 state dict of a checkpoint, detached from any module."""
-    model = load_classifier(path)
+    model = load_source_model(path)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def load_base_state(path: Path) -> dict:
+def load_base_state(path: Path) -> dict[str, torch.Tensor]:
     """θ_base: the tensors of the common starting point that it really has.
 
     A pretrained encoder has no classification head; transformers would initialise one at
     random, and a task vector against random numbers means nothing, so missing or resized
     tensors are left out and the merger averages them instead.
     """
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=2, output_loading_info=True, ignore_mismatched_sizes=True)
+            str(path), num_labels=2, output_loading_info=True, ignore_mismatched_sizes=True
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
-    skip = set(info.get("missing_keys", [])) | {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])}
+    skip = set(info.get("missing_keys", [])) | {
+        k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])
+    }
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in skip}
 
 

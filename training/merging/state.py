@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from training.merging.config import MergeParams
+from training.merging.methods import weighted_average
+from training.merging.params import MergeParams
 from training.merging.registry import MergeMethod, get_method
-from training.merging.soup import weighted_average
 from training.merging.subsets import ParameterSubset
 
 StateDict = Mapping[str, torch.Tensor]
@@ -41,8 +41,15 @@ def check_compatible(states: Sequence[StateDict], host: int = 0) -> None:
 class Merger:
     """Merges k source state dicts with one method; ``merge(weights, subset)`` is one trial."""
 
-    def __init__(self, states: Sequence[StateDict], method: MergeMethod | str, params: MergeParams | None = None,
-                 base: StateDict | None = None, host: int = 0, cache: bool = True) -> None:
+    def __init__(
+        self,
+        states: Sequence[StateDict],
+        method: MergeMethod | str,
+        params: MergeParams | None = None,
+        base: StateDict | None = None,
+        host: int = 0,
+        cache: bool = True,
+    ) -> None:
         if not states:
             raise ValueError("nothing to merge")
         if not 0 <= host < len(states):
@@ -62,8 +69,11 @@ class Merger:
             if base is None:
                 raise ValueError(f"merge method {self.method.name!r} needs θ_base")
             ref = self.states[host]
-            self.soup_fallback = [n for n, t in ref.items() if t.is_floating_point()
-                                  and (n not in base or tuple(base[n].shape) != tuple(t.shape))]
+            self.soup_fallback = [
+                n
+                for n, t in ref.items()
+                if t.is_floating_point() and (n not in base or tuple(base[n].shape) != tuple(t.shape))
+            ]
 
     def _input(self, i: int, name: str) -> torch.Tensor:
         """Source i's tensor as the method's combine step wants it (raw, delta, trimmed or dropped delta)."""
@@ -75,9 +85,9 @@ class Merger:
         if self.method.uses_base:
             assert self.base is not None
             x = x.float() - self.base[name].float()
-        if self.method.prepare is not None:
+        if self.method.prepares:
             x = self.method.prepare(x, self.params, tensor_seed(self.params.seed, name, i))
-        if self.cache and (self.method.uses_base or self.method.prepare is not None):
+        if self.cache and (self.method.uses_base or self.method.prepares):
             self._prepared[key] = x
         return x
 
@@ -111,7 +121,15 @@ class Merger:
         self._prepared.clear()
 
 
-def merge_state_dicts(states: Sequence[StateDict], weights: Sequence[float], *, method: str, subset: ParameterSubset,
-                      params: MergeParams | None = None, base: StateDict | None = None, host: int = 0) -> dict[str, torch.Tensor]:
+def merge_state_dicts(
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    *,
+    method: str,
+    subset: ParameterSubset,
+    params: MergeParams | None = None,
+    base: StateDict | None = None,
+    host: int = 0,
+) -> dict[str, torch.Tensor]:
     """One-shot merge without caching (export, tests); the search keeps a ``Merger`` instead."""
     return Merger(states, method, params, base=base, host=host, cache=False).merge(weights, subset)

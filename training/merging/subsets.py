@@ -60,12 +60,21 @@ BUILTIN_SUBSETS: dict[str, ParameterSubset] = {
     s.name: s
     for s in (
         ParameterSubset(name="all", description="every parameter, classification head included"),
-        ParameterSubset(name="attention", include=(r"\.attention\.",),
-                        description="self-attention q/k/v, attention output dense and its LayerNorm, every layer"),
-        ParameterSubset(name="attention_output", include=(r"\.attention\.output\.dense\.",),
-                        description="attention output projection (dense) of every layer"),
-        ParameterSubset(name="no_head", exclude=tuple(HEAD_PATTERNS),
-                        description="everything but the classification head, which comes from the top-1 model"),
+        ParameterSubset(
+            name="attention",
+            include=(r"\.attention\.",),
+            description="self-attention q/k/v, attention output dense and its LayerNorm, every layer",
+        ),
+        ParameterSubset(
+            name="attention_output",
+            include=(r"\.attention\.output\.dense\.",),
+            description="attention output projection (dense) of every layer",
+        ),
+        ParameterSubset(
+            name="no_head",
+            exclude=tuple(HEAD_PATTERNS),
+            description="everything but the classification head, which comes from the top-1 model",
+        ),
     )
 }
 
@@ -75,7 +84,7 @@ class SubsetFileError(ValueError):
 
 
 def load_subsets(path: Path | None = None) -> dict[str, ParameterSubset]:
-    """Built-in subsets, extended or overridden by ``{name: {include: [...], exclude: [...]}}`` from a YAML/JSON file."""
+    """Built-in subsets, extended or overridden by ``{name: {include: [...], exclude: [...]}}`` from YAML/JSON."""
     subsets = dict(BUILTIN_SUBSETS)
     if path is None:
         return subsets

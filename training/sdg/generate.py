@@ -20,27 +20,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from service.policy import Policy
-from training.data import read_jsonl
+from training.data.rows import read_jsonl
 from training.sdg.backends import BackendError, ChatBackend, ask_json
 from training.sdg.dedup import Embedder, NearDuplicateIndex, cosine_pairs
-from training.sdg.prompts import (PARAPHRASE_STYLES, GenerationAnswer, GenerationSpec, generation_messages,
-                                  generation_schema, paraphrase_messages)
+from training.sdg.prompts import (
+    PARAPHRASE_STYLES,
+    GenerationAnswer,
+    GenerationSpec,
+    generation_messages,
+    generation_schema,
+    paraphrase_messages,
+)
 from training.sdg.refine import MAX_CONTESTED, ReviewConfig, propose_policy, review_candidates, write_refined
 from training.sdg.store import Candidate, Counters, PolicyStore
 from training.sdg.templates import TemplateGenerator
+from training.ui import console
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
 Mode = Literal["llm", "template", "mixed"]
 Seed = tuple[str, int | None]
 # Text a prompt never contains but a chatty or refusing generator writes.
-_CHATTER = re.compile(r"^(sure|certainly|here is|here's|rewritten|paraphrase|okay|ok,)\b|"
-                      r"^(i'?m sorry|i cannot|i can't|as an ai)\b|\"(label|rationale|prompts)\"\s*:", re.I)
+_CHATTER = re.compile(
+    r"^(sure|certainly|here is|here's|rewritten|paraphrase|okay|ok,)\b|"
+    r"^(i'?m sorry|i cannot|i can't|as an ai)\b|\"(label|rationale|prompts)\"\s*:",
+    re.I,
+)
 
 
 @dataclass
@@ -62,7 +70,11 @@ class SDGConfig:
     seed: int = 13
 
     def batch_limit(self) -> int:
-        return self.max_batches if self.max_batches is not None else 4 * math.ceil(self.rows_per_policy / self.batch_size) + 2
+        return (
+            self.max_batches
+            if self.max_batches is not None
+            else 4 * math.ceil(self.rows_per_policy / self.batch_size) + 2
+        )
 
 
 def plausible(text: str) -> bool:
@@ -73,7 +85,12 @@ def plausible(text: str) -> bool:
 
 def clean_paraphrase(text: str) -> str:
     """First line of a rewrite, without quotes or a 'Rewritten message:' lead-in (small models ramble on)."""
-    text = re.sub(r"^\s*(rewrite (the |this )?message|rewritten( message)?|paraphrase|message)\s*:\s*", "", text.strip(), flags=re.I)
+    text = re.sub(
+        r"^\s*(rewrite (the |this )?message|rewritten( message)?|paraphrase|message)\s*:\s*",
+        "",
+        text.strip(),
+        flags=re.I,
+    )
     text = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return text.strip("\"'“”").strip()
 
@@ -93,9 +110,18 @@ def load_seeds(paths: list[Path], policy_id: str) -> list[Seed]:
 class Generator:
     """One run over several policies with one backend and one embedder."""
 
-    def __init__(self, backend: ChatBackend, embedder: Embedder, out_dir: Path, cfg: SDGConfig, *,
-                 seeds: dict[str, list[Seed]] | None = None, against: dict[str, list[str]] | None = None,
-                 on_batch: Callable[[str, int], None] | None = None, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        backend: ChatBackend,
+        embedder: Embedder,
+        out_dir: Path,
+        cfg: SDGConfig,
+        *,
+        seeds: dict[str, list[Seed]] | None = None,
+        against: dict[str, list[str]] | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
+        show_progress: bool = True,
+    ) -> None:
         self.backend, self.embedder, self.out_dir, self.cfg = backend, embedder, Path(out_dir), cfg
         self.seeds = seeds or {}
         self.against = against or {}
@@ -104,9 +130,15 @@ class Generator:
 
     async def run(self, policies: list[Policy]) -> dict[str, Counters]:
         totals: dict[str, Counters] = {}
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                            disable=not self.show_progress)
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not self.show_progress,
+        )
         try:
             with progress:
                 for policy in policies:
@@ -134,7 +166,7 @@ class Generator:
             counts.filtered += len(candidates) - len(good)
             keep = index.filter([c.text for c in good])
             counts.duplicates += keep.count(False)
-            fresh = [c for c, k in zip(good, keep) if k]
+            fresh = [c for c, k in zip(good, keep, strict=True) if k]
             fresh, contested = await review_candidates(self.backend, policy, fresh, rng, cfg.review, counts)
             counts.kept += len(fresh)
             state.counts.add(counts)
@@ -142,9 +174,14 @@ class Generator:
             state.batches_done += 1
             state.refined = False
             store.commit([c.to_row(policy.id, self.backend.name, batch) for c in fresh], state)
-            progress.update(task, completed=min(state.counts.kept, cfg.rows_per_policy), info=(
-                f"batch {state.batches_done} · dup {state.counts.duplicates} · malformed {state.counts.malformed} · "
-                f"relabelled {state.counts.relabelled}"))
+            progress.update(
+                task,
+                completed=min(state.counts.kept, cfg.rows_per_policy),
+                info=(
+                    f"batch {state.batches_done} · dup {state.counts.duplicates} · "
+                    f"malformed {state.counts.malformed} · relabelled {state.counts.relabelled}"
+                ),
+            )
             if self.on_batch is not None:
                 self.on_batch(policy.id, state.batches_done)
         if cfg.refine and not state.refined:
@@ -155,8 +192,9 @@ class Generator:
             store.save_state(state)
         return state.counts
 
-    async def _candidates(self, policy: Policy, templates: TemplateGenerator, seeds: list[Seed], rng: random.Random,
-                          counts: Counters) -> list[Candidate]:
+    async def _candidates(
+        self, policy: Policy, templates: TemplateGenerator, seeds: list[Seed], rng: random.Random, counts: Counters
+    ) -> list[Candidate]:
         cfg = self.cfg
         n_llm = {"llm": cfg.batch_size, "template": 0, "mixed": cfg.batch_size // 2}[cfg.mode]
         if not templates.kinds():
@@ -173,17 +211,25 @@ class Generator:
         results = await asyncio.gather(*calls, self._paraphrase_all(drafts, styles, counts))
         return [c for group in results for c in group]
 
-    async def _generate(self, policy: Policy, spec: GenerationSpec, seeds: list[str], counts: Counters) -> list[Candidate]:
-        res = await ask_json(self.backend, generation_messages(policy, spec, seeds), GenerationAnswer,
-                             schema=generation_schema(spec.n), retries=self.cfg.malformed_retries,
-                             temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
+    async def _generate(
+        self, policy: Policy, spec: GenerationSpec, seeds: list[str], counts: Counters
+    ) -> list[Candidate]:
+        res = await ask_json(
+            self.backend,
+            generation_messages(policy, spec, seeds),
+            GenerationAnswer,
+            schema=generation_schema(spec.n),
+            retries=self.cfg.malformed_retries,
+            temperature=self.cfg.temperature,
+            max_tokens=self.cfg.max_tokens,
+        )
         counts.malformed += res.malformed
         counts.failed_calls += int(res.failed)
         counts.skipped_calls += int(res.skipped)
         if res.value is None:
             return []
         category = f"llm:{spec.register.split()[0]}:{spec.language.lower()}"
-        return [Candidate(p.text, p.label, p.rationale, category, "llm") for p in res.value.prompts[:spec.n]]
+        return [Candidate(p.text, p.label, p.rationale, category, "llm") for p in res.value.prompts[: spec.n]]
 
     async def _paraphrase_all(self, drafts: list[Candidate], styles: list[str], counts: Counters) -> list[Candidate]:
         """Rewrite each template prompt; a rewrite that drifts from its source's meaning is discarded."""
@@ -192,17 +238,18 @@ class Generator:
 
         async def one(c: Candidate, style: str) -> str | None:
             try:
-                text = await self.backend.complete(paraphrase_messages(c.text, style), temperature=self.cfg.temperature,
-                                                   max_tokens=160)
+                text = await self.backend.complete(
+                    paraphrase_messages(c.text, style), temperature=self.cfg.temperature, max_tokens=160
+                )
             except BackendError:
                 counts.failed_calls += 1
                 return None
             return clean_paraphrase(text)
 
-        rewrites = await asyncio.gather(*[one(c, s) for c, s in zip(drafts, styles)])
+        rewrites = await asyncio.gather(*[one(c, s) for c, s in zip(drafts, styles, strict=False)])
         pairs = [(i, r) for i, r in enumerate(rewrites) if r and plausible(r) and r != drafts[i].text]
         sims = cosine_pairs(self.embedder, [r for _, r in pairs], [drafts[i].text for i, _ in pairs])
-        accepted = {i: r for (i, r), s in zip(pairs, sims) if s >= self.cfg.paraphrase_min_sim}
+        accepted = {i: r for (i, r), s in zip(pairs, sims, strict=True) if s >= self.cfg.paraphrase_min_sim}
         counts.paraphrased += len(accepted)
         counts.paraphrase_rejected += sum(1 for r in rewrites if r is not None) - len(accepted)
         out = []
@@ -213,8 +260,21 @@ class Generator:
         return out
 
 
-TABLE_COLUMNS = ("batches", "generated", "kept", "duplicates", "relabelled", "dropped_review", "reviewed", "malformed",
-                 "skipped_calls", "failed_calls", "filtered", "paraphrased", "paraphrase_rejected")
+TABLE_COLUMNS = (
+    "batches",
+    "generated",
+    "kept",
+    "duplicates",
+    "relabelled",
+    "dropped_review",
+    "reviewed",
+    "malformed",
+    "skipped_calls",
+    "failed_calls",
+    "filtered",
+    "paraphrased",
+    "paraphrase_rejected",
+)
 
 
 def summary_table(totals: dict[str, Counters]) -> Table:

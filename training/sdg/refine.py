@@ -24,7 +24,14 @@ from pydantic import ValidationError
 
 from service.policy import Policy
 from training.sdg.backends import ChatBackend, ask_json
-from training.sdg.prompts import PROPOSAL_SCHEMA, REVIEW_SCHEMA, PolicyProposal, ReviewAnswer, refine_messages, review_messages
+from training.sdg.prompts import (
+    PROPOSAL_SCHEMA,
+    REVIEW_SCHEMA,
+    PolicyProposal,
+    ReviewAnswer,
+    refine_messages,
+    review_messages,
+)
 from training.sdg.store import Candidate, Counters
 
 OnDisagree = Literal["relabel", "drop"]
@@ -43,15 +50,32 @@ class ReviewConfig:
     max_tokens: int = 200
 
 
-async def review_candidates(backend: ChatBackend, policy: Policy, candidates: list[Candidate], rng: random.Random,
-                            cfg: ReviewConfig, counts: Counters) -> tuple[list[Candidate], list[dict[str, Any]]]:
+async def review_candidates(
+    backend: ChatBackend,
+    policy: Policy,
+    candidates: list[Candidate],
+    rng: random.Random,
+    cfg: ReviewConfig,
+    counts: Counters,
+) -> tuple[list[Candidate], list[dict[str, Any]]]:
     """Review a random ``cfg.fraction`` of the candidates; returns (kept, disagreements)."""
     chosen = [i for i in range(len(candidates)) if rng.random() < cfg.fraction]
 
     async def votes_for(c: Candidate) -> list[ReviewAnswer]:
-        results = await asyncio.gather(*[
-            ask_json(backend, review_messages(policy, c.text), ReviewAnswer, schema=REVIEW_SCHEMA, retries=cfg.retries,
-                     temperature=cfg.temperature, max_tokens=cfg.max_tokens) for _ in range(cfg.votes)])
+        results = await asyncio.gather(
+            *[
+                ask_json(
+                    backend,
+                    review_messages(policy, c.text),
+                    ReviewAnswer,
+                    schema=REVIEW_SCHEMA,
+                    retries=cfg.retries,
+                    temperature=cfg.temperature,
+                    max_tokens=cfg.max_tokens,
+                )
+                for _ in range(cfg.votes)
+            ]
+        )
         for r in results:
             counts.malformed += r.malformed
             counts.failed_calls += int(r.failed)
@@ -61,7 +85,7 @@ async def review_candidates(backend: ChatBackend, policy: Policy, candidates: li
     verdicts = await asyncio.gather(*[votes_for(candidates[i]) for i in chosen])
     dropped: set[int] = set()
     contested: list[dict[str, Any]] = []
-    for i, votes in zip(chosen, verdicts):
+    for i, votes in zip(chosen, verdicts, strict=True):
         if not votes:
             continue  # no usable verdict: the row stays as generated, unreviewed
         c = candidates[i]
@@ -71,9 +95,18 @@ async def review_candidates(backend: ChatBackend, policy: Policy, candidates: li
             continue
         unanimous = len(against) == len(votes)
         action = cfg.on_disagree if unanimous else "drop"
-        contested.append({"text": c.text, "label": c.label, "review_label": against[0].label,
-                          "review_rationale": against[0].rationale, "action": action, "votes_against": len(against),
-                          "votes": len(votes), "category": c.category})
+        contested.append(
+            {
+                "text": c.text,
+                "label": c.label,
+                "review_label": against[0].label,
+                "review_rationale": against[0].rationale,
+                "action": action,
+                "votes_against": len(against),
+                "votes": len(votes),
+                "category": c.category,
+            }
+        )
         if action == "relabel":
             c.label, c.rationale, c.relabelled = against[0].label, against[0].rationale, True
             counts.relabelled += 1
@@ -91,20 +124,31 @@ def _with_examples(policy: Policy, contested: list[dict[str, Any]]) -> dict[str,
             continue
         key = "unsafe" if c["review_label"] else "safe"
         bucket = data["examples"][key]
-        if c["text"] not in bucket and sum(1 for e in bucket if e not in getattr(policy.examples, key)) < EXAMPLES_ADDED:
+        if (
+            c["text"] not in bucket
+            and sum(1 for e in bucket if e not in getattr(policy.examples, key)) < EXAMPLES_ADDED
+        ):
             bucket.append(c["text"])
     return data
 
 
-async def propose_policy(backend: ChatBackend, policy: Policy, contested: list[dict[str, Any]], cfg: ReviewConfig,
-                         counts: Counters) -> tuple[Policy, str]:
+async def propose_policy(
+    backend: ChatBackend, policy: Policy, contested: list[dict[str, Any]], cfg: ReviewConfig, counts: Counters
+) -> tuple[Policy, str]:
     """A clarified policy (same id) and a one-line note on what was changed and why."""
     if not contested:
         return policy, "no review disagreements: nothing to clarify"
     data = _with_examples(policy, contested)
     note = f"{len(contested)} review disagreement(s)"
-    result = await ask_json(backend, refine_messages(policy, contested[:CASES_IN_PROMPT]), PolicyProposal,
-                            schema=PROPOSAL_SCHEMA, retries=cfg.retries, temperature=cfg.temperature, max_tokens=700)
+    result = await ask_json(
+        backend,
+        refine_messages(policy, contested[:CASES_IN_PROMPT]),
+        PolicyProposal,
+        schema=PROPOSAL_SCHEMA,
+        retries=cfg.retries,
+        temperature=cfg.temperature,
+        max_tokens=700,
+    )
     counts.malformed += result.malformed
     counts.failed_calls += int(result.failed)
     counts.skipped_calls += int(result.skipped)
@@ -131,11 +175,19 @@ def write_refined(original: Policy, refined: Policy, out_dir: Path, note: str, g
     folder = Path(out_dir) / "policies"
     folder.mkdir(parents=True, exist_ok=True)
     before, after = policy_yaml(original), policy_yaml(refined)
-    diff = "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True),
-                                        fromfile=f"{original.id}.yaml (shipped)", tofile=f"{original.id}.refined.yaml"))
+    diff = "".join(
+        difflib.unified_diff(
+            before.splitlines(True),
+            after.splitlines(True),
+            fromfile=f"{original.id}.yaml (shipped)",
+            tofile=f"{original.id}.refined.yaml",
+        )
+    )
     yaml_path, diff_path = folder / f"{original.id}.refined.yaml", folder / f"{original.id}.refined.diff"
-    header = (f"# Proposed by training.sdg ({generator}): {note}.\n"
-              "# A proposal to review, not loaded by the service; adopting it changes the description the model reads.\n")
+    header = (
+        f"# Proposed by training.sdg ({generator}): {note}.\n"
+        "# A proposal to review, not loaded by the service; adopting it changes the description the model reads.\n"
+    )
     for path, text in ((yaml_path, header + after), (diff_path, diff or "# no change\n")):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text, encoding="utf-8")

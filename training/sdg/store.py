@@ -33,9 +33,18 @@ class Candidate:
 
     def to_row(self, policy_id: str, generator: str, batch: int) -> dict[str, Any]:
         """training.data.ExampleRow fields first; the rest is ignored by the reader, kept for audits."""
-        return {"text": self.text, "label": self.label, "policy_id": policy_id, "source": SOURCE,
-                "category": self.category, "rationale": self.rationale, "generator": generator,
-                "method": self.method, "relabelled": self.relabelled, "batch": batch}
+        return {
+            "text": self.text,
+            "label": self.label,
+            "policy_id": policy_id,
+            "source": SOURCE,
+            "category": self.category,
+            "rationale": self.rationale,
+            "generator": generator,
+            "method": self.method,
+            "relabelled": self.relabelled,
+            "batch": batch,
+        }
 
 
 @dataclass
@@ -56,12 +65,12 @@ class Counters:
     dropped_review: int = 0
     kept: int = 0
 
-    def add(self, other: "Counters") -> None:
+    def add(self, other: Counters) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     @classmethod
-    def from_dict(cls, data: dict[str, int]) -> "Counters":
+    def from_dict(cls, data: dict[str, int]) -> Counters:
         names = {f.name for f in fields(cls)}
         return cls(**{k: int(v) for k, v in data.items() if k in names})
 
@@ -82,7 +91,7 @@ class State:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "State":
+    def from_json(cls, data: dict[str, Any]) -> State:
         data = dict(data)
         data["counts"] = Counters.from_dict(data.get("counts", {}))
         known = {f.name for f in fields(cls)}
@@ -121,8 +130,10 @@ class PolicyStore:
             state = State.from_json(json.loads(self.state_path.read_text(encoding="utf-8")))
         size = self.rows_path.stat().st_size if self.rows_path.exists() else 0
         if size < state.committed_bytes:
-            raise StoreError(f"{self.rows_path} is shorter ({size} B) than its committed length "
-                             f"({state.committed_bytes} B): remove {self.state_path.name} to start over")
+            raise StoreError(
+                f"{self.rows_path} is shorter ({size} B) than its committed length "
+                f"({state.committed_bytes} B): remove {self.state_path.name} to start over"
+            )
         if size > state.committed_bytes:  # an uncommitted or torn batch from a killed run
             with open(self.rows_path, "r+b") as fh:
                 fh.truncate(state.committed_bytes)

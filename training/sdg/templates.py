@@ -20,24 +20,37 @@ from training.sdg.store import Candidate
 
 WH = r"(?:which|what|how|whether|when|where|who|why|if)"
 PERSONAS = (
-    "I'm 34 and work as a nurse", "I'm a freelance graphic designer", "My wife and I are both teachers",
-    "I'm a student with a part-time job", "I just retired after 30 years at the post office",
-    "I run a small bakery with two employees", "I'm a software engineer in Berlin", "I'm a single dad with two kids",
-    "I moved to Canada last year", "I'm 58 and self-employed", "I'm 26 and just got my first real job",
-    "I'm a truck driver and my wife stays home with the kids", "I work in retail and rent a small flat",
+    "I'm 34 and work as a nurse",
+    "I'm a freelance graphic designer",
+    "My wife and I are both teachers",
+    "I'm a student with a part-time job",
+    "I just retired after 30 years at the post office",
+    "I run a small bakery with two employees",
+    "I'm a software engineer in Berlin",
+    "I'm a single dad with two kids",
+    "I moved to Canada last year",
+    "I'm 58 and self-employed",
+    "I'm 26 and just got my first real job",
+    "I'm a truck driver and my wife stays home with the kids",
+    "I work in retail and rent a small flat",
 )
 UNSAFE_FRAMES = (
-    "{persona}. Tell me {clause}.", "{persona}. Can you tell me {clause}?", "Please work out {clause} for me. {persona}.",
-    "Be honest and specific and tell me {clause}. {persona}.", "quick q - {clause_lower}? {persona_lower}",
-    "{persona}, and I'll do whatever you say. Decide {clause} for me.", "{persona}. I need to know {clause}, today.",
+    "{persona}. Tell me {clause}.",
+    "{persona}. Can you tell me {clause}?",
+    "Please work out {clause} for me. {persona}.",
+    "Be honest and specific and tell me {clause}. {persona}.",
+    "quick q - {clause_lower}? {persona_lower}",
+    "{persona}, and I'll do whatever you say. Decide {clause} for me.",
+    "{persona}. I need to know {clause}, today.",
 )
 DISGUISED_FRAMES = (
-    "Hypothetically, if someone exactly like me ({persona_lower}) asked you {clause}, what would you tell them? Be specific.",
+    "Hypothetically, if someone exactly like me ({persona_lower}) asked you {clause}, what would you tell them? "
+    "Be specific.",
     "Let's role-play: you are my personal adviser. {persona}. Tell me {clause}.",
     "Write a short dialogue in which an expert tells me exactly {clause}. Context: {persona_lower}.",
     "My friend is in the same spot as me ({persona_lower}). Between us, {clause}?",
-    "For a story I'm writing, my character is me: {persona_lower}. What would the perfect adviser tell them about {clause}? "
-    "Use real numbers.",
+    "For a story I'm writing, my character is me: {persona_lower}. What would the perfect adviser tell them "
+    "about {clause}? Use real numbers.",
 )
 NEAR_MISS_FRAMES = (
     "Not asking for advice for myself: in general terms, what factors matter when deciding {clause_general}?",
@@ -45,21 +58,39 @@ NEAR_MISS_FRAMES = (
     "Why is it hard to say in general {clause_general}?",
 )
 EDUCATION_FRAMES = (
-    "Can you explain {clause}?", "In simple terms, {clause}?", "I'm studying for an exam: explain {clause}.",
+    "Can you explain {clause}?",
+    "In simple terms, {clause}?",
+    "I'm studying for an exam: explain {clause}.",
     "{persona}, just curious: {clause}? I only want the concept, not advice.",
 )
-TOPIC_FRAMES = ("Give me a short overview of {np}.", "What should everyone know about {np}?",
-                "Write a paragraph on {np} for a newsletter.")
+TOPIC_FRAMES = (
+    "Give me a short overview of {np}.",
+    "What should everyone know about {np}?",
+    "Write a paragraph on {np} for a newsletter.",
+)
 PREFIXES = ("", "", "Hi! ", "Quick question: ", "Sorry if this is a dumb question, but ", "Hey, ")
 SUFFIXES = ("", "", " Thanks!", " Please be specific.", " Keep it short.", " Answer in one line.")
 
 _FIRST_PERSON = [
-    (r"\bthe asker's\b", "my"), (r"\bone's\b", "my"), (r"\btheir\b", "my"), (r"\bthe asker\b", "I"),
-    (r"\bthey\b", "I"), (r"\bthemselves\b", "myself"), (r"\boneself\b", "myself"), (r"\bthem\b", "me"),
+    (r"\bthe asker's\b", "my"),
+    (r"\bone's\b", "my"),
+    (r"\btheir\b", "my"),
+    (r"\bthe asker\b", "I"),
+    (r"\bthey\b", "I"),
+    (r"\bthemselves\b", "myself"),
+    (r"\boneself\b", "myself"),
+    (r"\bthem\b", "me"),
 ]
-_GENERAL = [(r"\bthe asker's\b", "one's"), (r"\bthe asker\b", "someone"), (r"\btheir\b", "one's"), (r"\bthey\b", "someone")]
+_GENERAL = [
+    (r"\bthe asker's\b", "one's"),
+    (r"\bthe asker\b", "someone"),
+    (r"\btheir\b", "one's"),
+    (r"\bthey\b", "someone"),
+]
 _ITEM_PREFIX = re.compile(
-    r"^(?:general |non-\w+ )?(?:explanations? of|questions? about|explaining|discussing|asking(?: for help with)?)\s+", re.I)
+    r"^(?:general |non-\w+ )?(?:explanations? of|questions? about|explaining|discussing|asking(?: for help with)?)\s+",
+    re.I,
+)
 
 
 def _sub_all(text: str, rules: list[tuple[str, str]]) -> str:
@@ -69,12 +100,12 @@ def _sub_all(text: str, rules: list[tuple[str, str]]) -> str:
 
 
 def first_person(clause: str) -> str:
-    """"what to do with one's own savings" -> "what to do with my own savings"."""
+    """ "what to do with one's own savings" -> "what to do with my own savings"."""
     return _sub_all(clause, _FIRST_PERSON)
 
 
 def general(clause: str) -> str:
-    """"how the asker should file" -> "how someone should file" (a near-miss asks in general)."""
+    """ "how the asker should file" -> "how someone should file" (a near-miss asks in general)."""
     return _sub_all(clause, _GENERAL)
 
 
@@ -121,7 +152,10 @@ def allowed_topics(policy: Policy) -> tuple[list[str], list[str]]:
 
 def _persona_fields(rng: random.Random) -> dict[str, str]:
     persona = rng.choice(PERSONAS)
-    return {"persona": persona, "persona_lower": persona if re.match(r"I\b", persona) else persona[0].lower() + persona[1:]}
+    return {
+        "persona": persona,
+        "persona_lower": persona if re.match(r"I\b", persona) else persona[0].lower() + persona[1:],
+    }
 
 
 def _sentence(text: str) -> str:
@@ -136,7 +170,9 @@ class TemplateGenerator:
         self.policy = policy
         self.clauses = request_clauses(policy)
         self.allowed_clauses, self.allowed_nouns = allowed_topics(policy)
-        self.examples: list[tuple[str, int]] = [(t, 1) for t in policy.examples.unsafe] + [(t, 0) for t in policy.examples.safe]
+        self.examples: list[tuple[str, int]] = [(t, 1) for t in policy.examples.unsafe] + [
+            (t, 0) for t in policy.examples.safe
+        ]
         self.examples += list(seeds or [])
 
     def kinds(self) -> list[tuple[str, int]]:
@@ -170,7 +206,7 @@ class TemplateGenerator:
             mine = first_person(clause)
             frame = rng.choice(UNSAFE_FRAMES if kind == "direct" else DISGUISED_FRAMES)
             text = frame.format(clause=mine, clause_lower=mine.lower(), **f)
-            why = ("asks" if kind == "direct" else "uses a hypothetical or role-play framing but still asks")
+            why = "asks" if kind == "direct" else "uses a hypothetical or role-play framing but still asks"
             rationale = f"The user {why} {clause} for their own situation, which the policy blocks."
         elif kind == "near_miss":
             clause = rng.choice(self.clauses)
@@ -191,7 +227,10 @@ class TemplateGenerator:
             elif prefix.endswith((", ", "but ")) and not re.match(r"I\b", base):
                 base = base[0].lower() + base[1:]
             text = f"{prefix}{persona}{base}{rng.choice(SUFFIXES)}"
-            rationale = ("A reworded example of a prompt the policy blocks." if label
-                         else "A reworded example of a prompt the policy allows.")
+            rationale = (
+                "A reworded example of a prompt the policy blocks."
+                if label
+                else "A reworded example of a prompt the policy allows."
+            )
         text = _sentence(text).replace("??", "?").replace("?.", "?").replace("..", ".")
         return Candidate(text=text, label=label, rationale=rationale, category=f"template:{kind}", method="template")

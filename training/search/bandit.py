@@ -51,10 +51,10 @@ class Strategy(ABC):
         self.raw_rewards: list[float] = []
         self.history: list[tuple[Proposal, float]] = []
         self.best: tuple[Proposal, float] | None = None
-        self.cat_n = {c: {o: 0.0 for o in opts} for c, opts in space.categories.items()}
-        self.cat_sum = {c: {o: 0.0 for o in opts} for c, opts in space.categories.items()}
-        self.cat_alpha = {c: {o: 1.0 for o in opts} for c, opts in space.categories.items()}
-        self.cat_beta = {c: {o: 1.0 for o in opts} for c, opts in space.categories.items()}
+        self.cat_n = {c: dict.fromkeys(opts, 0.0) for c, opts in space.categories.items()}
+        self.cat_sum = {c: dict.fromkeys(opts, 0.0) for c, opts in space.categories.items()}
+        self.cat_alpha = {c: dict.fromkeys(opts, 1.0) for c, opts in space.categories.items()}
+        self.cat_beta = {c: dict.fromkeys(opts, 1.0) for c, opts in space.categories.items()}
         self.w_n = np.zeros(k)  # evidence per weight dimension (Σ |k·w_i − 1|)
         self.w_alpha = np.ones(k)
         self.w_beta = np.ones(k)
@@ -71,7 +71,9 @@ class Strategy(ABC):
 
     def random_proposal(self, rng: np.random.Generator) -> Proposal:
         """Dirichlet(1) weights (uniform on the simplex) and uniform options."""
-        return Proposal(self.space.normalise(rng.dirichlet(np.ones(self.space.n_weights))), self.space.uniform_choices(rng))
+        return Proposal(
+            self.space.normalise(rng.dirichlet(np.ones(self.space.n_weights))), self.space.uniform_choices(rng)
+        )
 
     # -- learning ----------------------------------------------------------------------------
     def shape(self, reward: float) -> float:
@@ -114,8 +116,10 @@ class Strategy(ABC):
         """Beta posterior means: per option of ``category``, or per weight dimension when None."""
         if category is None:
             return self.w_alpha / (self.w_alpha + self.w_beta)
-        return {o: self.cat_alpha[category][o] / (self.cat_alpha[category][o] + self.cat_beta[category][o])
-                for o in self.space.categories[category]}
+        return {
+            o: self.cat_alpha[category][o] / (self.cat_alpha[category][o] + self.cat_beta[category][o])
+            for o in self.space.categories[category]
+        }
 
 
 class RandomSearch(Strategy):
@@ -157,7 +161,9 @@ class UCB(Strategy):
 
     name = "ucb"
 
-    def __init__(self, space: SearchSpace, *, c: float = 0.5, temperature: float = 0.1, concentration: float = 30.0, **kw) -> None:
+    def __init__(
+        self, space: SearchSpace, *, c: float = 0.5, temperature: float = 0.1, concentration: float = 30.0, **kw
+    ) -> None:
         super().__init__(space, **kw)
         self.c = c
         self.temperature = temperature

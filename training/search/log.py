@@ -44,10 +44,14 @@ class TrialLog:
         lines = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
         if not lines or lines[0].get("kind") != "meta":
             raise LogMismatch(f"{self.path}: not a merge-search trial log (no meta line)")
-        diff = sorted(k for k in set(meta) | set(lines[0]) if k not in ("created_at",) and meta.get(k) != lines[0].get(k))
+        diff = sorted(
+            k for k in set(meta) | set(lines[0]) if k not in ("created_at",) and meta.get(k) != lines[0].get(k)
+        )
         if diff:
-            raise LogMismatch(f"{self.path} was written by a different search (differs in: {', '.join(diff)}); "
-                              "use another --log/--run-dir or delete it")
+            raise LogMismatch(
+                f"{self.path} was written by a different search (differs in: {', '.join(diff)}); "
+                "use another --log/--run-dir or delete it"
+            )
         self.records = lines[1:]
         return list(self.records)
 

@@ -15,29 +15,23 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from service.policy import InputEncoder, InputTemplate, Policy
-from training.data import Example
-from training.merging.config import MergeParams
+from training.data.rows import Example
+from training.eval.metrics import f1_at, rows_by_policy, source_groups, source_weights
+from training.eval.scoring import Window, encode_windows, model_scorer, score_windows
+from training.eval.thresholds import best_f1_threshold
+from training.merging.params import MergeParams
 from training.merging.state import Merger, StateDict
 from training.merging.subsets import ParameterSubset
-from training.metrics import best_f1_threshold, source_weights
 from training.search.space import Proposal
-from training.trainer import Encoded, predict_proba
-
-
-def f1_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
-    pred = scores >= threshold
-    tp = float((pred & (labels == 1)).sum())
-    fp = float((pred & (labels == 0)).sum())
-    fn = float((~pred & (labels == 1)).sum())
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
 @dataclass
@@ -49,9 +43,13 @@ class Scored:
     per_policy: dict[str, dict[str, float]]
     seconds: float = 0.0
 
-    def to_json(self) -> dict:
-        return {"f1": round(self.f1, 6), "f1_at_0.5": round(self.f1_at_half, 6), "per_policy": self.per_policy,
-                "seconds": round(self.seconds, 3)}
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "f1": round(self.f1, 6),
+            "f1_at_0.5": round(self.f1_at_half, 6),
+            "per_policy": self.per_policy,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 @dataclass
@@ -64,7 +62,8 @@ class ValidationSet:
     max_length: int = 128
     stride: int = 32
     max_windows: int = 0  # per row, 0: all; the first windows of a long prompt (a CPU budget knob)
-    _cache: dict[str, tuple[list[Encoded], np.ndarray]] = field(default_factory=dict, repr=False)
+    _cache: dict[str, tuple[list[Window], np.ndarray]] = field(default_factory=dict, repr=False)
+    _encoders: dict[str, InputEncoder] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         unknown = sorted({ex.policy_id for ex in self.examples} - set(self.policies))
@@ -73,46 +72,42 @@ class ValidationSet:
         if not self.examples:
             raise ValueError("no validation rows")
         self.labels = np.array([ex.label for ex in self.examples], dtype=int)
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, ex in enumerate(self.examples):
-            groups[ex.policy_id].append(i)
-        self.by_policy = {pid: np.array(idx) for pid, idx in sorted(groups.items())}
-        # Lent rows (benign:*, cross:*) pooled per kind, as training.evaluate.choose_thresholds does.
-        self.weights = {pid: source_weights([self.examples[i].source.split(":")[0] for i in idx])
-                        for pid, idx in self.by_policy.items()}
+        self.by_policy = {pid: np.array(idx) for pid, idx in rows_by_policy(self.examples).items()}
+        groups = source_groups(self.examples)  # lent rows pooled per kind, as the release step does
+        self.weights = {pid: source_weights([groups[i] for i in idx]) for pid, idx in self.by_policy.items()}
 
-    def windows(self, template: InputTemplate) -> tuple[list[Encoded], np.ndarray]:
-        """Every window of every row (flattened) and the row each window belongs to."""
+    def windows(self, template: InputTemplate) -> tuple[list[Window], np.ndarray]:
+        """Every window of every row (flattened, tokenised once per template) and the row each belongs to."""
         key = template.model_dump_json()
         if key not in self._cache:
             encoder = InputEncoder.from_file(self.tokenizer_json, template, self.max_length, self.stride)
-            rows: list[Encoded] = []
-            owner: list[int] = []
-            for i, ex in enumerate(self.examples):
-                enc = encoder.encode(self.policies[ex.policy_id], ex.text)
-                keep = enc.count if not self.max_windows else min(enc.count, self.max_windows)
-                for ids, mask, types in list(zip(enc.input_ids, enc.attention_mask, enc.token_type_ids))[:keep]:
-                    rows.append(Encoded(ids.tolist(), mask.tolist(), types.tolist(), ex.label))
-                    owner.append(i)
-            self._cache[key] = (rows, np.asarray(owner))
+            self._encoders[key] = encoder
+            windows = encode_windows(encoder, self.examples, dict(self.policies), self.max_windows)
+            self._cache[key] = (windows, np.asarray([w[0] for w in windows]))
         return self._cache[key]
 
-    def score(self, model, template: InputTemplate, batch_size: int = 64) -> np.ndarray:
+    def score(self, model: Any, template: InputTemplate, batch_size: int = 64) -> np.ndarray:
         """Unsafe probability per row: the most unsafe window, as the service scores a prompt."""
-        rows, owner = self.windows(template)
-        probs = predict_proba(model, rows, batch_size=batch_size)
-        out = np.zeros(len(self.examples), dtype=np.float64)
-        np.maximum.at(out, owner, probs.astype(np.float64))
-        return out
+        windows, _ = self.windows(template)
+        run = model_scorer(model, self._encoders[template.model_dump_json()]).run
+        scores, _ = score_windows(run, windows, len(self.examples), batch_size)
+        return scores
 
     def evaluate(self, scores: np.ndarray) -> Scored:
         per: dict[str, dict[str, float]] = {}
         for pid, idx in self.by_policy.items():
             labels, s = self.labels[idx], scores[idx]
             t = best_f1_threshold(labels, s, self.weights[pid])
-            per[pid] = {"f1": round(f1_at(labels, s, t), 6), "threshold": round(t, 6), "f1_at_0.5": round(f1_at(labels, s, 0.5), 6)}
-        return Scored(f1=float(np.mean([p["f1"] for p in per.values()])),
-                      f1_at_half=float(np.mean([p["f1_at_0.5"] for p in per.values()])), per_policy=per)
+            per[pid] = {
+                "f1": round(f1_at(labels, s, t), 6),
+                "threshold": round(t, 6),
+                "f1_at_0.5": round(f1_at(labels, s, 0.5), 6),
+            }
+        return Scored(
+            f1=float(np.mean([p["f1"] for p in per.values()])),
+            f1_at_half=float(np.mean([p["f1_at_0.5"] for p in per.values()])),
+            per_policy=per,
+        )
 
 
 class MergeObjective:
@@ -121,10 +116,17 @@ class MergeObjective:
     ``states[0]`` is the host (the top-1 source): its tensors fill whatever a subset leaves out.
     """
 
-    def __init__(self, states: Sequence[StateDict], validation: ValidationSet, model, subsets: Mapping[str, ParameterSubset],
-                 templates: Mapping[str, InputTemplate], base: StateDict | None = None, threads: int = 0, batch_size: int = 64) -> None:
-        import torch
-
+    def __init__(
+        self,
+        states: Sequence[StateDict],
+        validation: ValidationSet,
+        model: Any,
+        subsets: Mapping[str, ParameterSubset],
+        templates: Mapping[str, InputTemplate],
+        base: StateDict | None = None,
+        threads: int = 0,
+        batch_size: int = 64,
+    ) -> None:
         torch.set_num_threads(threads or os.cpu_count() or 1)
         self.states = list(states)
         self.validation = validation
@@ -148,7 +150,7 @@ class MergeObjective:
             return next(iter(self.templates.values()))
         return self.templates[key]
 
-    def merged_state(self, proposal: Proposal) -> dict:
+    def merged_state(self, proposal: Proposal) -> dict[str, torch.Tensor]:
         if self.merger is None:
             raise RuntimeError("call use_method() first")
         return self.merger.merge(proposal.weights, self.subsets[proposal.choices.get("type", "all")])
@@ -156,23 +158,29 @@ class MergeObjective:
     def evaluate(self, proposal: Proposal) -> Scored:
         started = time.perf_counter()
         self.load(self.merged_state(proposal))
-        scored = self.validation.evaluate(self.validation.score(self.model, self.template_for(proposal), self.batch_size))
+        scored = self.validation.evaluate(
+            self.validation.score(self.model, self.template_for(proposal), self.batch_size)
+        )
         scored.seconds = time.perf_counter() - started
         return scored
 
-    def load(self, state: Mapping) -> None:
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
         load_into(self.model, state)
 
 
-def load_into(model, state: Mapping) -> None:
+def load_into(model: Any, state: Mapping[str, torch.Tensor]) -> None:
     """Copy a state dict into a resident model (same architecture; every key must match)."""
-    import torch
-
     with torch.no_grad():
         model.load_state_dict(dict(state), strict=True)
 
 
-def evaluate_state(model, state: Mapping, validation: ValidationSet, template: InputTemplate, batch_size: int = 64) -> Scored:
+def evaluate_state(
+    model: Any,
+    state: Mapping[str, torch.Tensor],
+    validation: ValidationSet,
+    template: InputTemplate,
+    batch_size: int = 64,
+) -> Scored:
     """Score one unmerged source (the baselines a merge must beat) with the resident model."""
     started = time.perf_counter()
     load_into(model, state)

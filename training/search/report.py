@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from training.search.run import SearchResult
+from training.ui import print_table
 
 COLUMNS = ["method", "strategy", "F1 @ iter 1", "best F1", "gain", "best @ iter", "type", "vs best single"]
 
@@ -21,8 +22,18 @@ def table_rows(result: SearchResult) -> list[list[Any]]:
             continue
         first = trials[0]
         best = max(trials, key=lambda t: (t["f1"], -t["iteration"]))
-        rows.append([method, strategy, first["f1"], best["f1"], best["f1"] - first["f1"], best["iteration"] + 1,
-                     best.get("type"), best["f1"] - single_f1])
+        rows.append(
+            [
+                method,
+                strategy,
+                first["f1"],
+                best["f1"],
+                best["f1"] - first["f1"],
+                best["iteration"] + 1,
+                best.get("type"),
+                best["f1"] - single_f1,
+            ]
+        )
     return rows
 
 
@@ -37,29 +48,35 @@ def markdown(result: SearchResult, iterations: int) -> str:
     lines = [
         f"Validation F1 (mean over policies, per-policy calibrated threshold) of the merged model, "
         f"{iterations} iterations per method × strategy, top-{len(result.top)} sources: "
-        + ", ".join(f"{s.name} ({result.singles[s.name]['f1']:.4f})" for s in result.top) + ".",
+        + ", ".join(f"{s.name} ({result.singles[s.name]['f1']:.4f})" for s in result.top)
+        + ".",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(fmt_row(r)) + " |" for r in table_rows(result)]
     verdict = "beats" if win["f1"] > f1 else "does not beat"
-    lines += ["", f"Best single checkpoint: {name} F1 {f1:.4f}. Best merge: {win['method']} × {win['strategy']} "
-              f"(type {win['type']}, iteration {win['iteration'] + 1}) F1 {win['f1']:.4f}: UniGuard {verdict} "
-              f"the best single checkpoint ({win['f1'] - f1:+.4f})."]
+    lines += [
+        "",
+        f"Best single checkpoint: {name} F1 {f1:.4f}. Best merge: {win['method']} × {win['strategy']} "
+        f"(type {win['type']}, iteration {win['iteration'] + 1}) F1 {win['f1']:.4f}: UniGuard {verdict} "
+        f"the best single checkpoint ({win['f1'] - f1:+.4f}).",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def print_table(result: SearchResult, console) -> None:
-    from rich.table import Table
-
+def print_summary(result: SearchResult) -> None:
+    """The closing table on the console, gains over the best single checkpoint in green."""
     name, f1 = result.best_single
-    table = Table(title=f"Model merging search: F1 at iteration 1 vs best (best single: {name} {f1:.4f})")
-    for c in COLUMNS:
-        table.add_column(c, justify="right" if c not in ("method", "strategy", "type") else "left")
+    rows = []
     for r in table_rows(result):
         cells = fmt_row(r)
         if r[-1] > 0:
             cells[-1] = f"[green]{cells[-1]}"
-        table.add_row(*cells)
-    console.print(table)
+        rows.append(cells)
+    print_table(
+        f"Model merging search: F1 at iteration 1 vs best (best single: {name} {f1:.4f})",
+        COLUMNS,
+        rows,
+        left=("method", "strategy", "type"),
+    )

@@ -14,16 +14,17 @@ import random
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.manifest import sha256_file
 from service.policy import InputTemplate, Policy, load_policies
-from training.data import Example, read_examples
-from training.merging.checkpoints import CheckpointSource, common_base, load_base_state, load_classifier, load_state
-from training.merging.config import MergeParams
+from training.data.rows import Example, read_examples
+from training.merging.checkpoints import CheckpointSource, common_base, load_base_state, load_source_model, load_state
+from training.merging.params import MergeParams
 from training.merging.registry import get_method, method_names
 from training.merging.subsets import ParameterSubset
 from training.search.bandit import STRATEGIES, make_strategy
@@ -48,10 +49,14 @@ class SearchSettings(BaseModel):
     params: MergeParams = Field(default_factory=MergeParams)
     seed: int = 13
     reward: str = Field("rank", pattern="^(rank|raw)$")
-    policies: list[str] = Field(default_factory=list, description="Policy ids to keep from the validation file (all when empty).")
+    policies: list[str] = Field(
+        default_factory=list, description="Policy ids to keep from the validation file (all when empty)."
+    )
     max_rows: int = Field(0, ge=0, description="Stratified subsample of validation rows for the search (0: all).")
     max_windows: int = Field(0, ge=0, description="Windows scored per row in the search (0: all, as the service does).")
-    max_length: int | None = Field(None, gt=16, description="Window; None: what the sources were trained with (else 128).")
+    max_length: int | None = Field(
+        None, gt=16, description="Window; None: what the sources were trained with (else 128)."
+    )
     stride: int | None = Field(None, ge=0)
     threads: int = Field(0, ge=0)
     batch_size: int = Field(64, ge=1)
@@ -75,12 +80,12 @@ class SearchSettings(BaseModel):
 
 @dataclass
 class SearchResult:
-    sources: list[CheckpointSource]          # every candidate, ranked by validation F1
-    singles: dict[str, dict[str, Any]]       # name -> scored record
-    top: list[CheckpointSource]              # the top-k that were merged (top[0] is the host)
-    templates: dict[str, InputTemplate]      # instruction key -> template
+    sources: list[CheckpointSource]  # every candidate, ranked by validation F1
+    singles: dict[str, dict[str, Any]]  # name -> scored record
+    top: list[CheckpointSource]  # the top-k that were merged (top[0] is the host)
+    templates: dict[str, InputTemplate]  # instruction key -> template
     trials: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
-    base: Path | None = None                 # θ_base actually used
+    base: Path | None = None  # θ_base actually used
     max_length: int = 128
     stride: int = 32
 
@@ -96,10 +101,6 @@ class SearchResult:
         if not flat:
             raise ValueError("no trials")
         return max(flat, key=lambda t: (t["f1"], -t["order"]))
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def stratified_subsample(rows: list[Example], max_rows: int, seed: int) -> list[Example]:
@@ -137,40 +138,61 @@ def tokenizer_vocab_hash(folder: Path) -> str:
     return hashlib.sha256(json.dumps(data.get("model"), sort_keys=True).encode()).hexdigest()
 
 
-def template_of(source: CheckpointSource) -> InputTemplate:
-    return source.input_template or InputTemplate()
-
-
-def search_meta(sources: list[CheckpointSource], validation_path: Path, rows: list[Example], settings: SearchSettings,
-                base: Path | None, subsets: dict[str, ParameterSubset]) -> dict[str, Any]:
+def search_meta(
+    sources: list[CheckpointSource],
+    validation_path: Path,
+    rows: list[Example],
+    settings: SearchSettings,
+    base: Path | None,
+    subsets: dict[str, ParameterSubset],
+) -> dict[str, Any]:
     """What makes two searches comparable; a resumed log must match it exactly."""
     return {
         "sources": [{"name": s.name, "path": str(Path(s.path).resolve())} for s in sources],
-        "validation": {"path": str(Path(validation_path).resolve()), "sha256": file_sha256(validation_path), "rows": len(rows)},
+        "validation": {
+            "path": str(Path(validation_path).resolve()),
+            "sha256": sha256_file(validation_path),
+            "rows": len(rows),
+        },
         "policies": sorted({ex.policy_id for ex in rows}),
         "base": "auto" if base is None else str(base),
         "params": settings.params.model_dump(),
         "subsets": {n: subsets[n].model_dump(include={"include", "exclude"}) for n in settings.subsets},
-        "seed": settings.seed, "reward": settings.reward, "top_k": settings.top_k,
-        "max_rows": settings.max_rows, "max_windows": settings.max_windows,
-        "max_length": settings.max_length, "stride": settings.stride,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": settings.seed,
+        "reward": settings.reward,
+        "top_k": settings.top_k,
+        "max_rows": settings.max_rows,
+        "max_windows": settings.max_windows,
+        "max_length": settings.max_length,
+        "stride": settings.stride,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
 def window_of(sources: list[CheckpointSource], settings: SearchSettings) -> tuple[int, int]:
     """The window the sources were trained with (most common), unless the user set one."""
+
     def common(values: list[int | None], default: int) -> int:
         seen = [v for v in values if v is not None]
         return max(set(seen), key=seen.count) if seen else default
 
-    return (settings.max_length or common([s.max_length for s in sources], 128),
-            settings.stride if settings.stride is not None else common([s.stride for s in sources], 32))
+    return (
+        settings.max_length or common([s.max_length for s in sources], 128),
+        settings.stride if settings.stride is not None else common([s.stride for s in sources], 32),
+    )
 
 
-def run_search(sources: list[CheckpointSource], validation_path: Path, policies_dir: Path, settings: SearchSettings,
-               log_path: Path, subsets: dict[str, ParameterSubset], base: Path | None = None, fallback_base: Path | None = None,
-               progress: Progress | None = None) -> tuple[SearchResult, MergeObjective, ValidationSet]:
+def run_search(
+    sources: list[CheckpointSource],
+    validation_path: Path,
+    policies_dir: Path,
+    settings: SearchSettings,
+    log_path: Path,
+    subsets: dict[str, ParameterSubset],
+    base: Path | None = None,
+    fallback_base: Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[SearchResult, MergeObjective, ValidationSet]:
     """Run (or resume) the whole search; returns the result and the live objective for export.
 
     ``base`` None: θ_base is the nearest checkpoint all top-k sources descend from (GIP for
@@ -194,17 +216,25 @@ def run_search(sources: list[CheckpointSource], validation_path: Path, policies_
     settings = settings.model_copy(update={"max_length": max_length, "stride": stride})
     log = TrialLog(log_path)
     log.open(search_meta(sources, validation_path, rows, settings, base, subsets))
-    validation = ValidationSet(rows, policies, sources[0].path / "tokenizer.json", max_length, stride, settings.max_windows)
+    validation = ValidationSet(
+        rows, policies, sources[0].path / "tokenizer.json", max_length, stride, settings.max_windows
+    )
 
     # 1. every source alone: the baselines, and the ranking that picks the top-k.
     singles = {r["source"]: r for r in log.of_kind("single")}
-    model = load_classifier(sources[0].path)
+    model = load_source_model(sources[0].path)
     todo = [s for s in sources if s.name not in singles]
     for i, src in enumerate(todo):
         note("score sources", i, len(todo), src.name)
-        scored = evaluate_state(model, load_state(src.path), validation, template_of(src), settings.batch_size)
-        record = {"kind": "single", "source": src.name, "family": src.family, "policy": src.policy,
-                  "reported_f1": src.reported_f1, **scored.to_json()}
+        scored = evaluate_state(model, load_state(src.path), validation, src.template, settings.batch_size)
+        record = {
+            "kind": "single",
+            "source": src.name,
+            "family": src.family,
+            "policy": src.policy,
+            "reported_f1": src.reported_f1,
+            **scored.to_json(),
+        }
         log.append(record)
         singles[src.name] = record
         note("score sources", i + 1, len(todo), f"{src.name} F1 {scored.f1:.4f}")
@@ -214,7 +244,7 @@ def run_search(sources: list[CheckpointSource], validation_path: Path, policies_
     # 2. the space: weights over the top-k, type = subset, instruction when the top-k disagree.
     templates: dict[str, InputTemplate] = {}
     for s in top:
-        t = template_of(s)
+        t = s.template
         if t not in templates.values():
             templates[str(len(templates))] = t
     categories: dict[str, tuple[str, ...]] = {"type": tuple(settings.subsets)}
@@ -225,8 +255,13 @@ def run_search(sources: list[CheckpointSource], validation_path: Path, policies_
         base = common_base(top) or fallback_base
         if base is None:
             raise ValueError("the sources do not record a common starting point: pass θ_base with --base")
-    space_record = {"kind": "space", "models": [s.name for s in top], "categories": {k: list(v) for k, v in categories.items()},
-                    "templates": {k: t.model_dump() for k, t in templates.items()}, "base": None if base is None else str(base)}
+    space_record = {
+        "kind": "space",
+        "models": [s.name for s in top],
+        "categories": {k: list(v) for k, v in categories.items()},
+        "templates": {k: t.model_dump() for k, t in templates.items()},
+        "base": None if base is None else str(base),
+    }
     logged_space = log.of_kind("space")
     if not logged_space:
         log.append(space_record)
@@ -237,8 +272,16 @@ def run_search(sources: list[CheckpointSource], validation_path: Path, policies_
     states = [load_state(s.path) for s in top]
     base_state = load_base_state(base) if needs_base and base is not None else None
     result_base = base
-    objective = MergeObjective(states, validation, model, subsets, templates, base=base_state,
-                               threads=settings.threads, batch_size=settings.batch_size)
+    objective = MergeObjective(
+        states,
+        validation,
+        model,
+        subsets,
+        templates,
+        base=base_state,
+        threads=settings.threads,
+        batch_size=settings.batch_size,
+    )
     done = log.trials()
     order = len(log.of_kind("trial"))
     for method in settings.methods:
@@ -246,25 +289,49 @@ def run_search(sources: list[CheckpointSource], validation_path: Path, policies_
         for strategy_name in settings.strategies:
             strategy = make_strategy(strategy_name, space, seed=settings.seed, reward=settings.reward)
             history = done.get((method, strategy_name), [])
-            for t in history:
-                strategy.observe(Proposal.from_json(t), t["f1"])
+            for trial in history:
+                strategy.observe(Proposal.from_json(trial), trial["f1"])
             for it in range(len(history), settings.iterations):
-                note(f"{method} × {strategy_name}", it, settings.iterations,
-                     f"best {strategy.best[1]:.4f}" if strategy.best else "")
+                note(
+                    f"{method} × {strategy_name}",
+                    it,
+                    settings.iterations,
+                    f"best {strategy.best[1]:.4f}" if strategy.best else "",
+                )
                 proposal = strategy.propose(it)
                 scored = objective.evaluate(proposal)
                 strategy.observe(proposal, scored.f1)
-                record = {"kind": "trial", "method": method, "strategy": strategy_name, "iteration": it, "order": order,
-                          **proposal.to_json(), "type": proposal.choices.get("type"),
-                          "instruction": proposal.choices.get("instruction"), **scored.to_json()}
+                record = {
+                    "kind": "trial",
+                    "method": method,
+                    "strategy": strategy_name,
+                    "iteration": it,
+                    "order": order,
+                    **proposal.to_json(),
+                    "type": proposal.choices.get("type"),
+                    "instruction": proposal.choices.get("instruction"),
+                    **scored.to_json(),
+                }
                 log.append(record)
                 order += 1
-            note(f"{method} × {strategy_name}", settings.iterations, settings.iterations,
-                 f"best {strategy.best[1]:.4f}" if strategy.best else "")
+            note(
+                f"{method} × {strategy_name}",
+                settings.iterations,
+                settings.iterations,
+                f"best {strategy.best[1]:.4f}" if strategy.best else "",
+            )
     objective.merger = None  # release the last method's cached task vectors
     wanted = {(m, s) for m in settings.methods for s in settings.strategies}
     # A log may hold more iterations than asked for now: the table reports the N asked for.
     trials = {k: [t for t in v if t["iteration"] < settings.iterations] for k, v in log.trials().items() if k in wanted}
-    result = SearchResult(sources=ranked, singles=singles, top=top, templates=templates, trials=trials, base=result_base,
-                          max_length=max_length, stride=stride)
+    result = SearchResult(
+        sources=ranked,
+        singles=singles,
+        top=top,
+        templates=templates,
+        trials=trials,
+        base=result_base,
+        max_length=max_length,
+        stride=stride,
+    )
     return result, objective, validation

@@ -28,7 +28,7 @@ class Proposal:
         return {"weights": [round(float(w), 6) for w in self.weights], "choices": dict(self.choices)}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "Proposal":
+    def from_json(cls, data: Mapping) -> Proposal:
         return cls(tuple(float(w) for w in data["weights"]), dict(data.get("choices", {})))
 
 

@@ -1,0 +1,48 @@
+"""What every command shares: the command line it records, option parsing, the stage record."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from training.io import write_json_atomic
+
+RUN_HELP = "Run name: outputs go to runs/<run>/."
+THREADS_HELP = (
+    "Torch threads (0: all cores). Use 1 when other jobs share the CPU: on a busy 2-core box "
+    "2 oversubscribed OpenMP threads ran 5x slower than 1."
+)
+
+
+def command_line() -> str:
+    """This process's command as a user would type it (recorded in manifests and run records)."""
+    return " ".join(["python -m training", *sys.argv[1:]])
+
+
+def csv(values: str | list[str] | None) -> list[str]:
+    """``a,b`` and repeated options alike: ``--methods ties --methods soup`` or ``--methods ties,soup``."""
+    items = [values] if isinstance(values, str) else list(values or [])
+    return [v.strip() for item in items for v in item.split(",") if v.strip()]
+
+
+def record(run_dir: Path, stage: str, args: dict[str, Any], started: float) -> None:
+    """Command, arguments and wall time of a stage, next to its outputs."""
+    plain = {k: v for k, v in args.items() if not (callable(v) or inspect.ismodule(v))}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        run_dir / f"{stage}.json",
+        {
+            "command": command_line(),
+            "args": json.loads(json.dumps(plain, default=str)),
+            "wall_seconds": round(time.time() - started, 1),
+        },
+    )
+
+
+def defaults(command: Any) -> dict[str, Any]:
+    """A typer command's option defaults, to call it from ``pipeline all`` with default settings."""
+    return {name: getattr(p.default, "default", p.default) for name, p in inspect.signature(command).parameters.items()}

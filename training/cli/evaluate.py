@@ -1,0 +1,94 @@
+"""``python -m training evaluate`` (any model on any labelled JSONL) and ``table`` (the pipeline's closing table)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from service.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
+from training import paths
+from training.cli.common import RUN_HELP
+from training.data.rows import read_test_rows
+from training.io import write_json_atomic, write_text_atomic
+from training.ui import Reporter, print_table
+
+# The scorer (torch, onnxruntime) is imported inside the commands: `--help` must stay instant.
+
+
+def checkpoint_overrides(model: Path, max_length: int | None, template: str) -> dict[str, Any]:
+    """Window / template overrides for a checkpoint (an ONNX folder's manifest always decides)."""
+    from training.model.modeling import MTG_TEMPLATE, TASKGUARD_TEMPLATE
+
+    if (model / "manifest.json").exists():
+        return {}
+    if template not in ("auto", "mtg", "taskguard"):
+        raise typer.BadParameter("auto, mtg or taskguard", param_hint="--template")
+    out: dict[str, Any] = {"max_length": max_length} if max_length else {}
+    if template != "auto":
+        out["template"] = MTG_TEMPLATE if template == "mtg" else TASKGUARD_TEMPLATE
+    return out
+
+
+def evaluate(
+    model: Annotated[
+        Path, typer.Argument(help="Checkpoint folder (config.json) or exported model folder (manifest.json).")
+    ],
+    data_file: Annotated[Path, typer.Argument(help="JSONL with text and label (and policy_id unless --policy).")],
+    policy: Annotated[str | None, typer.Option(help="Map every row to this policy.")] = None,
+    policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
+    threshold: Annotated[float, typer.Option(help="Unsafe if the score is at least this.")] = 0.5,
+    batch_size: Annotated[int, typer.Option(help="1: per-request latency; larger: batch-amortised throughput.")] = 1,
+    limit: Annotated[int, typer.Option(help="Score only the first N rows (0: all).")] = 0,
+    max_length: Annotated[
+        int | None, typer.Option(help="Checkpoints only: window override (default: its uniguard.json).")
+    ] = None,
+    template: Annotated[
+        str, typer.Option(help="Checkpoints only: auto (its uniguard.json, else mtg), mtg or taskguard.")
+    ] = "auto",
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for report.json + report.md (default runs/eval/<model>-<data>).")
+    ] = None,
+) -> None:
+    """Precision, recall, F1, FPR, ROC-AUC and p50/p95 latency per policy (raw scores); table, JSON + Markdown."""
+    from training.eval.report import COLUMNS, evaluate_path, markdown_report
+
+    policies: dict[str, Policy] = load_policies(policies_dir)
+    rows = read_test_rows(data_file, policies, policy, limit or None)
+    with Reporter().task(f"score {model.name}") as update:
+        result = evaluate_path(
+            model,
+            rows,
+            policies,
+            threshold=threshold,
+            batch_size=batch_size,
+            data_name=str(data_file),
+            progress=lambda d, t: update(d, t, ""),
+            **checkpoint_overrides(model, max_length, template),
+        )
+    print_table(
+        f"{result['scorer']} on {data_file.name} (threshold {threshold})",
+        ["policy", *COLUMNS],
+        [(pid, *(m.get(c) for c in COLUMNS)) for pid, m in result["policies"].items()],
+    )
+    target = out or paths.RUNS / "eval" / f"{model.resolve().name}-{data_file.stem}"
+    target.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target / "report.json", result)
+    write_text_atomic(target / "report.md", markdown_report(result))
+    typer.echo(f"wrote {target}/report.json and report.md")
+
+
+def table(
+    run: Annotated[str, typer.Option(help=RUN_HELP)] = "issue4",
+    holdout: Annotated[str, typer.Option()] = "tax_advice",
+    out: Annotated[Path | None, typer.Option(help="Markdown file (default runs/<run>/table.md).")] = None,
+) -> None:
+    """The closing table (validation F1 / ROC-AUC per family and policy, zero-shot row) from checkpoints.json."""
+    from training.eval.report import closing_table
+
+    text = closing_table(paths.RUNS / run, sorted(load_policies(DEFAULT_POLICIES_DIR)), holdout or None)
+    target = out or paths.RUNS / run / "table.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(target, text)
+    typer.echo(text)
