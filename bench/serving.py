@@ -124,7 +124,8 @@ class Report:
                 f"| {_num(r.raw_p50_ms, '.2f')} | {_num(r.outside_model_p50_ms, '.2f')} "
                 f"| {_num(r.cpu_ms_per_window, '.1f')} |"
             )
-        return head + "\n".join(lines) + "\n" + "".join(line + "\n" for line in self.summary())
+        summary = "".join(f"- {line}\n" for line in self.summary())
+        return head + "\n".join(lines) + "\n" + ("\n" + summary if summary else "")
 
     def summary(self) -> list[str]:
         """One line a mix: its limit (which raw configuration) and the 1-client figures."""
@@ -579,6 +580,7 @@ def run(
         encoded = [models[True].encoder.encode(policies[r["policy_id"]], r["prompt"]) for r in requests]
         raw = Raw(models, encoded, mix)
         say(f"mix {mix}: {len(requests)} requests, {raw.windows_per_request:.2f} windows a request")
+        sweep = raw.sweep_sizes(raw_batches)
         service_rows: list[Row] = []
         single: Row | None = None
         for c in concurrency:
@@ -601,12 +603,16 @@ def run(
                 b = max(1, round(row.batch))
                 say(f"raw onnxruntime ({mix}): batches of {b} (the service's) ...")
                 same = raw.best_at_batch(b, raw_seconds)
+                if b not in sweep:
+                    for spin in models:
+                        cfg = raw.at_batch(b, spin, raw_seconds)
+                        cfg.note = cfg.note or f"(batch of the {c}-client service)"
                 # Model work per second, so the share does not depend on which requests fell in the window.
                 row.pct_of_raw_same_batch = (
                     100.0 * row.windows_per_s / same.windows_per_s if same.windows_per_s else None
                 )
             service_rows.append(row)
-        for b in raw.sweep_sizes(raw_batches):
+        for b in sweep:
             say(f"raw onnxruntime ({mix}): batches of {b}, spinning on and off ...")
             for spin in models:
                 raw.at_batch(b, spin, raw_seconds)

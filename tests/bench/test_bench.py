@@ -94,9 +94,9 @@ def test_bench_runs_raw_and_service_and_compares_them(tiny_model_dir: Path, tmp_
         assert service[1].added_p50_ms is not None and service[1].raw_p50_ms == raw[0].p50_ms
         assert service[1].outside_model_p50_ms is not None and service[1].outside_model_p50_ms > 0
     table = report.markdown()
-    assert table.count("\n") == len(report.rows) + 2 + len(report.limits)
+    assert table.count("\n") == len(report.rows) + 3 + len(report.limits)
     assert "| mix |" in table and "% of limit" in table and "% of raw at same batch" in table
-    assert table.count("= limit**") == 2 and "limit (short): raw onnxruntime, batch " in table
+    assert table.count("= limit**") == 2 and "\n- limit (short): raw onnxruntime, batch " in table
     assert all(r.cpu_ms_per_window and r.cpu_ms_per_window > 0 for r in report.rows)
     assert set(json.loads(report.to_json())["limits"]) == {"short", "long"}
 
