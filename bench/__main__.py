@@ -1,7 +1,11 @@
 """``python -m bench``: raw onnxruntime vs the service over HTTP, one table.
 
-python -m bench                                  # models/default, 1/8/64 clients, 10 s each
+Every row's "% of limit" is against the limit: the best raw onnxruntime configuration
+(batch size x spinning, swept) on the same model and the same mix of prompts.
+
+python -m bench                                  # models/default; short and long mixes; 1/8/64 clients
 python -m bench --model-dir /tmp/tiny --seconds 3 --concurrency 1,8
+python -m bench --mix short --concurrency 1,64 --raw-batches 1,4,8,16
 python -m bench --env UNIGUARD_MAX_WAIT_MS=2 --json runs/bench/result.json
 python -m bench --provider cuda --env UNIGUARD_MAX_WAIT_MS=2 --env UNIGUARD_MAX_PADDING=0.5   # GPU
 """
@@ -13,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from bench.serving import run
+from bench.serving import RAW_BATCHES, run
+from bench.workload import MIXES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model-dir", type=Path, default=Path(os.environ.get("UNIGUARD_MODEL_DIR", "models/default")))
+    ap.add_argument(
+        "--mix",
+        default="short,long",
+        help="comma-separated request mixes: short (5-60 words), long (every prompt up to --max-chars)",
+    )
     ap.add_argument("--concurrency", default="1,8,64", help="comma-separated client counts")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured time per client count")
     ap.add_argument(
@@ -29,7 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         default=3.0,
         help="unmeasured time before each client count (and until every client had two answers)",
     )
-    ap.add_argument("--raw-seconds", type=float, default=5.0, help="time per raw onnxruntime batch size")
+    ap.add_argument(
+        "--raw-seconds",
+        type=float,
+        default=3.0,
+        help="measured time per raw onnxruntime configuration (batch size x spinning), at least 3 calls",
+    )
+    ap.add_argument(
+        "--raw-batches",
+        default=",".join(str(b) for b in RAW_BATCHES),
+        help="raw batch sizes swept for the limit (the service's own batch sizes are added)",
+    )
     ap.add_argument(
         "--threads", type=int, default=None, help="onnxruntime intra-op threads, raw and service (default: CPU count)"
     )
@@ -50,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not key.startswith("UNIGUARD_"):
             ap.error(f"--env wants UNIGUARD_NAME=value, got {item!r}")
         env[key] = value
+    mixes = [m.strip() for m in args.mix.split(",") if m.strip()]
+    if not mixes or any(m not in MIXES for m in mixes):
+        ap.error(f"--mix wants some of {','.join(MIXES)}, got {args.mix!r}")
+    try:
+        raw_batches = [int(b) for b in args.raw_batches.split(",") if b.strip()]
+    except ValueError:
+        raw_batches = []
+    if not raw_batches or min(raw_batches) < 1:
+        ap.error(f"--raw-batches wants positive integers, got {args.raw_batches!r}")
     if not (args.model_dir / "manifest.json").is_file():
         ap.error(f"{args.model_dir} is not a model folder (no manifest.json)")
     report = run(
@@ -58,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds=args.seconds,
         warmup=args.warmup,
         raw_seconds=args.raw_seconds,
+        raw_batches=raw_batches,
+        mixes=mixes,
         threads=args.threads,
         n_requests=args.requests,
         max_chars=args.max_chars or None,

@@ -1,14 +1,20 @@
 """Raw onnxruntime (the limit) against the service over HTTP, on the same machine and model.
 
-1. Pre-tokenise a fixed request mix (``bench.workload``) with the model's own encoder.
-2. **raw**: run the model on those windows in batches of B (sorted by length, so padding is
-   the least any batcher could reach) in this process, for each batch size needed; and
-   request by request (each request's windows as one batch, as the service does when
-   alone) for the latency a caller cannot avoid.
-3. **service**: start ``python -m service`` as a child (same process group), and drive it
+For each request mix (``bench.workload.MIXES``: short prompts, and the long mix):
+
+1. Pre-tokenise a fixed request mix with the model's own encoder.
+2. **service**: start ``python -m service`` as a child (same process group), and drive it
    with 1, 8 and 64 concurrent keep-alive clients over loopback for a fixed time each. The
-   mean batch size the service actually ran comes from its ``/metrics``; the raw limit at
-   that batch size (measured, not interpolated) is the 100 % for its row.
+   mean batch size the service actually ran comes from its ``/metrics``.
+3. **raw**, with the service stopped: the model in this process on the same windows, in
+   length-sorted batches (the least padding any batcher could reach) for every batch size of
+   the sweep (1, 2, 4, ... 64) and the service's own batch sizes, each with onnxruntime's
+   intra-op spinning on and off; and request by request (each request's windows as one call,
+   as the service does when alone) for the latency a caller cannot avoid, paired with the
+   1-client run.
+4. **The limit** is the best raw configuration of the mix (``best_config``: the most windows/s,
+   whatever the batch size and spinning); every row's "% of limit" is against it, windows/s and
+   CPU per window. Raw at the service's own batch size stays as a secondary column.
 
 The load generator runs in this process and costs CPU the service could have used: it is
 a minimal pre-encoded HTTP/1.1 client (see ``bench.httpclient``) so that share is small.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import platform
 import re
@@ -25,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypedDict
@@ -33,32 +40,58 @@ from typing import TypedDict
 import numpy as np
 
 from bench.httpclient import Connection, encode_get, encode_post
-from bench.workload import build_requests
+from bench.workload import MIXES, build_requests
 from service.inference import OnnxModel
 from service.policy import DEFAULT_POLICIES_DIR, EncodedWindows, load_policies
 
 REPO = Path(__file__).resolve().parents[1]
+RAW_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass
 class Row:
     mode: str  # "raw" | "service"
-    clients: int | None
+    clients: int | None  # None: a raw batch configuration; raw request by request: 1
     batch: float  # windows per model call (mean)
     rps: float  # requests per second
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    pct_of_raw: float | None = None
-    added_p50_ms: float | None = None
+    mix: str = ""
+    spinning: bool | None = None  # raw batches: onnxruntime intra-op spinning; None: service, or per request the faster
+    pct_of_limit: float | None = None  # windows/s against the mix's limit (its best raw configuration)
+    pct_of_limit_cpu: float | None = None  # the limit's CPU per window / this row's
+    pct_of_raw_same_batch: float | None = (
+        None  # service: against raw at its own batch size (1 client: request by request)
+    )
+    added_p50_ms: float | None = None  # 1-client service: median over the same requests of latency minus raw time
+    raw_p50_ms: float | None = None  # 1-client service: raw p50 of the same requests, one by one
     errors: int = 0
     requests: int = 0
     padding: float | None = None  # padded share of computed tokens
-    windows_per_s: float = 0.0  # model work done: what "% of raw" compares
+    windows_per_s: float = 0.0  # model work done: what the percentages compare
     cpu_ms_per_window: float | None = None  # CPU spent per window (all threads): robust to a busy machine
-    pct_of_raw_cpu: float | None = None  # raw CPU per window / service CPU per window
     outside_model_p50_ms: float | None = None  # service: latency minus its own model time (x-inference-time)
+    limit: bool = False  # this raw row is its mix's limit
     note: str = ""
+
+
+def best_config(rows: Iterable[Row]) -> Row:
+    """The limit among measured rows: the raw batch configuration (any batch size, spinning on
+    or off) with the most windows/s; on a tie the one spending less CPU per window. Request-by-
+    request and service rows are not candidates."""
+    candidates = [r for r in rows if r.mode == "raw" and r.clients is None and r.windows_per_s > 0]
+    if not candidates:
+        raise ValueError("no raw batch configuration measured")
+    return max(candidates, key=lambda r: (r.windows_per_s, -(r.cpu_ms_per_window or math.inf)))
+
+
+def _spin(value: bool | None) -> str:
+    return "–" if value is None else ("on" if value else "off")
+
+
+def _num(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{fmt}}{suffix}"
 
 
 @dataclass
@@ -66,30 +99,63 @@ class Report:
     machine: Machine
     settings: dict[str, object]
     rows: list[Row] = field(default_factory=list)
+    limits: dict[str, Row] = field(default_factory=dict)  # mix -> its best raw configuration
 
     def markdown(self) -> str:
         head = (
-            "| mode | clients | windows/batch | throughput (req/s) | p50 ms | p95 ms | p99 ms | % of raw at same batch "
-            "| added p50 ms | outside model p50 ms | CPU ms/window | % of raw, CPU |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            "| mix | mode | clients | windows/batch | spinning | throughput (req/s) | windows/s | p50 ms | p95 ms "
+            "| p99 ms | % of limit | % of limit, CPU | % of raw at same batch | added p50 ms "
+            "| raw p50 ms, same requests | outside model p50 ms | CPU ms/window |\n"
+            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         )
         lines = []
         for r in self.rows:
+            mode = "raw onnxruntime" if r.mode == "raw" else "service (HTTP)"
+            if r.note:
+                mode += " " + r.note
+            if r.limit:
+                mode = f"**{mode} = limit**"
             lines.append(
-                f"| {'raw onnxruntime' if r.mode == 'raw' else 'service (HTTP)'}{' ' + r.note if r.note else ''} "
-                f"| {r.clients if r.clients is not None else '–'} | {r.batch:.1f} | {r.rps:.1f} "
+                f"| {r.mix or '–'} | {mode} | {r.clients if r.clients is not None else '–'} | {r.batch:.1f} "
+                f"| {_spin(r.spinning)} | {r.rps:.1f} | {r.windows_per_s:.1f} "
                 f"| {r.p50_ms:.2f} | {r.p95_ms:.2f} | {r.p99_ms:.2f} "
-                f"| {f'{r.pct_of_raw:.0f} %' if r.pct_of_raw is not None else '–'} "
-                f"| {f'{r.added_p50_ms:+.2f}' if r.added_p50_ms is not None else '–'} "
-                f"| {f'{r.outside_model_p50_ms:.2f}' if r.outside_model_p50_ms is not None else '–'} "
-                f"| {f'{r.cpu_ms_per_window:.1f}' if r.cpu_ms_per_window is not None else '–'} "
-                f"| {f'{r.pct_of_raw_cpu:.0f} %' if r.pct_of_raw_cpu is not None else '–'} |"
+                f"| {_num(r.pct_of_limit, '.0f', ' %')} | {_num(r.pct_of_limit_cpu, '.0f', ' %')} "
+                f"| {_num(r.pct_of_raw_same_batch, '.0f', ' %')} | {_num(r.added_p50_ms, '+.2f')} "
+                f"| {_num(r.raw_p50_ms, '.2f')} | {_num(r.outside_model_p50_ms, '.2f')} "
+                f"| {_num(r.cpu_ms_per_window, '.1f')} |"
             )
-        return head + "\n".join(lines) + "\n"
+        summary = "".join(f"- {line}\n" for line in self.summary())
+        return head + "\n".join(lines) + "\n" + ("\n" + summary if summary else "")
+
+    def summary(self) -> list[str]:
+        """One line a mix: its limit (which raw configuration) and the 1-client figures."""
+        out = []
+        for mix, limit in self.limits.items():
+            line = (
+                f"limit ({mix}): raw onnxruntime, batch {limit.batch:.0f}, spinning {_spin(limit.spinning)}: "
+                f"{limit.windows_per_s:.1f} windows/s, {_num(limit.cpu_ms_per_window, '.1f')} CPU ms/window"
+            )
+            for r in self.rows:
+                if r.mix == mix and r.mode == "service" and r.clients == 1 and r.added_p50_ms is not None:
+                    line += (
+                        f"; 1 client: added p50 {r.added_p50_ms:+.2f} ms over raw request by request "
+                        f"(raw p50 {_num(r.raw_p50_ms, '.2f')} ms)"
+                    )
+            for r in self.rows:
+                if r.mix == mix and r.mode == "service" and r.clients != 1:
+                    line += f"; {r.clients} clients: {_num(r.pct_of_limit, '.0f', ' %')} of limit"
+            out.append(line)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(
-            {"machine": self.machine, "settings": self.settings, "rows": [asdict(r) for r in self.rows]}, indent=2
+            {
+                "machine": self.machine,
+                "settings": self.settings,
+                "limits": {mix: asdict(r) for mix, r in self.limits.items()},
+                "rows": [asdict(r) for r in self.rows],
+            },
+            indent=2,
         )
 
 
@@ -161,16 +227,17 @@ def _pad(rows: list[np.ndarray], value: int) -> np.ndarray:
 
 
 class Raw:
-    """The model alone on pre-tokenised windows: the limit.
+    """The model alone on one mix's pre-tokenised windows: the candidates for the limit.
 
-    onnxruntime runs with its thread spinning on and off (the service turns it off to leave
-    the CPU to its event loop); each measurement keeps the faster of the two, so the limit
-    is the best onnxruntime does on this machine, not the service's configuration.
+    ``models`` maps onnxruntime's intra-op spinning (on / off; the service turns it off to
+    leave the CPU to its event loop) to a session; every (batch size, spinning) pair is a
+    configuration of its own, measured once and cached.
     """
 
-    def __init__(self, models: list[OnnxModel], encoded: list[EncodedWindows]) -> None:
+    def __init__(self, models: dict[bool, OnnxModel], encoded: list[EncodedWindows], mix: str = "") -> None:
         self.models = models
         self.encoded = encoded
+        self.mix = mix
         rows = [
             (ids, m, t)
             for e in encoded
@@ -178,70 +245,78 @@ class Raw:
         ]
         self.rows = sorted(rows, key=lambda r: len(r[0]))
         self.windows_per_request = len(rows) / len(encoded)
-        self._cache: dict[int, Row] = {}
+        self._cache: dict[tuple[int, bool], Row] = {}
 
     def _feeds(
         self, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, mask, types = zip(*rows, strict=True)
-        return _pad(list(ids), self.models[0].pad_id), _pad(list(mask), 0), _pad(list(types), 0)
+        return _pad(list(ids), self.models[True].pad_id), _pad(list(mask), 0), _pad(list(types), 0)
 
-    def at_batch(self, batch: int, seconds: float) -> Row:
-        """Throughput over length-sorted batches of ``batch`` windows, visited in a shuffled order."""
-        if batch in self._cache:
-            return self._cache[batch]
+    def sweep_sizes(self, batches: Sequence[int]) -> list[int]:
+        """The batch sizes worth measuring: those the mix has windows for (else its whole size)."""
+        sizes = sorted({b for b in batches if 1 <= b <= len(self.rows)})
+        return sizes or [len(self.rows)]
+
+    def at_batch(self, batch: int, spinning: bool, seconds: float) -> Row:
+        """Throughput over length-sorted batches of ``batch`` windows, visited in a shuffled
+        order, for ``seconds`` (and at least 3 calls), with spinning on or off."""
+        key = (batch, spinning)
+        if key in self._cache:
+            return self._cache[key]
         chunks = [self.rows[i : i + batch] for i in range(0, len(self.rows), batch)]
         chunks = [c for c in chunks if len(c) == batch] or chunks
         rng = np.random.default_rng(0)
         order = rng.permutation(len(chunks))
         feeds = [self._feeds(chunks[i]) for i in order]
-        best: Row | None = None
-        for model in self.models:
-            model.run(*feeds[0])  # warm this shape
-            times: list[float] = []
-            padded = real = 0
-            done_windows = 0
-            started = time.perf_counter()
-            cpu0 = time.process_time()
-            i = 0
-            while time.perf_counter() - started < seconds / len(self.models) or len(times) < 3:
-                f = feeds[i % len(feeds)]
-                t0 = time.perf_counter()
-                model.run(*f)
-                times.append(time.perf_counter() - t0)
-                done_windows += f[0].shape[0]
-                padded += f[0].size
-                real += int(f[1].sum())
-                i += 1
-            elapsed = sum(times)
-            p50, p95, p99 = percentiles(times)
-            cpu_ms = (time.process_time() - cpu0) * 1e3 / done_windows
-            row = Row(
-                "raw",
-                None,
-                done_windows / len(times),
-                done_windows / elapsed / self.windows_per_request,
-                p50,
-                p95,
-                p99,
-                requests=int(done_windows / self.windows_per_request),
-                padding=1 - real / padded,
-                windows_per_s=done_windows / elapsed,
-                cpu_ms_per_window=cpu_ms,
-            )
-            if best is None:
-                best = row
-            else:  # the faster configuration; and the thriftier one's CPU, each the best onnxruntime reaches
-                cheapest = min(best.cpu_ms_per_window or cpu_ms, cpu_ms)
-                best = row if row.windows_per_s > best.windows_per_s else best
-                best.cpu_ms_per_window = cheapest
-        assert best is not None
-        self._cache[batch] = best
-        return best
+        model = self.models[spinning]
+        model.run(*feeds[0])  # warm this shape
+        times: list[float] = []
+        padded = real = 0
+        done_windows = 0
+        started = time.perf_counter()
+        cpu0 = time.process_time()
+        i = 0
+        while time.perf_counter() - started < seconds or len(times) < 3:
+            f = feeds[i % len(feeds)]
+            t0 = time.perf_counter()
+            model.run(*f)
+            times.append(time.perf_counter() - t0)
+            done_windows += f[0].shape[0]
+            padded += f[0].size
+            real += int(f[1].sum())
+            i += 1
+        elapsed = sum(times)
+        p50, p95, p99 = percentiles(times)
+        row = Row(
+            "raw",
+            None,
+            done_windows / len(times),
+            done_windows / elapsed / self.windows_per_request,
+            p50,
+            p95,
+            p99,
+            mix=self.mix,
+            spinning=spinning,
+            requests=int(done_windows / self.windows_per_request),
+            padding=1 - real / padded,
+            windows_per_s=done_windows / elapsed,
+            cpu_ms_per_window=(time.process_time() - cpu0) * 1e3 / done_windows,
+        )
+        self._cache[key] = row
+        return row
+
+    def best_at_batch(self, batch: int, seconds: float) -> Row:
+        """Raw at one batch size, the better of spinning on and off (the secondary reference)."""
+        return best_config(self.at_batch(batch, spin, seconds) for spin in self.models)
+
+    def measured(self) -> list[Row]:
+        """Every configuration measured so far, by batch size then spinning on before off."""
+        return [self._cache[k] for k in sorted(self._cache, key=lambda k: (k[0], not k[1]))]
 
     def per_request(self, indices: list[int]) -> tuple[Row, dict[int, float]]:
         """The given requests one at a time, each request's windows as one call: the model
-        time a lone caller cannot avoid (the faster configuration, request by request).
+        time a lone caller cannot avoid (per request the faster of spinning on and off).
         Returns the row and each index's time."""
         feeds = {}
         for i in dict.fromkeys(indices):
@@ -250,7 +325,7 @@ class Raw:
         times: dict[int, float] = {}
         windows = {i: f[0].shape[0] for i, f in feeds.items()}
         cpu_ms = float("inf")
-        for model in self.models:
+        for model in self.models.values():
             model.run(*next(iter(feeds.values())))
             cpu0 = time.process_time()
             for i, f in feeds.items():
@@ -268,6 +343,7 @@ class Raw:
             p50,
             p95,
             p99,
+            mix=self.mix,
             requests=len(values),
             note="request by request",
             windows_per_s=sum(windows.values()) / sum(values),
@@ -435,13 +511,24 @@ async def bench_service(
     return row, samples
 
 
+def apply_limit(rows: Iterable[Row], limit: Row) -> None:
+    """Fill every row's "% of limit" (windows/s) and "% of limit, CPU" against ``limit``."""
+    for r in rows:
+        r.pct_of_limit = 100.0 * r.windows_per_s / limit.windows_per_s if limit.windows_per_s else None
+        if r.cpu_ms_per_window and limit.cpu_ms_per_window:
+            r.pct_of_limit_cpu = 100.0 * limit.cpu_ms_per_window / r.cpu_ms_per_window
+        r.limit = r is limit
+
+
 def run(
     model_dir: Path,
     *,
     concurrency: tuple[int, ...] = (1, 8, 64),
     seconds: float = 10.0,
     warmup: float = 2.0,
-    raw_seconds: float = 5.0,
+    raw_seconds: float = 3.0,
+    raw_batches: Sequence[int] = RAW_BATCHES,
+    mixes: Sequence[str] = ("short", "long"),
     threads: int | None = None,
     n_requests: int = 2000,
     max_chars: int | None = None,
@@ -451,6 +538,9 @@ def run(
     provider: str = "auto",
 ) -> Report:
     threads = threads or os.cpu_count() or 1
+    unknown = [m for m in mixes if m not in MIXES]
+    if unknown or not mixes:
+        raise ValueError(f"mixes must be some of {', '.join(MIXES)}, got {list(mixes)}")
 
     def say(msg: str) -> None:
         if progress:
@@ -460,66 +550,77 @@ def run(
         machine_info(threads),
         {
             "model_dir": str(model_dir),
+            "mixes": list(mixes),
             "concurrency": list(concurrency),
             "seconds": seconds,
+            "raw_seconds": raw_seconds,
+            "raw_batches": list(raw_batches),
             "requests": n_requests,
             "max_chars": max_chars,
             "service_env": service_env or {},
         },
     )
-    requests = build_requests(n_requests, max_chars=max_chars)
     policies = load_policies(DEFAULT_POLICIES_DIR)
-    bodies = [encode_post("127.0.0.1", "/v1/classify", r) for r in requests]
-
-    # Interleaved, so a machine whose load drifts treats both alike: each client count runs
-    # against a fresh service, then (service stopped, never sharing the CPU) raw onnxruntime
-    # on the same work: the same requests one by one at one client, else the batch size the
-    # service ran. Reference batch sizes 1, 8, 32 come last.
     log_root = log_dir or REPO / "runs" / "bench"
     env = {
         "UNIGUARD_REQUEST_TIMEOUT_S": "300",
         "UNIGUARD_PROVIDER": provider,
         **(service_env or {}),
     }  # throughput, not shedding
-    models = [OnnxModel.load(model_dir, threads, provider=provider, spinning=spin) for spin in (True, False)]
-    report.machine["provider"] = f"{models[0].provider} ({models[0].precision})"
-    encoded = [models[0].encoder.encode(policies[r["policy_id"]], r["prompt"]) for r in requests]
-    raw = Raw(models, encoded)
-    raw_rows: dict[int, Row] = {}
-    service_rows: list[Row] = []
-    single: Row | None = None
-    for c in concurrency:
-        service = ServiceProcess(Path(model_dir), threads, env, log_root / f"service-{c}.log")
-        try:
-            asyncio.run(service.wait_ready())
-            say(f"service: {c} client(s), {seconds:.0f} s measured ...")
-            row, samples = asyncio.run(bench_service(service, bodies, c, seconds, warmup))
-        finally:
-            service.stop()
-        if c == 1:
-            say(f"raw onnxruntime: the {len(samples)} requests of the 1-client run, one by one ...")
-            single, single_times = raw.per_request([i for i, _ in samples])
-            # Paired: the same requests, service latency minus model time, median over requests.
-            row.added_p50_ms = float(np.median([lat - single_times[i] for i, lat in samples])) * 1e3
-            row.pct_of_raw = 100.0 * row.rps / single.rps if single.rps else None
-            limit = single
-        else:
-            b = max(1, round(row.batch))
-            say(f"raw onnxruntime: batches of {b} ...")
-            limit = raw_rows[b] = raw.at_batch(b, raw_seconds)
-            # Model work per second against the model alone at the batch size the service ran:
-            # windows/s, so the share does not depend on which requests fell in the window.
-            row.pct_of_raw = 100.0 * row.windows_per_s / limit.windows_per_s if limit.windows_per_s else None
-        if row.cpu_ms_per_window and limit.cpu_ms_per_window:
-            row.pct_of_raw_cpu = 100.0 * limit.cpu_ms_per_window / row.cpu_ms_per_window
-        service_rows.append(row)
-    for b in (1, 8, 32):
-        if b not in raw_rows:
-            say(f"raw onnxruntime: batches of {b} ...")
-            raw_rows[b] = raw.at_batch(b, raw_seconds)
-    if single is not None:
-        report.rows.append(single)
-    report.rows.extend(raw_rows[b] for b in sorted(raw_rows))
-    report.rows.extend(service_rows)
+    models = {spin: OnnxModel.load(model_dir, threads, provider=provider, spinning=spin) for spin in (True, False)}
+    report.machine["provider"] = f"{models[True].provider} ({models[True].precision})"
+
+    # Interleaved, so a machine whose load drifts treats both alike: each client count runs
+    # against a fresh service, then (service stopped, never sharing the CPU) raw onnxruntime
+    # on the same work: the same requests one by one at one client, else the batch size the
+    # service ran. The rest of the raw sweep closes each mix; its best is the mix's limit.
+    for mix in mixes:
+        requests = build_requests(n_requests, max_chars=max_chars, mix=mix)
+        bodies = [encode_post("127.0.0.1", "/v1/classify", r) for r in requests]
+        encoded = [models[True].encoder.encode(policies[r["policy_id"]], r["prompt"]) for r in requests]
+        raw = Raw(models, encoded, mix)
+        say(f"mix {mix}: {len(requests)} requests, {raw.windows_per_request:.2f} windows a request")
+        sweep = raw.sweep_sizes(raw_batches)
+        service_rows: list[Row] = []
+        single: Row | None = None
+        for c in concurrency:
+            service = ServiceProcess(Path(model_dir), threads, env, log_root / f"service-{mix}-{c}.log")
+            try:
+                asyncio.run(service.wait_ready())
+                say(f"service ({mix}): {c} client(s), {seconds:.0f} s measured ...")
+                row, samples = asyncio.run(bench_service(service, bodies, c, seconds, warmup))
+            finally:
+                service.stop()
+            row.mix = mix
+            if c == 1:
+                say(f"raw onnxruntime ({mix}): the {len(samples)} requests of the 1-client run, one by one ...")
+                single, single_times = raw.per_request([i for i, _ in samples])
+                # Paired: the same requests, service latency minus model time, median over requests.
+                row.added_p50_ms = float(np.median([lat - single_times[i] for i, lat in samples])) * 1e3
+                row.raw_p50_ms = single.p50_ms
+                row.pct_of_raw_same_batch = 100.0 * row.rps / single.rps if single.rps else None
+            else:
+                b = max(1, round(row.batch))
+                say(f"raw onnxruntime ({mix}): batches of {b} (the service's) ...")
+                same = raw.best_at_batch(b, raw_seconds)
+                if b not in sweep:
+                    for spin in models:
+                        cfg = raw.at_batch(b, spin, raw_seconds)
+                        cfg.note = cfg.note or f"(batch of the {c}-client service)"
+                # Model work per second, so the share does not depend on which requests fell in the window.
+                row.pct_of_raw_same_batch = (
+                    100.0 * row.windows_per_s / same.windows_per_s if same.windows_per_s else None
+                )
+            service_rows.append(row)
+        for b in sweep:
+            say(f"raw onnxruntime ({mix}): batches of {b}, spinning on and off ...")
+            for spin in models:
+                raw.at_batch(b, spin, raw_seconds)
+        raw_rows = raw.measured()
+        limit = best_config(raw_rows)
+        rows = ([single] if single is not None else []) + raw_rows + service_rows
+        apply_limit(rows, limit)
+        report.limits[mix] = limit
+        report.rows.extend(rows)
     report.machine["load_average_after"] = os.getloadavg()
     return report
