@@ -70,6 +70,9 @@ class Manifest(BaseModel):
     checksums: dict[str, str] = Field(default_factory=dict)
     data_hashes: dict[str, str] = Field(default_factory=dict)
     training: dict[str, object] = Field(default_factory=dict)
+    # How the served graph was built: fused operators, quantisation scheme and scales, node
+    # counts (training.release.optimize). Empty for folders exported before it existed.
+    optimization: dict[str, object] = Field(default_factory=dict)
 
     def model_file(self, provider: str = "CPUExecutionProvider") -> ModelFile:
         for f in self.files:

@@ -16,7 +16,6 @@ from training.release.export import (
     export_model_folder,
     export_onnx,
     main,
-    quantize_int8,
 )
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "convert_fp16",
     "export_model_folder",
     "export_onnx",
-    "quantize_int8",
     "write_json_atomic",
 ]
 

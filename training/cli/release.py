@@ -49,7 +49,9 @@ def export(
         ),
     ] = None,
     policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
-    quantize: Annotated[bool, typer.Option(help="Dynamic int8 (the CPU serving format).")] = True,
+    quantize: Annotated[
+        bool, typer.Option(help="Fused graph, int8 with per-token activation scales (the CPU format); --no-quantize: fused fp32.")
+    ] = True,
     threshold_target: Annotated[str, typer.Option(help=TARGET_HELP)] = "best-f1",
     threads: Annotated[int, typer.Option(help="onnxruntime threads for scoring (0: all cores).")] = 0,
 ) -> None:

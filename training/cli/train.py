@@ -192,9 +192,17 @@ def default(
     threshold_target: Annotated[
         str, typer.Option(help="Per-policy threshold target: best-f1, or max-fpr:<rate>.")
     ] = "best-f1",
+    min_parity: Annotated[
+        float,
+        typer.Option(
+            help="Fail the release if the served int8 file's verdicts agree with the fp32 checkpoint's on fewer "
+            "validation rows than this (0: measure and record only)."
+        ),
+    ] = 0.995,
 ) -> None:
     """Train, calibrate and release the shipped multi-policy model (CPU, ~25 min on 2 cores; `make model`)."""
     from training.eval.thresholds import ThresholdTarget
+    from training.release.finalize import ParityError
     from training.stages.default import DEFAULT_LOOP, build_default
 
     if not data_dir.is_dir():
@@ -217,7 +225,8 @@ def default(
             force=force,
             target=target,
             creation_command=f"make model  # {command_line()}",
+            min_parity=min_parity if min_parity > 0 else None,
         )
-    except DataError as exc:
+    except (DataError, ParityError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

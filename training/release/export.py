@@ -1,9 +1,8 @@
 """Export a trained checkpoint into the model folder the service loads (before release).
 
-Export goes through optimum (so the folder is a standard one that
-``ORTModelForSequenceClassification.from_pretrained`` also loads); ``serving_model`` turns
-the fp32 ONNX into the file served as ``model.onnx`` (today onnxruntime's dynamic int8
-quantiser, the CPU serving format) and is the one place to change that conversion.
+Export goes through optimum (fp32 ONNX); ``serving_model`` turns it into the file served as
+``model.onnx`` (fused, then int8 with per-token activation scales: see
+``training.release.optimize``) and is the one place to change that conversion.
 Everything is written to a temporary sibling folder and renamed into place, so a crash
 never leaves a half-written model. The exported folder is not released yet: thresholds,
 calibration and card come from ``training.release.finalize``.
@@ -23,13 +22,12 @@ from typing import Any
 
 from onnxruntime.transformers.optimizer import optimize_model
 from optimum.exporters.onnx import main_export
-from optimum.onnxruntime import ORTQuantizer
-from optimum.onnxruntime.configuration import AutoQuantizationConfig
 from tokenizers import Tokenizer
 
 from service.manifest import MANIFEST_FILE, Manifest, ModelFile, read_manifest, sha256_file
 from service.policy import InputTemplate
 from training.io import atomic_replace_dir, temp_sibling, write_json_atomic, write_text_atomic
+from training.release.optimize import PRECISION, OptimizeReport, Quantization, model_dims, optimize_for_cpu
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +44,26 @@ def export_onnx(checkpoint_dir: Path, onnx_dir: Path) -> Path:
     return Path(onnx_dir) / "model.onnx"
 
 
-def quantize_int8(onnx_dir: Path, out_dir: Path) -> Path:
-    """Dynamic int8 (weights int8, activations quantised at run time): the CPU format."""
-    quantizer = ORTQuantizer.from_pretrained(str(onnx_dir), file_name="model.onnx")
-    qconfig = AutoQuantizationConfig.avx2(is_static=False, per_channel=False)
-    quantizer.quantize(save_dir=str(out_dir), quantization_config=qconfig)
-    return Path(out_dir) / "model_quantized.onnx"
-
-
-def serving_model(fp32_model: Path, out: Path, work_dir: Path, *, quantize: bool = True) -> str:
-    """fp32 ONNX -> the file served as ``model.onnx``; returns its precision for the manifest.
+def serving_model(
+    fp32_model: Path, out: Path, work_dir: Path, *, quantization: Quantization = "per-token"
+) -> tuple[str, OptimizeReport]:
+    """fp32 ONNX -> the file served as ``model.onnx``: fused by onnxruntime's transformer
+    optimiser, then quantised (``training.release.optimize``). Returns the precision and
+    what was done, both for the manifest.
 
     The one conversion step between export and serving: swap it here (and nowhere else) to
     serve another format. ``work_dir`` is scratch space that the caller removes.
     """
-    if quantize:
-        shutil.copy2(quantize_int8(Path(fp32_model).parent, Path(work_dir) / "int8"), out)
-        return "int8"
-    shutil.copy2(fp32_model, out)
-    return "fp32"
+    num_heads, hidden_size = model_dims(Path(fp32_model).parent / "config.json")
+    report = optimize_for_cpu(
+        fp32_model,
+        out,
+        Path(work_dir) / "optimize",
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        quantization=quantization,
+    )
+    return PRECISION[quantization], report
 
 
 FP16_FILE = "model_fp16.onnx"
@@ -115,6 +114,7 @@ class ExportSpec:
     creation_command: str
     input_template: InputTemplate | None = None
     quantize: bool = True
+    quantization: Quantization | None = None
     data_hashes: dict[str, str] | None = None
     training: dict[str, Any] | None = None
 
@@ -138,9 +138,12 @@ def export_model_folder(
     quantize: bool = True,
     fp16: bool = False,
     input_template: InputTemplate | None = None,
+    quantization: Quantization | None = None,
 ) -> Manifest:
     """Build ``out_dir`` (model.onnx, tokenizer, config, manifest, card) atomically.
 
+    ``quantize``: int8 (per-token, batch-invariant) or fused fp32; ``quantization`` names the
+    scheme outright (``training.release.optimize.QUANTIZATIONS``) and wins over ``quantize``.
     ``fp16``: also write ``model_fp16.onnx`` for CUDAExecutionProvider (listed second in the
     manifest's ``files``; the CPU file stays first and names the model version)."""
     out_dir = Path(out_dir)
@@ -152,7 +155,9 @@ def export_model_folder(
         final = tmp_root / "final"
         final.mkdir()
         fp32 = export_onnx(checkpoint_dir, work / "onnx")
-        precision = serving_model(fp32, final / "model.onnx", work, quantize=quantize)
+        precision, optimized = serving_model(
+            fp32, final / "model.onnx", work, quantization=quantization or ("per-token" if quantize else "none")
+        )
         files = [ModelFile(path="model.onnx", sha256=sha256_file(final / "model.onnx"), precision=precision)]
         if fp16:
             convert_fp16(fp32, final / FP16_FILE)
@@ -181,6 +186,7 @@ def export_model_folder(
             data_hashes=data_hashes or {},
             training=training or {},
             input_template=input_template or InputTemplate(),
+            optimization=optimized.as_dict(),
             # The service refuses a folder whose tokenizer or config was swapped or truncated.
             checksums={f: sha256_file(final / f) for f in ("tokenizer.json", "config.json") if (final / f).exists()},
         )

@@ -16,17 +16,20 @@ Callers: ``train default`` (build-default), ``calibrate`` (a folder in place), `
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from service.calibration import apply_calibration
 from service.manifest import MANIFEST_FILE, Manifest, PolicyEntry, read_manifest, sha256_file
 from service.policy import Policy
 from training.data.rows import Example
 from training.eval.metrics import mean_f1, report
-from training.eval.scoring import Progress, onnx_scorer, score
+from training.eval.parity import Parity, measure_parity, sample_rows
+from training.eval.scoring import Progress, onnx_scorer, score, torch_scorer
 from training.eval.thresholds import BEST_F1, ThresholdTarget, choose_thresholds
 from training.io import staged_dir, write_json_atomic, write_text_atomic
 from training.release.calibrate import (
@@ -41,6 +44,7 @@ from training.release.card import render_card
 from training.release.export import ExportSpec, export_model_folder
 
 CHECKED_FILES = ("tokenizer.json", "config.json")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,9 +117,48 @@ class ReleaseOptions:
     minutes: float | None = None
     card_extra: str = ""
     threads: int = 0
+    # Parity with the fp32 checkpoint (when finalize is given one): rows sampled from the
+    # validation rows, and the verdict agreement below which the release fails (None: record only).
+    parity_rows: int = 1000
+    min_parity: float | None = None
 
 
 DEFAULT_OPTIONS = ReleaseOptions()
+
+
+class ParityError(RuntimeError):
+    """The served file's verdicts differ from its checkpoint's on too many validation rows."""
+
+
+def _parity(
+    reference: Path,
+    src: Path,
+    rows: list[Example],
+    policies: dict[str, Policy],
+    fit: CalibrationFit,
+    thresholds: dict[str, float],
+    options: ReleaseOptions,
+) -> Parity:
+    manifest = read_manifest(src)
+    ref = torch_scorer(
+        reference,
+        template=manifest.input_template,
+        max_length=manifest.max_length,
+        stride=manifest.stride,
+        threads=options.threads,
+    )
+    sample = sample_rows(rows, options.parity_rows)
+    calibration = fit.manifest_entry()
+    cut = np.array([thresholds.get(ex.policy_id, 0.5) for ex in sample])
+
+    def verdicts(raw: np.ndarray) -> np.ndarray:
+        return np.asarray(apply_calibration(calibration, raw)) >= cut
+
+    parity = measure_parity(ref, onnx_scorer(src, options.threads), sample, policies, verdicts)
+    log.info(parity.line())
+    if options.min_parity is not None and parity.verdict_agreement < options.min_parity:
+        raise ParityError(f"{parity.line()}; at least {100 * options.min_parity:.1f} % required")
+    return parity
 
 
 def finalize(
@@ -125,10 +168,13 @@ def finalize(
     policies: dict[str, Policy],
     options: ReleaseOptions = DEFAULT_OPTIONS,
     progress: Progress | None = None,
+    reference: Path | None = None,
 ) -> Release:
     """Release the exported folder ``src`` as ``out`` (``out`` may be ``src``: calibrated in place).
 
     ``examples`` are the validation rows; rows of policies not in ``policies`` are skipped.
+    ``reference``: the fp32 checkpoint ``src`` was exported from; its parity with the served
+    file is measured, recorded in the manifest and card, and gated by ``options.min_parity``.
     """
     src, out = Path(src), Path(out)
     skipped = sorted({ex.policy_id for ex in examples if ex.policy_id not in policies})
@@ -140,6 +186,7 @@ def finalize(
     target = options.target
     thresholds = choose_thresholds(rows, fit.calibrated, target)
     rep = report(rows, fit.calibrated, thresholds)  # what the service answers: calibrated scores
+    parity = _parity(reference, src, rows, policies, fit, thresholds, options) if reference is not None else None
     manifest = read_manifest(src)
     with staged_dir(out, copy_from=src) as staging:
         reliability_diagram(staging / DIAGRAM_FILE, fit, f"{manifest.name}@{manifest.version}: validation reliability")
@@ -153,6 +200,7 @@ def finalize(
             **(options.training or {}),
             "val_f1_service": round(mean_f1(rep), 6),
             "service_precision": manifest.files[0].precision,
+            **({"parity": parity.as_dict()} if parity is not None else {}),
         }
         manifest = Manifest.model_validate(manifest.model_dump())
         write_json_atomic(staging / MANIFEST_FILE, json.loads(manifest.model_dump_json()))
@@ -169,6 +217,7 @@ def finalize(
                 minutes=options.minutes,
                 calibration=card_section(fit, target, per_policy_ece(rows, fit)),
             )
+            + (f"\n## Served file against its checkpoint\n\n{parity.line()}.\n" if parity is not None else "")
             + options.card_extra
         )
         write_text_atomic(staging / "CARD.md", card)
@@ -188,4 +237,4 @@ def release_checkpoint(
 ) -> Release:
     """Export ``checkpoint`` to ``export_dir`` (kept: the run's record), then ``finalize`` it as ``out``."""
     export_model_folder(checkpoint, export_dir, **spec.as_kwargs())
-    return finalize(export_dir, out, examples, policies, options, progress)
+    return finalize(export_dir, out, examples, policies, options, progress, reference=checkpoint)

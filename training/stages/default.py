@@ -18,6 +18,7 @@ from service.manifest import sha256_file
 from service.policy import InputEncoder, InputTemplate, Policy, load_policies
 from training.data.build import build_dataset
 from training.data.rows import Example, read_examples, summary_rows, write_examples
+from training.eval.parity import MIN_VERDICT_AGREEMENT
 from training.eval.report import print_report
 from training.eval.thresholds import BEST_F1, ThresholdTarget
 from training.io import write_json_atomic
@@ -118,8 +119,12 @@ def build_default(
     target: ThresholdTarget = BEST_F1,
     creation_command: str = "make model",
     reporter: Reporter | None = None,
+    min_parity: float | None = MIN_VERDICT_AGREEMENT,
 ) -> Release:
-    """Train, export and release ``run_dir/export``; promote it to ``out_dir`` if it is better (or ``force``)."""
+    """Train, export and release ``run_dir/export``; promote it to ``out_dir`` if it is better (or ``force``).
+
+    ``min_parity``: the release fails if the served file's verdicts agree with the fp32
+    checkpoint's on fewer validation rows than this (None: measured and recorded only)."""
     reporter = reporter or Reporter()
     started = time.time()
     policies = load_policies(policies_dir)
@@ -150,7 +155,9 @@ def build_default(
                 data_hashes=hashes,
                 training={"config": loop.to_dict(), "train_rows": len(train)},
             ),
-            options=ReleaseOptions(target, train_rows=len(train), minutes=(time.time() - started) / 60),
+            options=ReleaseOptions(
+                target, train_rows=len(train), minutes=(time.time() - started) / 60, min_parity=min_parity
+            ),
             progress=lambda d, t: update(d, t, ""),
         )
     print_report(release.report)
