@@ -56,6 +56,7 @@ touched on the loop only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -503,7 +504,7 @@ class MicroBatcher:
             probs = np.asarray(self._run_fn(ids, mask, types), dtype=np.float32).reshape(-1)
             if probs.shape[0] != size:
                 raise RuntimeError(f"model returned {probs.shape[0]} probabilities for {size} windows")
-        except Exception as exc:  # noqa: BLE001 - any model failure fails this batch's callers only
+        except Exception as exc:
             log.error("batch of %d windows failed: %s", size, exc)
             self._deliver_error(batch_id, batch, exc)
             return
@@ -524,10 +525,8 @@ class MicroBatcher:
         with self._cond:
             self._inflight.pop(batch_id, None)
         assert self._loop is not None
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
 
     def _deliver_error(self, batch_id: int, batch: list[_Window], exc: Exception) -> None:
         self._post(batch_id, self._fail, batch, exc)

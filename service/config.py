@@ -66,7 +66,8 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="Inference threads taking batches in turn and calling the model concurrently (with threads=T: in effect N sessions x T threads).",
+        description="Inference threads taking batches in turn and calling the model concurrently "
+        "(with threads=T: in effect N sessions x T threads).",
     )
     max_queue: int = Field(1024, ge=1, description="Most windows waiting; beyond it requests get 429.")
     max_body_bytes: int = Field(1_000_000, ge=1)
@@ -76,13 +77,15 @@ class Settings(BaseSettings):
     window_budget_factor: float = Field(
         0.8,
         ge=0.0,
-        description="Admission budget: refuse at once a request whose tokens (plus the work scheduled ahead of it) do not fit in "
-        "the time left before request_timeout_s x the measured model throughput x this factor (0: no budget).",
+        description="Admission budget: refuse at once a request whose tokens (plus the work scheduled ahead of it) "
+        "do not fit in the time left before request_timeout_s x the measured model throughput x this factor "
+        "(0: no budget).",
     )
     min_window_budget: int = Field(
         16,
         ge=1,
-        description="The admission budget never falls below this many full-length windows (16: one window under each of 16 policies).",
+        description="The admission budget never falls below this many full-length windows "
+        "(16: one window under each of 16 policies).",
     )
     log_prompts: bool = Field(
         False, description="Put prompt text in access logs (off: prompts may hold personal data)."

@@ -196,7 +196,8 @@ class Engine:
                 if sum(counts) > self.batcher.max_queue:
                     raise ApiError(
                         ErrorCode.prompt_too_long,
-                        f"prompt needs {sum(counts)} model windows; the service queues at most {self.batcher.max_queue}",
+                        f"prompt needs {sum(counts)} model windows; "
+                        f"the service queues at most {self.batcher.max_queue}",
                         {"windows": sum(counts), "max": self.batcher.max_queue},
                     )
                 windows = _concat(encoded)
@@ -259,7 +260,8 @@ class Engine:
         if tokens > budget:
             raise ApiError(
                 ErrorCode.prompt_too_long,
-                f"prompt needs {windows.count} model windows ({tokens} tokens); at the measured throughput the model scores "
+                f"prompt needs {windows.count} model windows ({tokens} tokens); "
+                "at the measured throughput the model scores "
                 f"about {details['budget']} full windows within the {self.settings.request_timeout_s} s deadline",
                 {"limit": "window_budget", **details},
             )
@@ -267,7 +269,8 @@ class Engine:
         if tokens + ahead > budget:
             raise ApiError(
                 ErrorCode.queue_full,
-                "server is overloaded: this request would not be scored within its deadline behind the queued work; retry shortly",
+                "server is overloaded: this request would not be scored within its deadline behind the queued work; "
+                "retry shortly",
                 {"reason": "window_budget", "ahead_tokens": ahead, **details},
             )
 

@@ -42,8 +42,14 @@ def kind_of(request: dict[str, Any]) -> str:
 
 
 def completion(content: str, model: str = "scripted") -> str:
-    return json.dumps({"id": "cmpl-test", "object": "chat.completion", "model": model,
-                       "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]})
+    return json.dumps(
+        {
+            "id": "cmpl-test",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+        }
+    )
 
 
 class ScriptedChatServer:
@@ -57,7 +63,7 @@ class ScriptedChatServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 if self.path != "/v1/chat/completions":
                     self._send(Reply(status=404, body='{"error": "not found"}'))
@@ -99,7 +105,7 @@ class ScriptedChatServer:
     def kinds(self) -> list[str]:
         return [kind_of(r) for r in self.requests]
 
-    def __enter__(self) -> "ScriptedChatServer":
+    def __enter__(self) -> ScriptedChatServer:
         self._thread.start()
         return self
 

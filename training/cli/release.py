@@ -50,7 +50,10 @@ def export(
     ] = None,
     policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
     quantize: Annotated[
-        bool, typer.Option(help="Fused graph, int8 with per-token activation scales (the CPU format); --no-quantize: fused fp32.")
+        bool,
+        typer.Option(
+            help="Fused graph, int8 with per-token activation scales (the CPU format); --no-quantize: fused fp32."
+        ),
     ] = True,
     threshold_target: Annotated[str, typer.Option(help=TARGET_HELP)] = "best-f1",
     threads: Annotated[int, typer.Option(help="onnxruntime threads for scoring (0: all cores).")] = 0,
