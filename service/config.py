@@ -59,8 +59,10 @@ class Settings(BaseSettings):
     )
     device_id: int = Field(0, ge=0, description="CUDA device for provider cuda.")
     spinning: bool = Field(
-        False,
-        description="onnxruntime intra-op threads busy-wait between work (off: they leave the CPU to the event loop).",
+        True,
+        description="onnxruntime intra-op threads busy-wait between work. On (measured, README 'Thread layout'): "
+        "-3 ms at one client on the default model, the same throughput at 64 clients; off leaves idle cores to "
+        "other processes.",
     )
     inference_workers: int = Field(
         1,
