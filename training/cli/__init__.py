@@ -4,6 +4,7 @@
     train taskguard|mtg|default   the one training loop, per stage (default: `make model`)
     table                     the pipeline's closing table
     evaluate                  any checkpoint or model folder on any labelled JSONL
+    quant-study               serving-graph formats of one model: speed, fidelity, batch invariance
     export                    checkpoint -> released model folder (the one release step)
     calibrate                 re-release a model folder in place (temperature, thresholds, card)
     merge-search              model merging search; the winner goes through the release step
@@ -69,6 +70,7 @@ app.command("data")(data_cli.data)
 app.add_typer(train_cli.app, name="train")
 app.command("table")(evaluate_cli.table)
 app.command("evaluate")(evaluate_cli.evaluate)
+app.command("quant-study")(evaluate_cli.quant_study)
 app.command("export")(release_cli.export)
 app.command("calibrate")(release_cli.calibrate)
 app.command("add-fp16")(release_cli.add_fp16)

@@ -92,3 +92,29 @@ def table(
     target.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(target, text)
     typer.echo(text)
+
+
+def quant_study(
+    model_dir: Annotated[Path, typer.Argument(help="Exported model folder (manifest.json).")] = paths.DEFAULT_MODEL_DIR,
+    fp32: Annotated[
+        Path | None,
+        typer.Option(help="fp32 ONNX of the same checkpoint (default: the folder's int8 graph dequantised)."),
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="Public JSONL files the sampled prompts come from.")
+    ] = paths.DEFAULT_DATA,
+    policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
+    rows: Annotated[int, typer.Option(help="Prompts scored for fidelity and batch invariance.")] = 600,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0: all cores).")] = 0,
+    spinning: Annotated[bool, typer.Option(help="onnxruntime intra-op spinning while timing.")] = False,
+    work: Annotated[Path, typer.Option(help="Scratch folder for the built formats.")] = paths.RUNS / "quant-study",
+) -> None:
+    """Every serving-graph format of one model's weights: speed, verdicts against fp32, batch invariance."""
+    from training.eval.quant_study import markdown, study
+
+    results = study(
+        model_dir, work, data_dir, load_policies(policies_dir), fp32=fp32, rows=rows, threads=threads, spinning=spinning
+    )
+    table = markdown(results, rows, spinning)
+    write_text_atomic(work / "table.md", table)
+    typer.echo(table)
