@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 from service.calibration import apply_calibration
 from service.manifest import read_manifest
 from service.policy import InputEncoder, Policy, pad_batch
-from training.release.optimize import QUANTIZATIONS, count_nodes, optimize_for_cpu
+from training.release.optimize import QUANTIZATIONS, count_nodes, optimize_for_cpu, save_rewritten
 
 Row = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # policy id, ids, mask, type ids
 SHAPES = ((1, 48, 60), (8, 128, 12), (32, 80, 6))  # batch, tokens, timed calls
@@ -89,14 +89,7 @@ def dequantize(int8_model: Path, out: Path) -> Path:
         if len(live) == len(nodes):
             break
         nodes = live
-    g.ClearField("node")
-    g.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    kept = [i for i in g.initializer if i.name in used]
-    g.ClearField("initializer")
-    g.initializer.extend(kept)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(out))
+    save_rewritten(model, nodes, out)
     return out
 
 

@@ -207,15 +207,21 @@ def quantize_per_token(model_path: Path, out: Path) -> int:
             helper.make_node("Reshape", [y2d, out_shape], [node.output[0]]),
         ]
         rewritten += 1
+    save_rewritten(model, nodes, out)
+    return rewritten
+
+
+def save_rewritten(model: onnx.ModelProto, nodes: list[onnx.NodeProto], out: Path) -> None:
+    """Give ``model`` the rewritten ``nodes``, drop initializers nothing reads any more, check and save."""
+    g = model.graph
     g.ClearField("node")
     g.node.extend(nodes)
-    used = {i for nd in g.node for i in nd.input}
+    used = {i for nd in nodes for i in nd.input}
     kept = [i for i in g.initializer if i.name in used]
     g.ClearField("initializer")
     g.initializer.extend(kept)
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
-    return rewritten
 
 
 def count_nodes(model_path: Path) -> int:
