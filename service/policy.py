@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tokenizers import Tokenizer
 
+from service.textnorm import hidden_payloads, normalize_text
+
 POLICY_ID_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 
 
@@ -87,7 +89,8 @@ class InputTemplate(BaseModel):
         return self.instruction.format(description=policy.description.strip())
 
     def query_text(self, prompt: str) -> str:
-        return self.query.format(prompt=prompt)
+        """The query side, prompt Unicode-normalised (``service.textnorm``): both sides go through here."""
+        return self.query.format(prompt=normalize_text(prompt))
 
 
 class InstructionTooLong(ValueError):
@@ -175,14 +178,35 @@ class InputEncoder:
             )
 
     def encode(self, policy: Policy, prompt: str) -> EncodedWindows:
+        """Every window of the prompt, then every window of each readable base64 payload in it.
+
+        A payload's windows count like the prompt's (admission, budget): the max over all
+        windows is the verdict, so an instruction hidden in base64 is judged decoded."""
         self.check_policy(policy)
-        first = self._tokenizer.encode(self.template.instruction_text(policy), self.template.query_text(prompt))
-        windows = [first, *first.overflowing]
+        instruction = self.template.instruction_text(policy)
+        windows = []
+        for text in [prompt, *hidden_payloads(prompt)]:
+            first = self._tokenizer.encode(instruction, self.template.query_text(text))
+            windows += [first, *first.overflowing]
         return EncodedWindows(
             input_ids=[np.asarray(w.ids, dtype=np.int64) for w in windows],
             attention_mask=[np.asarray(w.attention_mask, dtype=np.int64) for w in windows],
             token_type_ids=[np.asarray(w.type_ids, dtype=np.int64) for w in windows],
         )
+
+    def encode_query_windows(
+        self, instruction: str, query: str
+    ) -> list[tuple[list[int], list[int], list[int], tuple[int, int]]]:
+        """Every window of (instruction, query) with the [start, end) characters of ``query`` it holds.
+
+        Training labels windows by where an unsafe span falls; serving never needs offsets."""
+        first = self._tokenizer.encode(instruction, query)
+        out = []
+        for w in [first, *first.overflowing]:
+            spans = [off for off, seq in zip(w.offsets, w.sequence_ids, strict=True) if seq == 1 and off[1] > off[0]]
+            covered = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+            out.append((w.ids, w.attention_mask, w.type_ids, covered))
+        return out
 
     def encode_first_window(self, instruction: str, query: str) -> tuple[list[int], list[int], list[int]]:
         """The first window only: what training uses for one example (ids, mask, type ids)."""

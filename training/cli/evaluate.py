@@ -35,7 +35,13 @@ def evaluate(
     model: Annotated[
         Path, typer.Argument(help="Checkpoint folder (config.json) or exported model folder (manifest.json).")
     ],
-    data_file: Annotated[Path, typer.Argument(help="JSONL with text and label (and policy_id unless --policy).")],
+    data_file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="JSONL with text and label (and policy_id unless --policy). Omitted: the out-of-source protocol "
+            "(held-out sources table, benign-prefix sweep, zero-shot policies) on an exported folder."
+        ),
+    ] = None,
     policy: Annotated[str | None, typer.Option(help="Map every row to this policy.")] = None,
     policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
     threshold: Annotated[float, typer.Option(help="Unsafe if the score is at least this.")] = 0.5,
@@ -50,11 +56,23 @@ def evaluate(
     out: Annotated[
         Path | None, typer.Option(help="Folder for report.json + report.md (default runs/eval/<model>-<data>).")
     ] = None,
+    heldout: Annotated[
+        Path | None,
+        typer.Option(help="Out-of-source protocol: held-out rows (a run's heldout.jsonl; default: built from data)."),
+    ] = None,
+    data_dir: Annotated[Path, typer.Option(help="Public JSONL files (out-of-source protocol).")] = paths.DEFAULT_DATA,
 ) -> None:
-    """Precision, recall, F1, FPR, ROC-AUC and p50/p95 latency per policy (raw scores); table, JSON + Markdown."""
+    """Precision, recall, F1, FPR, ROC-AUC and p50/p95 latency per policy (raw scores); table, JSON + Markdown.
+
+    Without DATA_FILE: the out-of-source table of an exported folder (recall, FPR, F1, ROC-AUC
+    per held-out source, on the test half at the folder's thresholds), the benign-prefix
+    sweep and the zero-shot policies."""
     from training.eval.report import COLUMNS, evaluate_path, markdown_report
 
     policies: dict[str, Policy] = load_policies(policies_dir)
+    if data_file is None:
+        out_of_source(model, policies, heldout, data_dir, out)
+        return
     rows = read_test_rows(data_file, policies, policy, limit or None)
     with Reporter().task(f"score {model.name}") as update:
         result = evaluate_path(
@@ -77,6 +95,43 @@ def evaluate(
     write_json_atomic(target / "report.json", result)
     write_text_atomic(target / "report.md", markdown_report(result))
     typer.echo(f"wrote {target}/report.json and report.md")
+
+
+def out_of_source(
+    model: Path, policies: dict[str, Policy], heldout_file: Path | None, data_dir: Path, out: Path | None
+) -> None:
+    """The out-of-source protocol of ``evaluate`` (see its help)."""
+    from training.data.build import build_dataset
+    from training.data.rows import read_examples
+    from training.eval.heldout import HEADER, cells_table
+    from training.eval.robustness import PREFIX_CHARS, prefix_sweep, zero_shot
+    from training.release.finalize import heldout_of_folder
+
+    if not (model / "manifest.json").exists():
+        raise typer.BadParameter("the out-of-source protocol scores an exported folder", param_hint="MODEL")
+    if heldout_file is not None:
+        rows = read_examples(heldout_file)
+    else:
+        rows = build_dataset(data_dir, sorted(paths.EXAMPLES.glob("*.jsonl")), set(policies)).heldout
+    result = heldout_of_folder(model, rows, policies)
+    if result is None:
+        raise typer.BadParameter(f"{model} serves none of the policies", param_hint="MODEL")
+    held = result.as_dict()
+    print_table(f"{model.name}: out of source (summary {held['summary']:.4f})", HEADER, cells_table(held))
+    sweep = prefix_sweep(model, rows, policies)
+    cols = [f"recall@{c}" for c in PREFIX_CHARS]
+    sweep_rows = [[r["policy"], r["n"], *(r[c] for c in cols), r["drop"]] for r in sweep]
+    print_table(
+        "Benign-prefix sweep (held-out benign text before an unsafe prompt)", ["policy", "n", *cols, "drop"], sweep_rows
+    )
+    zs = zero_shot(model)
+    zcols = ["n", "unsafe", "precision", "recall", "f1", "fpr", "roc_auc"]
+    print_table("Zero-shot policies (never trained on)", ["policy", "threshold", *zcols],
+                [[r["policy"], r["threshold"], *(r.get(c) for c in zcols)] for r in zs])  # fmt: skip
+    target = out or paths.RUNS / "eval" / f"{model.resolve().name}-heldout"
+    target.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target / "heldout.json", {"heldout": held, "prefix_sweep": sweep, "zero_shot": zs})
+    typer.echo(f"wrote {target}/heldout.json")
 
 
 def table(

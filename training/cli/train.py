@@ -190,8 +190,12 @@ def default(
     threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
     force: Annotated[bool, typer.Option(help="Replace the output even if its validation F1 is higher.")] = False,
     threshold_target: Annotated[
-        str, typer.Option(help="Per-policy threshold target: best-f1, or max-fpr:<rate>.")
-    ] = "best-f1",
+        str,
+        typer.Option(
+            help="Per-policy threshold target: best-f1, or max-fpr:<rate> (best F1 with at most that FPR on each "
+            "held-out benign source)."
+        ),
+    ] = "max-fpr:0.05",
     min_parity: Annotated[
         float,
         typer.Option(

@@ -17,14 +17,24 @@ from pathlib import Path
 
 from sklearn.model_selection import train_test_split
 
+from training.data.augment import context_groups, embed_in_context, inserted_spans, with_binary_blobs
+from training.data.heldout import (
+    HANDWRITTEN_HELDOUT,
+    ZERO_SHOT_ROWS,
+    NearDuplicateIndex,
+    heldout_rows,
+)
 from training.data.rows import Example, normalise, read_examples
 from training.data.sources import (
     BENIGN_POOL_FILES,
     CROSS_NEGATIVES,
     CROSS_SKIP_CATEGORIES,
+    EVAL_ONLY_FILES,
     POOL_TOPIC_EXCLUDE,
     load_public,
 )
+
+CONTEXT_FILES = ("bipia_indirect",)  # rows that pair one context with and without an injection
 
 
 @dataclass
@@ -34,7 +44,7 @@ class Budget:
     per_source_unsafe: dict[str, int] = field(
         default_factory=lambda: {
             "prompt_injection": 380,
-            "toxicity": 1000,
+            "toxicity": 600,
             "content_safety": 320,
             "financial_advice": 1000,
             "tax_advice": 1000,
@@ -51,13 +61,15 @@ class Budget:
     )
     benign_pool: dict[str, int] = field(
         default_factory=lambda: {
-            "prompt_injection": 400,
-            "toxicity": 300,
-            "content_safety": 400,
-            "financial_advice": 350,
-            "tax_advice": 350,
+            "prompt_injection": 900,
+            "toxicity": 700,
+            "content_safety": 900,
+            "financial_advice": 500,
+            "tax_advice": 500,
         }
     )
+    embedded_per_policy: int = 250  # short unsafe rows placed inside benign context (train side)
+    blobs_per_policy: int = 60  # benign rows with a base64 blob of random bytes (train side)
     cross_negatives: int = 160  # per (source policy -> target policy) pair
     # Few, precise rows aimed at known failure modes (hand-written near-misses, short and
     # German injections) are repeated in training, never in validation.
@@ -78,9 +90,28 @@ def dedupe(examples: list[Example]) -> tuple[list[Example], int]:
 
 @dataclass
 class Dataset:
+    """``validation``: held-out rows of the training sources (an upper bound); ``heldout``:
+    rows of sources never trained on, which decide what ships."""
+
     train: list[Example]
     validation: list[Example]
     stats: dict[str, object]
+    heldout: list[Example] = field(default_factory=list)
+
+
+def _round_robin(rows: list[Example], rng: random.Random) -> list[Example]:
+    """One row of each file in turn (each file shuffled), so no file dominates the pool."""
+    by_file: dict[str, list[Example]] = defaultdict(list)
+    for ex in sorted(rows, key=lambda e: e.text):
+        by_file[ex.source].append(ex)
+    queues = []
+    for name in sorted(by_file):
+        rng.shuffle(by_file[name])
+        queues.append(by_file[name])
+    out: list[Example] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out += [q[i] for q in queues if i < len(q)]
+    return out
 
 
 def _cap(rows: list[Example], n: int, rng: random.Random) -> list[Example]:
@@ -102,18 +133,31 @@ def build_dataset(
     budget = budget or Budget()
     rng = random.Random(seed)
     public = load_public(data_dir)
+    eval_public = [ex for ex in public if ex.source in EVAL_ONLY_FILES]
     handwritten: list[Example] = []
     for path in example_files:
         handwritten.extend(read_examples(path, policies))
-    all_rows, dropped_dupes = dedupe(public + handwritten)
+    # No training row may nearly repeat a held-out text (evaluation-only files, the
+    # hand-written held-out and zero-shot rows): those rows would no longer be out of source.
+    held_texts = [ex.text for ex in eval_public]
+    for path in (HANDWRITTEN_HELDOUT, ZERO_SHOT_ROWS):
+        if path.exists():
+            held_texts += [ex.text for ex in read_examples(path)]
+    index = NearDuplicateIndex(held_texts)
+    candidates = [ex for ex in public if ex.source not in EVAL_ONLY_FILES] + handwritten
+    trainable = [ex for ex in candidates if not index.covers(ex.text)]
+    near_dupes = len(candidates) - len(trainable)
+    context_rows = [ex for ex in trainable if ex.source in CONTEXT_FILES]
+    groups = context_groups(context_rows)
+    trainable = [ex for ex in trainable if ex.source not in CONTEXT_FILES] + inserted_spans(context_rows)
+    all_rows, dropped_dupes = dedupe(trainable)
 
-    # Benign pool: safe public rows of general-purpose files, one copy per text.
+    # Benign pool: safe public rows of general-purpose files, one copy per text, files in turn.
     pool_by_text: dict[str, Example] = {}
     for ex in all_rows:
         if ex.label == 0 and ex.source in BENIGN_POOL_FILES:
             pool_by_text.setdefault(normalise(ex.text), ex)
-    pool = sorted(pool_by_text.values(), key=lambda e: e.text)
-    rng.shuffle(pool)
+    pool = _round_robin(list(pool_by_text.values()), rng)
 
     by_policy_source: dict[tuple[str, str, int], list[Example]] = defaultdict(list)
     for ex in all_rows:
@@ -163,19 +207,38 @@ def build_dataset(
                 chosen.append(Example(ex.text, 0, tgt, f"cross:{src_pid}", ex.category))
                 taken.add(key)
 
-    # Split by text (all copies of a text on one side), stratified by its first stratum.
+    # Split by group (every copy of a text, and both rows of a BIPIA context, on one side),
+    # stratified by the group's first stratum.
+    def group(ex: Example) -> str:
+        key = normalise(ex.text)
+        if ex.source in CONTEXT_FILES:
+            return groups.get(key, key)
+        return key
+
     strata: dict[str, str] = {}
     for ex in chosen:
-        strata.setdefault(normalise(ex.text), f"{ex.policy_id}|{ex.source.split(':')[0]}|{ex.label}")
-    texts = sorted(strata)
-    labels = [strata[t] for t in texts]
+        strata.setdefault(group(ex), f"{ex.policy_id}|{ex.source.split(':')[0]}|{ex.label}")
+    keys = sorted(strata)
+    labels = [strata[t] for t in keys]
     counts = Counter(labels)
     labels = [s if counts[s] >= 2 else "rare" for s in labels]
-    _train_texts, val_texts = train_test_split(texts, test_size=val_fraction, random_state=seed, stratify=labels)
-    val_set = set(val_texts)
-    train = [ex for ex in chosen if normalise(ex.text) not in val_set]
-    validation = [ex for ex in chosen if normalise(ex.text) in val_set]
+    if labels.count("rare") == 1:  # one lone stratum cannot be stratified: it joins the largest
+        labels = [counts.most_common(1)[0][0] if s == "rare" else s for s in labels]
+    _train_keys, val_keys = train_test_split(keys, test_size=val_fraction, random_state=seed, stratify=labels)
+    val_set = set(val_keys)
+    train = [ex for ex in chosen if group(ex) not in val_set]
+    validation = [ex for ex in chosen if group(ex) in val_set]
     train = train + [ex for ex in train for _ in range(budget.source_repeat.get(ex.source, 1) - 1)]
+    train += embed_in_context(train, budget.embedded_per_policy, rng)
+    train += with_binary_blobs(train, budget.blobs_per_policy, rng)
     rng.shuffle(train)
-    stats = {"duplicates_removed": dropped_dupes, "public_rows": len(public), "handwritten_rows": len(handwritten)}
-    return Dataset(train=train, validation=validation, stats=stats)
+    heldout = heldout_rows(eval_public, policies, seed)
+    stats = {
+        "duplicates_removed": dropped_dupes,
+        "near_duplicates_of_heldout_removed": near_dupes,
+        "public_rows": len(public),
+        "handwritten_rows": len(handwritten),
+        "evaluation_only_sources": sorted({ex.source for ex in heldout}),
+        "heldout_rows": len(heldout),
+    }
+    return Dataset(train=train, validation=validation, stats=stats, heldout=heldout)

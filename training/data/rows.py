@@ -29,9 +29,17 @@ class Example:
     source: str
     category: str | None = None
     rationale: str | None = None
+    # Characters [start, end) of ``text`` that make an unsafe row unsafe, when the rest is
+    # benign context (an injection inside an email, an unsafe request inside chat text):
+    # training labels the windows holding the span unsafe and the windows clear of it safe.
+    # Offsets are into ``text``, which such rows store already normalised (service.textnorm).
+    span: tuple[int, int] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        data = asdict(self)
+        if data["span"] is None:
+            del data["span"]
+        return json.dumps(data, ensure_ascii=False)
 
 
 class ExampleRow(BaseModel):
@@ -45,6 +53,7 @@ class ExampleRow(BaseModel):
     source: str = "handwritten"
     category: str | None = None
     rationale: str | None = None
+    span: tuple[int, int] | None = None
 
 
 class DataError(ValueError):
@@ -82,7 +91,7 @@ def read_examples(path: Path, known_policies: set[str] | None = None) -> list[Ex
             raise DataError(f"{path}: row {lineno}: {exc}") from exc
         if known_policies is not None and r.policy_id not in known_policies:
             raise DataError(f"{path}: row {lineno}: unknown policy {r.policy_id!r}")
-        out.append(Example(r.text, r.label, r.policy_id, r.source, r.category, r.rationale))
+        out.append(Example(r.text, r.label, r.policy_id, r.source, r.category, r.rationale, r.span))
     return out
 
 

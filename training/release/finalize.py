@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from service.calibration import apply_calibration
+from service.calibration import Calibration, apply_calibration
 from service.manifest import MANIFEST_FILE, Manifest, PolicyEntry, read_manifest, sha256_file
 from service.policy import Policy
 from training.data.rows import Example
+from training.eval.heldout import HEADER, HeldoutResult, bounded_thresholds, cells_table, halves, heldout_result
 from training.eval.metrics import mean_f1, report
 from training.eval.parity import Parity, measure_parity, sample_rows
 from training.eval.scoring import Progress, onnx_scorer, score, torch_scorer
@@ -59,6 +60,7 @@ class Release:
     thresholds: dict[str, float]
     skipped_policies: list[str]
     card: str
+    heldout: HeldoutResult | None = None
 
     @property
     def mean_f1(self) -> float:
@@ -161,6 +163,48 @@ def _parity(
     return parity
 
 
+def heldout_section(result: dict[str, Any]) -> str:
+    """The card's out-of-source table (test half, at the served thresholds)."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells_table(result)]
+    return (
+        "\n## Out of source (what decides promotion)\n\n"
+        f"Sources never trained on: {', '.join(result['sources'])}. {result['protocol']}. "
+        f"Summary (mean of recall on unsafe cells and 1 - FPR on benign cells): **{result['summary']:.4f}**; "
+        f"worst FPR {result['worst_fpr']}, worst recall {result['worst_recall']}. The FPR column is what each "
+        "policy's threshold implies on each held-out benign source.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def score_heldout(
+    src: Path,
+    heldout: list[Example],
+    policies: dict[str, Policy],
+    calibration: Calibration | None,
+    threads: int = 0,
+    progress: Progress | None = None,
+) -> tuple[list[Example], np.ndarray]:
+    """Held-out rows of ``policies`` and their calibrated scores through the service's loader."""
+    rows = [ex for ex in heldout if ex.policy_id in policies]
+    raw, _ = score(onnx_scorer(src, threads), rows, policies, progress=progress)
+    return rows, np.asarray(apply_calibration(calibration, raw))
+
+
+def heldout_of_folder(
+    folder: Path, heldout: list[Example], policies: dict[str, Policy], threads: int = 0
+) -> HeldoutResult | None:
+    """A released folder (its own calibration and thresholds) on the held-out test half; None if
+    it serves none of the policies. Promotion compares candidate and current default by this."""
+    manifest = read_manifest(folder)
+    served = {pid: p for pid, p in policies.items() if pid in manifest.policies}
+    if not served:
+        return None
+    rows, scores = score_heldout(folder, heldout, served, manifest.calibration, threads)
+    _tune, test = halves(rows)
+    thresholds = {pid: manifest.policies[pid].threshold for pid in served}
+    return heldout_result([rows[i] for i in test], scores[test], thresholds)
+
+
 def finalize(
     src: Path,
     out: Path,
@@ -169,12 +213,16 @@ def finalize(
     options: ReleaseOptions = DEFAULT_OPTIONS,
     progress: Progress | None = None,
     reference: Path | None = None,
+    heldout: list[Example] | None = None,
 ) -> Release:
     """Release the exported folder ``src`` as ``out`` (``out`` may be ``src``: calibrated in place).
 
     ``examples`` are the validation rows; rows of policies not in ``policies`` are skipped.
     ``reference``: the fp32 checkpoint ``src`` was exported from; its parity with the served
     file is measured, recorded in the manifest and card, and gated by ``options.min_parity``.
+    ``heldout``: rows of evaluation-only sources (``training.eval.heldout``): with a
+    ``max-fpr`` target the FPR bound holds on each held-out benign source (tune half), and
+    the test half's table goes into the manifest and the card.
     """
     src, out = Path(src), Path(out)
     skipped = sorted({ex.policy_id for ex in examples if ex.policy_id not in policies})
@@ -185,6 +233,14 @@ def finalize(
     fit = fit_calibration(np.array([ex.label for ex in rows], dtype=int), raw)
     target = options.target
     thresholds = choose_thresholds(rows, fit.calibrated, target)
+    held: HeldoutResult | None = None
+    if heldout:
+        hrows, hscores = score_heldout(src, heldout, policies, fit.manifest_entry(), options.threads)
+        tune, test = halves(hrows)
+        if target.max_fpr is not None:
+            tune_rows = [hrows[i] for i in tune]
+            thresholds = bounded_thresholds(rows, fit.calibrated, tune_rows, hscores[tune], thresholds, target.max_fpr)
+        held = heldout_result([hrows[i] for i in test], hscores[test], thresholds)
     rep = report(rows, fit.calibrated, thresholds)  # what the service answers: calibrated scores
     parity = _parity(reference, src, rows, policies, fit, thresholds, options) if reference is not None else None
     manifest = read_manifest(src)
@@ -201,6 +257,7 @@ def finalize(
             "val_f1_service": round(mean_f1(rep), 6),
             "service_precision": manifest.files[0].precision,
             **({"parity": parity.as_dict()} if parity is not None else {}),
+            **({"heldout": held.as_dict()} if held is not None else {}),
         }
         manifest = Manifest.model_validate(manifest.model_dump())
         write_json_atomic(staging / MANIFEST_FILE, json.loads(manifest.model_dump_json()))
@@ -218,10 +275,11 @@ def finalize(
                 calibration=card_section(fit, target, per_policy_ece(rows, fit)),
             )
             + (f"\n## Served file against its checkpoint\n\n{parity.line()}.\n" if parity is not None else "")
+            + (heldout_section(held.as_dict()) if held is not None else "")
             + options.card_extra
         )
         write_text_atomic(staging / "CARD.md", card)
-    return Release(out, manifest, rep, fit, target, thresholds, skipped, card)
+    return Release(out, manifest, rep, fit, target, thresholds, skipped, card, held)
 
 
 def release_checkpoint(
@@ -234,7 +292,8 @@ def release_checkpoint(
     spec: ExportSpec,
     options: ReleaseOptions = DEFAULT_OPTIONS,
     progress: Progress | None = None,
+    heldout: list[Example] | None = None,
 ) -> Release:
     """Export ``checkpoint`` to ``export_dir`` (kept: the run's record), then ``finalize`` it as ``out``."""
     export_model_folder(checkpoint, export_dir, **spec.as_kwargs())
-    return finalize(export_dir, out, examples, policies, options, progress, reference=checkpoint)
+    return finalize(export_dir, out, examples, policies, options, progress, reference=checkpoint, heldout=heldout)

@@ -1,11 +1,15 @@
 """Replace a served folder (``models/default``) only by a model that is better on its policies.
 
-Both means are taken over the policies the current folder was validated on; a candidate
+With held-out rows (``score``: a folder's out-of-source summary, ``training.eval.heldout``)
+both folders are scored on the same held-out test rows at their own thresholds and the
+higher summary wins: in-source validation never decides alone. Without them, both means of
+validation F1 are taken over the policies the current folder was validated on; a candidate
 validated on fewer policies (a per-policy merge) never replaces a multi-policy default.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from service.manifest import MANIFEST_FILE, Manifest, read_manifest
@@ -23,7 +27,9 @@ def mean_validation_f1(manifest: Manifest, policy_ids: list[str]) -> float | Non
     return sum(values) / len(values) if values else 0.0
 
 
-def promote(candidate: Path, target: Path, *, force: bool = False) -> tuple[bool, str]:
+def promote(
+    candidate: Path, target: Path, *, force: bool = False, score: Callable[[Path], float | None] | None = None
+) -> tuple[bool, str]:
     """Copy ``candidate`` over ``target`` atomically if it is better there (or ``force``); (done, why)."""
     candidate, target = Path(candidate), Path(target)
     if not (target / MANIFEST_FILE).exists():
@@ -32,6 +38,14 @@ def promote(candidate: Path, target: Path, *, force: bool = False) -> tuple[bool
     if force:
         copy_tree_atomic(candidate, target)
         return True, "forced"
+    if score is not None:
+        new, old_score = score(candidate), score(target)
+        if new is None:
+            return False, "the candidate has no out-of-source summary"
+        if old_score is not None and new <= old_score:
+            return False, f"{target.name} out-of-source summary {old_score:.4f} >= candidate {new:.4f}"
+        copy_tree_atomic(candidate, target)
+        return True, f"out-of-source summary: candidate {new:.4f} > {target.name} {old_score}"
     old = read_manifest(target)
     pids = [pid for pid, p in old.policies.items() if p.validation and p.validation.f1 is not None]
     if not pids:

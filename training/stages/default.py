@@ -18,9 +18,10 @@ from service.manifest import sha256_file
 from service.policy import InputEncoder, InputTemplate, Policy, load_policies
 from training.data.build import build_dataset
 from training.data.rows import Example, read_examples, summary_rows, write_examples
+from training.eval.heldout import HEADER, MAX_FPR, cells_table
 from training.eval.parity import MIN_VERDICT_AGREEMENT
 from training.eval.report import print_report
-from training.eval.thresholds import BEST_F1, ThresholdTarget
+from training.eval.thresholds import ThresholdTarget
 from training.io import write_json_atomic
 from training.model.batches import encode_rows
 from training.model.checkpoints import save_checkpoint
@@ -28,7 +29,7 @@ from training.model.loop import LoopConfig, train_loop
 from training.model.modeling import load_classifier
 from training.paths import BASE_MODEL_NAME, base_model_path
 from training.release.export import ExportSpec
-from training.release.finalize import Release, ReleaseOptions, release_checkpoint
+from training.release.finalize import Release, ReleaseOptions, heldout_of_folder, release_checkpoint
 from training.release.promote import promote
 from training.ui import Reporter, console, print_table
 
@@ -47,7 +48,9 @@ DEFAULT_LOOP = LoopConfig(
     lambda_cls=1.0,
     save_every=100,
 )
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "heldout")
+# Thresholds: best F1 with FPR <= 5 % on every held-out benign source (training.eval.heldout).
+HELDOUT_FPR = ThresholdTarget("max_fpr", MAX_FPR)
 
 
 def prepare_split(
@@ -59,8 +62,12 @@ def prepare_split(
         ds = build_dataset(data_dir, example_files, policies, seed=seed)
         write_examples(run_dir / "train.jsonl", ds.train)
         write_examples(run_dir / "validation.jsonl", ds.validation)
+        write_examples(run_dir / "heldout.jsonl", ds.heldout)
         write_json_atomic(run_dir / "data_stats.json", ds.stats)
-    return {name: read_examples(run_dir / f"{name}.jsonl") for name in SPLITS}
+    return {
+        name: read_examples(run_dir / f"{name}.jsonl") if (run_dir / f"{name}.jsonl").exists() else []
+        for name in SPLITS
+    }
 
 
 def train_checkpoint(
@@ -88,7 +95,13 @@ def train_checkpoint(
     write_json_atomic(state_dir / "settings.json", settings)
     model = load_classifier(base, seed=loop.seed)
     with reporter.task("fine-tune") as update:
-        log = train_loop(model, encode_rows(encoder, policies, train), loop, state_dir=state_dir, progress=update)
+        log = train_loop(
+            model,
+            encode_rows(encoder, policies, train, windows=True, seed=loop.seed),
+            loop,
+            state_dir=state_dir,
+            progress=update,
+        )
     meta = {
         "family": "default",
         "policy": None,
@@ -116,7 +129,7 @@ def build_default(
     stride: int,
     loop: LoopConfig = DEFAULT_LOOP,
     force: bool = False,
-    target: ThresholdTarget = BEST_F1,
+    target: ThresholdTarget = HELDOUT_FPR,
     creation_command: str = "make model",
     reporter: Reporter | None = None,
     min_parity: float | None = MIN_VERDICT_AGREEMENT,
@@ -130,7 +143,7 @@ def build_default(
     policies = load_policies(policies_dir)
     example_files = sorted(Path(examples_dir).glob("*.jsonl"))
     split = prepare_split(data_dir, example_files, set(policies), run_dir, loop.seed)
-    train, validation = split["train"], split["validation"]
+    train, validation, heldout = split["train"], split["validation"], split["heldout"]
     print_table("Rows per policy and split", ["policy", "split", "rows", "unsafe fraction"], summary_rows(split))
 
     base = base_model_path()
@@ -159,9 +172,19 @@ def build_default(
                 target, train_rows=len(train), minutes=(time.time() - started) / 60, min_parity=min_parity
             ),
             progress=lambda d, t: update(d, t, ""),
+            heldout=heldout,
         )
     print_report(release.report)
-    done, why = promote(export_dir, out_dir, force=force)
+    if release.heldout is not None:
+        print_table("Out of source (held-out test half)", HEADER, cells_table(release.heldout.as_dict()))
+
+    def summary(folder: Path) -> float | None:
+        if folder == export_dir and release.heldout is not None:
+            return release.heldout.summary
+        result = heldout_of_folder(folder, heldout, policies)
+        return None if result is None else result.summary
+
+    done, why = promote(export_dir, out_dir, force=force, score=summary if heldout else None)
     if done:
         console.print(
             f"[green]wrote {out_dir} (mean validation F1 {release.mean_f1:.4f}; {why}) "

@@ -1,0 +1,84 @@
+"""Robustness figures of a released folder: benign-prefix sweep and zero-shot policies.
+
+Both score through the service's loader with the folder's own calibration, at its own
+thresholds (zero-shot: the manifest's default threshold, which the service applies to an
+inline policy), so the figures are what a client would see.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.calibration import apply_calibration
+from service.manifest import read_manifest
+from service.policy import Policy, load_policies
+from training.data.heldout import ZERO_SHOT_POLICIES, half_of, zero_shot_rows
+from training.data.rows import Example
+from training.eval.heldout import binary
+from training.eval.scoring import onnx_scorer, score
+
+PREFIX_CHARS = (0, 300, 1000, 3000)
+MAX_DROP = 0.05  # recall may fall by at most 5 points with 3,000 characters of benign text before it
+
+
+def _scores(folder: Path, rows: list[Example], policies: dict[str, Policy], threads: int) -> np.ndarray:
+    raw, _ = score(onnx_scorer(folder, threads), rows, policies)
+    return np.asarray(apply_calibration(read_manifest(folder).calibration, raw))
+
+
+def prefix_sweep(
+    folder: Path,
+    heldout: list[Example],
+    policies: dict[str, Policy],
+    *,
+    per_policy: int = 80,
+    seed: int = 13,
+    threads: int = 0,
+) -> list[dict[str, Any]]:
+    """Recall of short held-out unsafe rows (test half) with 0-3,000 characters of held-out
+    benign text before them, per policy, at the folder's thresholds."""
+    rng = random.Random(seed)
+    manifest = read_manifest(folder)
+    test = [ex for ex in heldout if half_of(ex.text) == "test" and ex.policy_id in manifest.policies]
+    benign = sorted({ex.text for ex in test if ex.label == 0 and len(ex.text) < 1500})
+    out: list[dict[str, Any]] = []
+    for pid in sorted({ex.policy_id for ex in test if ex.label == 1}):
+        unsafe = sorted((ex for ex in test if ex.policy_id == pid and ex.label == 1 and len(ex.text) <= 500),
+                        key=lambda e: e.text)  # fmt: skip
+        rng.shuffle(unsafe)
+        unsafe = unsafe[:per_policy]
+        if not unsafe:
+            continue
+        row: dict[str, Any] = {"policy": pid, "n": len(unsafe)}
+        for chars in PREFIX_CHARS:
+            texts = []
+            for ex in unsafe:
+                prefix = ""
+                while len(prefix) < chars:
+                    prefix += rng.choice(benign) + "\n"
+                texts.append(Example(f"{prefix[:chars]}\n\n{ex.text}" if chars else ex.text, 1, pid, ex.source))
+            s = _scores(folder, texts, policies, threads)
+            row[f"recall@{chars}"] = round(float((s >= manifest.policies[pid].threshold).mean()), 4)
+        row["drop"] = round(row["recall@0"] - min(row[f"recall@{c}"] for c in PREFIX_CHARS), 4)
+        out.append(row)
+    return out
+
+
+def zero_shot(folder: Path, threads: int = 0) -> list[dict[str, Any]]:
+    """Policies no model trained on (hand-written rows), at the default threshold for inline policies."""
+    rows = zero_shot_rows()
+    if not rows:
+        return []
+    policies = load_policies(ZERO_SHOT_POLICIES)
+    manifest = read_manifest(folder)
+    s = _scores(folder, rows, policies, threads)
+    out = []
+    for pid in sorted(policies):
+        idx = [i for i, ex in enumerate(rows) if ex.policy_id == pid]
+        m = binary([rows[i] for i in idx], s[idx], manifest.default_threshold)
+        out.append({"policy": pid, "threshold": manifest.default_threshold, **m})
+    return out
