@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Last added is outermost: request ids and access logs wrap the body limit, so a 413 has an id.
     # Innermost: a request pins the engine it first uses until it ends (hot reload, see runtime).
     app.add_middleware(EngineLeaseMiddleware, runtime=runtime)
-    app.add_middleware(JsonBodyMiddleware)
+    app.add_middleware(JsonBodyMiddleware, on_error=runtime.record_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_error=runtime.record_error)
     if settings.api_key is not None:  # inside the request context (401s logged), outside the body limit (never read)
         app.add_middleware(
