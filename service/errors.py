@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     too_many_policies = "too_many_policies"
     prompt_too_long = "prompt_too_long"
     body_too_large = "body_too_large"
+    request_timeout = "request_timeout"  # the client did not send its request head or body in time
     queue_full = "queue_full"
     not_ready = "not_ready"
     deadline_exceeded = "deadline_exceeded"
@@ -57,6 +58,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.too_many_policies: 422,
     ErrorCode.prompt_too_long: 413,
     ErrorCode.body_too_large: 413,
+    ErrorCode.request_timeout: 408,
     ErrorCode.queue_full: 429,
     ErrorCode.not_ready: 503,
     ErrorCode.deadline_exceeded: 504,

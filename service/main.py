@@ -16,6 +16,7 @@ from service.api.routes import admin, classify, health, litellm, metrics, openai
 from service.auth import ApiKeyMiddleware, open_paths
 from service.config import Settings
 from service.errors import install_error_handlers
+from service.http_timeouts import BodyTimeoutMiddleware
 from service.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestContextMiddleware
 from service.runtime import EngineLeaseMiddleware, Runtime
 from service.upstream import Upstream
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(EngineLeaseMiddleware, runtime=runtime)
     app.add_middleware(JsonBodyMiddleware, on_error=runtime.record_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_error=runtime.record_error)
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s, on_error=runtime.record_error)
     if settings.api_key is not None:  # inside the request context (401s logged), outside the body limit (never read)
         app.add_middleware(
             ApiKeyMiddleware,
