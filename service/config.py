@@ -115,6 +115,12 @@ class Settings(BaseSettings):
         description="POST /admin/reload: None (default) = on when api_key is set (the key is then required); "
         "true without api_key = loopback clients only; false = off (SIGHUP still reloads).",
     )
+    reload_timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="A load or reload (policies, model, validation, warm-up) that has not finished after this long "
+        "fails (the previous version keeps serving) and releases the reload lock.",
+    )
     shutdown_drain_s: float = Field(
         2.0,
         ge=0.0,
