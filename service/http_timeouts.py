@@ -21,10 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from typing import Any
 
-import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -120,7 +118,7 @@ class BodyTimeoutMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        deadline = time.monotonic() + self.timeout_s
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         body_done = False
         started = False
 
@@ -128,10 +126,12 @@ class BodyTimeoutMiddleware:
             nonlocal body_done
             if body_done:
                 return await receive()
-            with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)) as cancel:
-                message = await receive()
-            if cancel.cancelled_caught:
-                raise _BodyTimedOut
+            try:
+                # asyncio's own: half the cost of anyio's cancel scope (uvicorn runs on asyncio only)
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTimedOut from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
             return message
