@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import service.policy
 from service import runtime as runtime_module
 from service.config import Settings
 from service.main import create_app
@@ -98,7 +99,7 @@ def test_a_reload_that_cannot_finish_times_out_and_releases_the_lock(
     model, policies = folders
     stuck = threading.Event()  # set: the loader is stuck; release: let it return
     release = threading.Event()
-    real_load = runtime_module.load_policies
+    real_load = service.policy.load_policies
 
     def load_policies(directory: Path) -> dict:
         if (Path(directory) / "STUCK").exists():

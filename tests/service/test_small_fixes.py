@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import httpx2  # what openai 3.x is built on
 import openai
 import pytest
 
@@ -28,8 +29,8 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def test_no_upstream_is_404_that_the_openai_sdk_does_not_retry(server: Server) -> None:
-    sent: list[httpx.Request] = []
-    with httpx.Client(event_hooks={"request": [sent.append]}) as http:
+    sent: list[httpx2.Request] = []
+    with httpx2.Client(event_hooks={"request": [sent.append]}) as http:  # the SDK's own HTTP client type
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-test", http_client=http, max_retries=2)
         with pytest.raises(openai.NotFoundError) as info:
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
