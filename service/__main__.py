@@ -8,6 +8,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.http_timeouts import http_protocol
 from service.logs import configure_logging
 from service.main import create_app
 from service.server import GracefulServer
@@ -25,6 +26,7 @@ def main() -> None:
         app,
         host=settings.host,
         port=settings.port,
+        http=http_protocol(settings.header_timeout_s),  # slow-header clients get 408 and are cut off
         log_config=None,  # keep our JSON logging
         access_log=False,  # RequestContextMiddleware writes the access log
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,  # in-flight requests finish first

@@ -76,6 +76,18 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(100_000, ge=1)
     max_policies_per_request: int = Field(16, ge=1)
     request_timeout_s: float = Field(10.0, gt=0.0)
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="A request head (request line and headers) must arrive within this long of the connection opening "
+        "or of its first byte; else 408 and the connection is closed (slow-header clients).",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="A request body must arrive within this long of its head; else 408 request_timeout and the "
+        "connection is closed (slow-body clients).",
+    )
     window_budget_factor: float = Field(
         0.8,
         ge=0.0,
@@ -102,6 +114,12 @@ class Settings(BaseSettings):
         None,
         description="POST /admin/reload: None (default) = on when api_key is set (the key is then required); "
         "true without api_key = loopback clients only; false = off (SIGHUP still reloads).",
+    )
+    reload_timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="A load or reload (policies, model, validation, warm-up) that has not finished after this long "
+        "fails (the previous version keeps serving) and releases the reload lock.",
     )
     shutdown_drain_s: float = Field(
         2.0,

@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     too_many_policies = "too_many_policies"
     prompt_too_long = "prompt_too_long"
     body_too_large = "body_too_large"
+    request_timeout = "request_timeout"  # the client did not send its request head or body in time
     queue_full = "queue_full"
     not_ready = "not_ready"
     deadline_exceeded = "deadline_exceeded"
@@ -57,6 +58,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.too_many_policies: 422,
     ErrorCode.prompt_too_long: 413,
     ErrorCode.body_too_large: 413,
+    ErrorCode.request_timeout: 408,
     ErrorCode.queue_full: 429,
     ErrorCode.not_ready: 503,
     ErrorCode.deadline_exceeded: 504,
@@ -64,7 +66,8 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.unauthorized: 401,
     ErrorCode.upstream_error: 502,
     ErrorCode.upstream_timeout: 504,
-    ErrorCode.upstream_not_configured: 501,
+    # 404, not 501: SDKs retry every 5xx (the OpenAI SDK twice), and retrying cannot help.
+    ErrorCode.upstream_not_configured: 404,
     ErrorCode.not_found: 404,
     ErrorCode.method_not_allowed: 405,
     ErrorCode.forbidden: 403,
@@ -84,6 +87,9 @@ REJECTION_CODES = frozenset(
 
 # Seconds a client should wait after 429 queue_full.
 RETRY_AFTER_S = 1
+# Answers no retry can change: the OpenAI SDKs (and Stainless-made ones) honour this header.
+NO_RETRY = frozenset({ErrorCode.upstream_not_configured})
+SHOULD_RETRY_HEADER = "x-should-retry"
 
 
 class ApiError(Exception):
@@ -99,6 +105,8 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
         if code is ErrorCode.queue_full:
             self.headers.setdefault("Retry-After", str(RETRY_AFTER_S))
+        if code in NO_RETRY:
+            self.headers.setdefault(SHOULD_RETRY_HEADER, "false")
 
     @property
     def status(self) -> int:

@@ -6,6 +6,7 @@ No globals: each call builds an independent app with its own metrics registry, s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,10 +16,13 @@ from service.api.openapi import install_openapi
 from service.api.routes import admin, classify, health, litellm, metrics, openai_proxy, policies
 from service.auth import ApiKeyMiddleware, open_paths
 from service.config import Settings
-from service.errors import install_error_handlers
+from service.errors import REJECTION_CODES, ErrorCode, install_error_handlers
+from service.http_timeouts import BodyTimeoutMiddleware
 from service.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestContextMiddleware
 from service.runtime import EngineLeaseMiddleware, Runtime
 from service.upstream import Upstream
+
+log = logging.getLogger("uniguard.main")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,6 +34,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background: /healthz answers at once, /readyz turns 200 when warm.
         runtime.start_loading()
+        if not upstream.configured:
+            log.info(
+                "OpenAI-compatible proxy off: UNIGUARD_UPSTREAM_BASE_URL is not set; the route answers 404 "
+                "upstream_not_configured with x-should-retry: false",
+                extra={"fields": {"path": openai_proxy.PATH}},
+            )
         try:
             yield
         finally:
@@ -47,14 +57,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.upstream = upstream
     install_error_handlers(app, runtime.record_error)
+    runtime.metrics.init_series(
+        [code.value for code in ErrorCode],
+        sorted(code.value for code in REJECTION_CODES),
+        [litellm.PATH, openai_proxy.PATH],
+    )
     for module in (classify, policies, health, metrics, litellm, openai_proxy, admin):
         app.include_router(module.router)
     install_openapi(app, settings)
     # Last added is outermost: request ids and access logs wrap the body limit, so a 413 has an id.
     # Innermost: a request pins the engine it first uses until it ends (hot reload, see runtime).
     app.add_middleware(EngineLeaseMiddleware, runtime=runtime)
-    app.add_middleware(JsonBodyMiddleware)
+    app.add_middleware(JsonBodyMiddleware, on_error=runtime.record_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_error=runtime.record_error)
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s, on_error=runtime.record_error)
     if settings.api_key is not None:  # inside the request context (401s logged), outside the body limit (never read)
         app.add_middleware(
             ApiKeyMiddleware,

@@ -45,6 +45,9 @@ BATCH_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
 PADDING_BUCKETS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 INLINE_POLICY_LABEL = "inline"
+# Judgement outcomes of the gateway routes (service.guard.Judgement.outcome).
+GATEWAY_ACTIONS = ("allowed", "blocked", "unguarded")
+RELOAD_OUTCOMES = ("ok", "failed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -133,6 +136,19 @@ class Metrics:
             for verdict in ("safe", "unsafe"):
                 self.requests.labels(policy=pid, verdict=verdict)
 
+    def init_series(self, error_codes: Iterable[str], rejection_codes: Iterable[str], routes: Iterable[str]) -> None:
+        """Create every labelled series that can be known before traffic at 0: a panel or an
+        alert on ``rate(uniguard_rejected_total[5m])`` shows 0 on a healthy server, not "no data"."""
+        for code in error_codes:
+            self.errors.labels(code=code)
+        for code in rejection_codes:
+            self.rejected.labels(reason=code)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome=outcome)
+        for route in routes:
+            for action in GATEWAY_ACTIONS:
+                self.gateway.labels(route=route, action=action)
+
     def set_model(self, model: str, provider: str, precision: str) -> None:
         self.model_info.clear()
         self.model_info.labels(model=model, provider=provider, precision=precision).set(1)
@@ -178,7 +194,7 @@ class Metrics:
     # -- runtime -----------------------------------------------------------------------
 
     def record_reload(self, ok: bool) -> None:
-        self.reloads.labels(outcome="ok" if ok else "failed").inc()
+        self.reloads.labels(outcome=RELOAD_OUTCOMES[0] if ok else RELOAD_OUTCOMES[1]).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -176,13 +176,27 @@ _JSON_LIKE = (b"", b"application/x-www-form-urlencoded", b"text/plain")
 
 
 class JsonBodyMiddleware:
-    """Treats POST bodies without a JSON content type as JSON (the API speaks nothing else)."""
+    """Treats POST bodies without a JSON content type as JSON (the API speaks nothing else), and
+    refuses content-encoded bodies: the guard would judge bytes it cannot read while the
+    upstream, which may decode them, reads something else."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_error: OnError | None = None) -> None:
         self.app = app
+        self.on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("method") == "POST":
+            encoding = (_header(scope, b"content-encoding") or "identity").strip().lower()
+            if encoding != "identity":
+                if self.on_error is not None:
+                    self.on_error(ErrorCode.invalid_request)
+                response = error_response(
+                    ErrorCode.invalid_request,
+                    "request bodies must be sent uncompressed (no Content-Encoding): the guard reads the body as sent",
+                    [{"loc": ["header", "content-encoding"], "type": "content_encoding", "msg": encoding[:100]}],
+                )
+                await response(scope, receive, send)
+                return
             headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() != b"content-type"]
             declared = _header(scope, b"content-type")
             kind = (declared or "").split(";")[0].strip().lower().encode("latin-1")

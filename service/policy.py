@@ -9,6 +9,8 @@ them is the tokenizer's own ``[SEP]`` and the query side alone is split into win
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +54,35 @@ class PolicyFileError(ValueError):
     """A policy file that cannot be used; the message names the file and the reason."""
 
 
+# A policy is a few kB of YAML; anything far larger is not one (and would stall a reload).
+MAX_POLICY_FILE_BYTES = 1 << 20
+
+
+def read_regular_file(path: Path, max_bytes: int = MAX_POLICY_FILE_BYTES) -> bytes:
+    """The bytes of ``path`` if it is a regular file (symlinks to one included) of at most
+    ``max_bytes``; PolicyFileError otherwise.
+
+    Opened non-blocking and checked on the open descriptor (no race with a rename): a FIFO
+    named ``*.yaml`` would otherwise block the reader, and the reload holding its lock, until
+    some writer showed up; a device would stream for ever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise PolicyFileError(f"{path}: cannot read policy: {exc}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise PolicyFileError(f"{path}: not a regular file (only regular *.yaml files are read as policies)")
+        data = fh.read(max_bytes + 1) if info.st_size <= max_bytes else b""
+        if info.st_size > max_bytes or len(data) > max_bytes:
+            raise PolicyFileError(f"{path}: larger than a policy file may be ({max_bytes} bytes)")
+        return data
+
+
 def load_policy_file(path: Path) -> Policy:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_regular_file(path).decode("utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PolicyFileError(f"{path}: cannot read policy: {exc}") from exc
     try:

@@ -7,8 +7,9 @@ sees a clear readiness error instead of a crash loop.
 
 Hot reload (``POST /admin/reload`` or SIGHUP): policies and model are loaded, validated
 (``service.validation``) and warmed up on their own batcher *beside* the serving engine;
-only then is ``self.engine`` swapped, in one assignment. If anything fails, the old engine
-keeps serving and the outcome says why. Every request pins the engine it first uses
+only then is ``self.engine`` swapped, in one assignment. If anything fails, or the whole
+load takes longer than ``reload_timeout_s`` (a read that never returns), the old engine
+keeps serving, the reload lock is released and the outcome says why. Every request pins the engine it first uses
 (``EngineLease``, installed by ``EngineLeaseMiddleware``), so a request that started on the
 old version finishes on it, and its ``model`` field names that version; the old engine's
 batcher is stopped once no request holds it any more.
@@ -21,13 +22,15 @@ requests are still served; uvicorn then stops accepting and waits for in-flight 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -41,6 +44,7 @@ from service.policy import PolicyFileError, load_policies
 from service.validation import load_and_validate, policy_warnings
 
 log = logging.getLogger("uniguard.runtime")
+T = TypeVar("T")
 
 # Where a request's EngineLease lives in the ASGI scope state.
 LEASE_STATE_KEY = "engine_lease"
@@ -157,10 +161,10 @@ class Runtime:
     async def _build(self) -> tuple[Engine, list[str]]:
         """Policies, model (validated), batcher, warm-up: a complete engine, not yet serving."""
         s = self.settings
-        policies = await asyncio.to_thread(load_policies, s.policies_dir)
+        policies = await _off_loop(load_policies, s.policies_dir)
         if not policies:
             raise ValueError(f"no *.yaml policies in {s.policies_dir}")
-        model = await asyncio.to_thread(
+        model = await _off_loop(
             load_and_validate, s.model_dir, s.threads, provider=s.provider, device_id=s.device_id, spinning=s.spinning
         )
         warnings = policy_warnings(model, policies, s.thresholds)
@@ -194,12 +198,21 @@ class Runtime:
             at = datetime.now(UTC).isoformat(timespec="seconds")
             if self.stopping:
                 return self._finish(ReloadOutcome(False, trigger, prev_id, prev_id, reason="shutting down", at=at))
+            deadline = asyncio.timeout(self.settings.reload_timeout_s)
             try:
-                engine, warnings = await self._build()
+                async with deadline:
+                    engine, warnings = await self._build()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 reason = str(exc) or type(exc).__name__
+                if isinstance(exc, TimeoutError) and deadline.expired():
+                    # A read that never returns (a FIFO, a dead network mount) stays blocked in its
+                    # worker thread; the lock is released and the previous version keeps serving.
+                    reason = (
+                        f"timed out after {self.settings.reload_timeout_s:g} s (UNIGUARD_RELOAD_TIMEOUT_S): "
+                        f"a file in {self.settings.model_dir} or {self.settings.policies_dir} may not be readable"
+                    )
                 if self.engine is None:
                     self.load_error = f"model not loaded: {reason}"
                 else:  # an Engine built before the failure may have announced itself in the metrics
@@ -305,6 +318,34 @@ class Runtime:
             await engine.batcher.stop(timeout=self.settings.request_timeout_s)
         if self._retiring:
             await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+
+async def _off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a daemon thread of its own, awaited.
+
+    Not ``asyncio.to_thread``: a load the reload timeout abandons (a read stuck in the kernel)
+    would keep an executor thread that ``asyncio.run`` and the interpreter wait for at exit,
+    so the process could not stop. A daemon thread is simply left behind.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(done: Callable[[], None]) -> None:
+        if not future.done():  # else abandoned: timed out or cancelled
+            done()
+
+    def run() -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            done = functools.partial(future.set_exception, exc)
+        else:
+            done = functools.partial(future.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(settle, done)
+
+    threading.Thread(target=run, name="uniguard-load", daemon=True).start()
+    return await future
 
 
 def _announce(metrics: Metrics, engine: Engine) -> None:

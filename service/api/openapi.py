@@ -1,9 +1,10 @@
 """A complete OpenAPI document: every route, every status it can answer, every error body.
 
 Routes declare their own error codes with ``error_responses``; ``install_openapi`` adds
-what middleware answers for every route (500 internal_error, 413 body_too_large on bodies,
-401 unauthorized when an API key is set, with the security schemes), and replaces
-FastAPI's default 422 body (which the service never sends) by the error shape.
+what middleware answers for every route (500 internal_error, 413 body_too_large and 408
+request_timeout on bodies, 401 unauthorized when an API key is set, with the security
+schemes), and replaces FastAPI's default 422 body (which the service never sends) by the
+error shape.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def complete_schema(schema: dict[str, Any], settings: Settings) -> dict[str, Any
             _add_error(responses, 500, ErrorCode.internal_error)
             if method in {"post", "put", "patch"}:
                 _add_error(responses, 413, ErrorCode.body_too_large)
+                _add_error(responses, 408, ErrorCode.request_timeout)
                 _add_error(responses, 422, ErrorCode.invalid_request)
             if settings.api_key is not None and path not in public:
                 _add_error(responses, 401, ErrorCode.unauthorized)

@@ -146,5 +146,5 @@ def test_texts_are_not_logged(client: httpx.Client, server: Server) -> None:
 
 
 def test_proxy_without_upstream_is_not_configured(client: httpx.Client) -> None:
-    err = assert_error(post_json(client, "/v1/chat/completions", chat()), 501, "upstream_not_configured")
+    err = assert_error(post_json(client, "/v1/chat/completions", chat()), 404, "upstream_not_configured")
     assert "UNIGUARD_UPSTREAM_BASE_URL" in err["message"]

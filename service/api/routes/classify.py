@@ -7,11 +7,12 @@ from fastapi import APIRouter, Request, Response
 from service.api.deps import EngineDep, SettingsDep, add_access_log_fields, log_prompt
 from service.api.openapi import error_responses
 from service.api.schemas import ClassifyManyResponse, ClassifyRequest, ClassifyResponse
+from service.api.strict_body import StrictJsonRoute
 from service.engine import Timings
 from service.errors import ErrorCode
 from service.metrics import INLINE_POLICY_LABEL
 
-router = APIRouter(tags=["classify"])
+router = APIRouter(tags=["classify"], route_class=StrictJsonRoute)
 
 # Documented in OpenAPI; all answer the error shape of service.errors.
 _ERRORS = error_responses(

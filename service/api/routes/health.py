@@ -1,7 +1,8 @@
 """Liveness and readiness probes.
 
 /healthz is 200 whenever the process answers; /readyz is 200 only once the model is loaded
-and warmed up, else 503 with the reason (loading, load error, shutting down). Probes are
+and warmed up, else 503 with the reason (loading, load error, shutting down). Both answer
+HEAD with the same status and no body. Probes are
 not counted as errors in metrics: they are polled constantly.
 """
 
@@ -18,11 +19,15 @@ from service.errors import ErrorCode, error_response
 router = APIRouter(tags=["health"])
 
 
+# HEAD too (load balancers and uptime checkers probe with it); kept out of the schema, where
+# it would only repeat GET.
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz")
 async def healthz() -> HealthResponse:
     return HealthResponse()
 
 
+@router.head("/readyz", include_in_schema=False, response_model=ReadyResponse)
 @router.get(
     "/readyz",
     response_model=ReadyResponse,

@@ -24,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 
 from service.api.deps import EngineSourceDep, MetricsDep, SettingsDep, add_access_log_fields, log_prompt
 from service.api.openapi import error_responses
+from service.api.strict_body import StrictJsonRoute
 from service.errors import ApiError, ErrorCode, summarize_validation_errors
 from service.guard import GuardText, judge
 from service.policy import POLICY_ID_PATTERN
 
-router = APIRouter(tags=["litellm"])
+router = APIRouter(tags=["litellm"], route_class=StrictJsonRoute)
 
 PATH = "/beta/litellm_basic_guardrail_api"
 POLICIES_PARAM = "policies"

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from service.api.deps import EngineSourceDep, MetricsDep, SettingsDep, add_access_log_fields, log_prompt
 from service.api.openapi import error_responses
+from service.api.strict_body import parse_json
 from service.auth import AUTH_HEADER_STATE_KEY
 from service.config import Settings
 from service.errors import ApiError, ErrorCode
@@ -59,10 +60,7 @@ def _invalid(message: str, details: Any = None) -> ApiError:
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        raise _invalid("request body is not valid JSON", [{"msg": str(exc)[:300]}]) from exc
+    body = parse_json(raw)  # strict: the document the upstream reads from the same bytes
     if not isinstance(body, dict):
         raise _invalid("request body must be a JSON object")
     messages = body.get("messages")
