@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,7 @@ class EncodedWindows:
     def count(self) -> int:
         return len(self.input_ids)
 
-    @property
+    @cached_property  # O(windows): counted once (where the batcher prepares a job, off the event loop)
     def tokens(self) -> int:
         return int(sum(len(ids) for ids in self.input_ids))
 
