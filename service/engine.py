@@ -366,7 +366,7 @@ class Engine:
         if tokens > budget:
             raise ApiError(
                 ErrorCode.prompt_too_long,
-                f"prompt needs {windows.count} model windows ({tokens} tokens); "
+                f"request needs {windows.count} model windows ({tokens} tokens); "
                 "at the measured throughput the model scores "
                 f"about {details['budget']} full windows within the {self.settings.request_timeout_s} s deadline",
                 {"limit": "window_budget", **details},
