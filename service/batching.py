@@ -62,7 +62,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -145,20 +145,29 @@ class _Job:
         "windows",
     )
 
-    def __init__(self, windows: EncodedWindows, future: asyncio.Future[BatchResult], key: int = 0) -> None:
+    future: asyncio.Future[BatchResult]  # set by submit, on the event loop
+
+    def __init__(self, windows: EncodedWindows, key: int, seq: Iterator[int]) -> None:
         self.windows = windows
-        self.future = future
         self.enqueued = time.perf_counter()
         self.n = windows.count
         self.key = key  # its entry in the batcher's job order
-        self.pending: deque[_Window] = deque()  # windows not yet taken, oldest first (guarded by the lock)
-        self.pending_tokens = 0  # their tokens (guarded by the lock)
+        # Windows not yet taken, oldest first (guarded by the lock once submitted) and their tokens.
+        self.pending: deque[_Window] = deque(
+            _Window(self, i, len(ids), next(seq)) for i, ids in enumerate(windows.input_ids)
+        )
+        self.pending_tokens = windows.tokens
         self.closed = False  # caller gone or failed: skip its windows (guarded by the lock)
         self.done = 0  # windows with a probability (event loop only)
         self.probs = np.empty(self.n, dtype=np.float32)
         self.queue_s: float | None = None  # set by an inference thread at the first batch
         self.inference_s = 0.0  # event loop only
         self.batches: set[int] = set()  # batch ids already counted in inference_s (event loop only)
+
+
+# What ``MicroBatcher.prepare`` returns: opaque to callers but for ``windows``, ``n`` (the
+# window count) and ``pending_tokens`` (their tokens), and only to be submitted.
+PreparedWork = _Job
 
 
 class _Window:
@@ -340,21 +349,34 @@ class MicroBatcher:
             if not job.future.done():
                 job.future.set_exception(BatcherClosed("batcher stopped before this work ran"))
 
-    async def submit(self, windows: EncodedWindows) -> BatchResult:
+    def prepare(self, windows: EncodedWindows) -> PreparedWork:
+        """A submission's per-window records, built from any thread: O(windows), so the
+        engine builds a big request's off the event loop. Submit it once, soon after."""
+        return _Job(windows, next(self._job_keys), self._seq)
+
+    def discard(self, work: PreparedWork) -> None:
+        """Free prepared work that was never submitted (refused, or its deadline passed): its
+        windows and the job point to each other, so without this they wait for a full gc.
+        No-op once submitted (the batcher forgets a finished job's windows itself)."""
+        if not hasattr(work, "future"):
+            work.pending.clear()
+            work.windows = EncodedWindows([], [], [])
+
+    async def submit(self, windows: EncodedWindows | PreparedWork) -> BatchResult:
         """Queue the windows and wait for their probabilities; QueueFull at once if no room."""
         if not self.running:
             raise BatcherClosed("batcher is not running")
-        if windows.count == 0:
+        job = windows if isinstance(windows, _Job) else self.prepare(windows)
+        if job.n == 0:
             return BatchResult(np.empty(0, dtype=np.float32), 0.0, 0.0)
         assert self._loop is not None
+        assert not hasattr(job, "future"), "prepared work submitted twice"
         future: asyncio.Future[BatchResult] = self._loop.create_future()
-        job = _Job(windows, future, next(self._job_keys))
+        job.future = future
+        job.enqueued = time.perf_counter()
         with self._cond:
             if self._depth + job.n > self.max_queue:
                 raise QueueFull(f"queue holds {self._depth} of {self.max_queue} windows; {job.n} more do not fit")
-            for i, ids in enumerate(windows.input_ids):
-                job.pending.append(_Window(job, i, len(ids), next(self._seq)))
-            job.pending_tokens = windows.tokens
             self._fresh[job.key] = job
             self._queued_tokens += job.pending_tokens
             self._set_depth(self._depth + job.n)
@@ -485,6 +507,9 @@ class MicroBatcher:
                 except Exception:  # a bug here must not silently stop all inference
                     log.exception("batcher worker error")
                     self._deliver_error(batch_id, batch, RuntimeError("internal batching error"))
+            # Its windows point to their jobs, and each job to all of its request's token rows:
+            # kept while this thread waits, they would pin the last request's memory until the next.
+            del batch
 
     def _run_batch(self, batch_id: int, batch: list[_Window]) -> None:
         size = len(batch)

@@ -75,6 +75,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_prompt_chars: int = Field(100_000, ge=1)
     max_policies_per_request: int = Field(16, ge=1)
+    max_texts_per_request: int = Field(
+        1024,
+        ge=1,
+        description="Most texts in one LiteLLM guardrail call; more: 413 too_many_texts before any work.",
+    )
+    max_messages_per_chat: int = Field(
+        1024,
+        ge=1,
+        description="Most messages in one chat completion through the proxy; more: 413 too_many_texts before any work.",
+    )
     request_timeout_s: float = Field(10.0, gt=0.0)
     header_timeout_s: float = Field(
         10.0,
@@ -170,8 +180,8 @@ class Settings(BaseSettings):
     )
     fail_open: bool = Field(
         False,
-        description="Forward unguarded when the model cannot score (not ready, queue full, deadline); off: answer the "
-        "error.",
+        description="Forward unguarded when the model is unavailable for reasons outside the request (not ready, "
+        "queue full of other work); never for a request refused for its own size or deadline. Off: answer the error.",
     )
     moderate_output: bool = Field(
         False,

@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     empty_prompt = "empty_prompt"
     policy_too_long = "policy_too_long"
     too_many_policies = "too_many_policies"
+    too_many_texts = "too_many_texts"
     prompt_too_long = "prompt_too_long"
     body_too_large = "body_too_large"
     request_timeout = "request_timeout"  # the client did not send its request head or body in time
@@ -56,6 +57,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.empty_prompt: 422,
     ErrorCode.policy_too_long: 422,
     ErrorCode.too_many_policies: 422,
+    ErrorCode.too_many_texts: 413,
     ErrorCode.prompt_too_long: 413,
     ErrorCode.body_too_large: 413,
     ErrorCode.request_timeout: 408,
@@ -80,6 +82,7 @@ REJECTION_CODES = frozenset(
         ErrorCode.queue_full,
         ErrorCode.body_too_large,
         ErrorCode.prompt_too_long,
+        ErrorCode.too_many_texts,
         ErrorCode.not_ready,
         ErrorCode.deadline_exceeded,
     }

@@ -3,12 +3,21 @@
 Shared by the LiteLLM guardrail route and the OpenAI-compatible proxy so both apply the
 same rules:
 
-* every non-blank text is scored against every policy (identical texts once, all
-  concurrently so the micro-batcher packs them); the request is unsafe if any verdict is;
+* a request's cost is bounded before any work: at most ``max_texts_per_request`` texts
+  (routes call ``check_count``), and the engine counts all windows of all texts against
+  the queue and the window budget before any is queued;
+* every non-blank text is scored against every policy (identical texts once, all in one
+  engine call: one job for the micro-batcher); the request is unsafe if any verdict is;
 * fail-closed by default: when the model cannot score (``not_ready``, ``queue_full``,
   ``deadline_exceeded``) the caller gets that error (503 / 429 / 504, retryable), never a
-  silent pass; with ``fail_open`` the judgement is ``unguarded`` instead and the caller
-  lets the request through, marked as such;
+  silent pass;
+* ``fail_open`` lets a request through unjudged (``unguarded``, marked as such) only when
+  the model is unavailable for reasons outside the request: ``not_ready`` (loading,
+  failed, stopping) or ``queue_full`` (the queue, or the work ahead in it, is other
+  requests': the request's own windows were checked to fit alone). Never for what the
+  request did itself: its size (``too_many_texts``, ``prompt_too_long``, window budget
+  413) or its own deadline (``deadline_exceeded``: an attacker would pad an injection
+  until it times out and have it forwarded);
 * other errors (a text over ``max_prompt_chars``, an unknown policy) are always errors:
   they are not about availability. Unknown policies from the *configuration* are the
   operator's mistake and answer 500, not 404.
@@ -20,7 +29,6 @@ zero-argument ``get_engine``: it is called inside the failure rule, so a missing
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,8 +41,9 @@ from service.policy import Policy
 
 log = logging.getLogger("uniguard.guard")
 
-# Failures that mean "could not score right now": the only ones fail_open lets through.
-UNSCORABLE = frozenset({ErrorCode.not_ready, ErrorCode.queue_full, ErrorCode.deadline_exceeded})
+# Failures from outside the request (no model, others' work fills the queue): the only ones
+# fail_open lets through. deadline_exceeded is not one: the request's own size can cause it.
+UNSCORABLE = frozenset({ErrorCode.not_ready, ErrorCode.queue_full})
 # Longest blocked reason listed per violation in a summary.
 MAX_LISTED_VIOLATIONS = 8
 
@@ -62,10 +71,10 @@ class Judgement:
     model: str | None = None
     unguarded: str | None = None  # fail-open: the error code that stopped scoring
     checked: int = field(default=0)
+    unsafe: bool = field(init=False)  # computed once: routes ask several times, results may be thousands
 
-    @property
-    def unsafe(self) -> bool:
-        return any(r.classification.unsafe for r in self.results)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unsafe", any(r.classification.unsafe for r in self.results))
 
     @property
     def outcome(self) -> str:
@@ -104,6 +113,17 @@ class Judgement:
             for v in self.violations()[:MAX_LISTED_VIOLATIONS]
         ]
         return "UniGuard: " + "; ".join(parts)
+
+
+def check_count(count: int, limit: int, what: str) -> None:
+    """413 ``too_many_texts`` when a request holds more than ``limit`` texts or messages:
+    refused before any parsing of them, tokenising or scoring (never fail-open)."""
+    if count > limit:
+        raise ApiError(
+            ErrorCode.too_many_texts,
+            f"{count} {what} in one request; at most {limit}",
+            {"count": count, "max": limit, "field": what},
+        )
 
 
 async def judge(
@@ -167,12 +187,7 @@ def _resolve(engine: Engine, ids: Sequence[str], from_config: bool) -> list[Poli
 async def _classify_unique(
     engine: Engine, policies: Sequence[Policy], texts: Sequence[str]
 ) -> dict[str, Classification]:
+    # One engine call for the whole request: its windows are counted (queue, budget) before
+    # any is queued and it is one job for the fair schedule, however many texts it holds.
     unique = list(dict.fromkeys(texts))
-    if len(unique) == 1:
-        return {unique[0]: await engine.classify(policies, unique[0])}
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = {t: tg.create_task(engine.classify(policies, t)) for t in unique}
-    except* ApiError as group:
-        raise group.exceptions[0] from None
-    return {t: task.result() for t, task in tasks.items()}
+    return dict(zip(unique, await engine.classify_many(policies, unique), strict=True))

@@ -156,8 +156,8 @@ class Metrics:
     def observe_gateway(self, route: str, action: str) -> None:
         self.gateway.labels(route=route, action=action).inc()
 
-    def observe_verdict(self, policy_label: str, verdict: str) -> None:
-        self.requests.labels(policy=policy_label, verdict=verdict).inc()
+    def observe_verdict(self, policy_label: str, verdict: str, count: int = 1) -> None:
+        self.requests.labels(policy=policy_label, verdict=verdict).inc(count)
 
     def observe_request_latency(self, seconds: float) -> None:
         self.request_latency.observe(seconds)

@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,7 @@ class EncodedWindows:
     def count(self) -> int:
         return len(self.input_ids)
 
-    @property
+    @cached_property  # O(windows): counted once (where the batcher prepares a job, off the event loop)
     def tokens(self) -> int:
         return int(sum(len(ids) for ids in self.input_ids))
 

@@ -12,7 +12,9 @@ responses, or per request ``additional_provider_specific_params: {"policies": [.
 images and tool definitions are not (the model reads text only). When the model cannot
 score, the error status goes back (fail-closed: LiteLLM then fails the call, or lets it
 through on 502/503/504 if its own ``unreachable_fallback: fail_open`` is set); with
-UniGuard's ``fail_open`` the answer is ``NONE``.
+UniGuard's ``fail_open`` the answer is ``NONE`` when the model is unavailable for reasons
+outside the request (not ready, queue full), never for the request's own size or deadline
+(``service.guard``). More than ``max_texts_per_request`` texts: 413 ``too_many_texts``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from service.api.deps import EngineSourceDep, MetricsDep, SettingsDep, add_acces
 from service.api.openapi import error_responses
 from service.api.strict_body import StrictJsonRoute
 from service.errors import ApiError, ErrorCode, summarize_validation_errors
-from service.guard import GuardText, judge
+from service.guard import GuardText, check_count, judge
 from service.policy import POLICY_ID_PATTERN
 
 router = APIRouter(tags=["litellm"], route_class=StrictJsonRoute)
@@ -83,6 +85,7 @@ def requested_policies(params: dict[str, Any] | None) -> list[str] | None:
     responses=error_responses(
         ErrorCode.unknown_policy,
         ErrorCode.prompt_too_long,
+        ErrorCode.too_many_texts,
         ErrorCode.body_too_large,
         ErrorCode.invalid_request,
         ErrorCode.too_many_policies,
@@ -94,9 +97,9 @@ def requested_policies(params: dict[str, Any] | None) -> list[str] | None:
         notes={
             ErrorCode.unknown_policy: "per-request policies",
             ErrorCode.internal_error: "configured policies not served",
-            ErrorCode.queue_full: "fail-closed",
-            ErrorCode.not_ready: "fail-closed",
-            ErrorCode.deadline_exceeded: "fail-closed",
+            ErrorCode.queue_full: "fail-closed unless fail_open",
+            ErrorCode.not_ready: "fail-closed unless fail_open",
+            ErrorCode.deadline_exceeded: "fail-closed, even with fail_open",
         },
     ),
 )
@@ -116,6 +119,7 @@ async def litellm_guardrail(
     else:
         policy_ids = settings.guard_policies
     texts = body.texts or []
+    check_count(len(texts), settings.max_texts_per_request, "texts")
     add_access_log_fields(
         request,
         litellm_call_id=body.litellm_call_id,

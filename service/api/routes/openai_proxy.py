@@ -16,7 +16,10 @@
 Every answer carries ``x-uniguard-action``: ``allowed``, ``blocked`` or ``unguarded``.
 When the model cannot score, the service fails closed with the error (503 ``not_ready``,
 429 ``queue_full``, 504 ``deadline_exceeded``: OpenAI clients retry these); with
-``fail_open`` the request is forwarded unguarded instead. An unreachable upstream is 502
+``fail_open`` the request is forwarded unguarded instead, but only for ``not_ready`` and
+``queue_full`` (causes outside the request): a request refused for its own size (413) or
+its own deadline (504) is never forwarded. More than ``max_messages_per_chat`` messages:
+413 ``too_many_texts``. An unreachable upstream is 502
 ``upstream_error``, a silent one 504 ``upstream_timeout``.
 """
 
@@ -38,7 +41,7 @@ from service.api.strict_body import parse_json
 from service.auth import AUTH_HEADER_STATE_KEY
 from service.config import Settings
 from service.errors import ApiError, ErrorCode
-from service.guard import EngineSource, GuardText, Judgement, judge
+from service.guard import EngineSource, GuardText, Judgement, check_count, judge
 from service.metrics import Metrics
 from service.upstream import ProxiedResponse, Upstream, forward_headers, response_headers
 
@@ -245,6 +248,7 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
         },
         **error_responses(
             ErrorCode.prompt_too_long,
+            ErrorCode.too_many_texts,
             ErrorCode.body_too_large,
             ErrorCode.invalid_request,
             ErrorCode.queue_full,
@@ -255,9 +259,9 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
             ErrorCode.deadline_exceeded,
             ErrorCode.upstream_timeout,
             notes={
-                ErrorCode.queue_full: "fail-closed",
-                ErrorCode.not_ready: "fail-closed",
-                ErrorCode.deadline_exceeded: "fail-closed",
+                ErrorCode.queue_full: "fail-closed unless fail_open",
+                ErrorCode.not_ready: "fail-closed unless fail_open",
+                ErrorCode.deadline_exceeded: "fail-closed, even with fail_open",
                 ErrorCode.internal_error: "configured policies not served",
             },
         ),
@@ -272,6 +276,7 @@ async def chat_completions(
     upstream.require_configured()
     raw = await request.body()
     body = parse_body(raw)
+    check_count(len(body["messages"]), settings.max_messages_per_chat, "messages")
     stream = body.get("stream") is True
     texts = guarded_texts(body["messages"], settings.guard_roles)
     add_access_log_fields(
