@@ -38,6 +38,7 @@ from service.auth import AUTH_HEADER_STATE_KEY
 from service.config import Settings
 from service.errors import ApiError, ErrorCode
 from service.guard import EngineSource, GuardText, Judgement, judge
+from service.messages import guarded_texts, message_text
 from service.metrics import Metrics
 from service.upstream import ProxiedResponse, Upstream, forward_headers, response_headers
 
@@ -69,37 +70,6 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages must be a non-empty list", [{"loc": ["body", "messages"]}])
     return body
-
-
-def message_text(message: dict[str, Any], index: int) -> str:
-    """The text of one message: string content, or its text parts joined by newlines."""
-    content = message.get("content")
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict):
-                raise _invalid("content parts must be objects", [{"loc": ["body", "messages", index, "content"]}])
-            if part.get("type") == "text":
-                if not isinstance(part.get("text"), str):
-                    raise _invalid("a text part needs a string text", [{"loc": ["body", "messages", index, "content"]}])
-                texts.append(part["text"])
-        return "\n".join(texts)
-    raise _invalid(
-        "content must be a string, a list of parts or null", [{"loc": ["body", "messages", index, "content"]}]
-    )
-
-
-def guarded_texts(messages: list[Any], roles: list[str]) -> list[GuardText]:
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _invalid("every message must be an object with a string role", [{"loc": ["body", "messages", i]}])
-        role = message["role"].lower()
-        if role in roles:
-            out.append(GuardText(i, message_text(message, i), role))
-    return out
 
 
 def _choices(body: dict[str, Any]) -> int:
