@@ -8,7 +8,8 @@ the guard proxy forwards like any other:
     x-upstream-delay: 3           wait this long before answering (timeouts)
     x-upstream-chunks: 5          for "stream": true, this many content chunks ...
     x-upstream-chunk-delay: 0.2   ... this far apart
-    x-upstream-answer: text       the assistant content (default: "echo: <last message>")
+    x-upstream-answer: text       the assistant content (default: "echo: <last message>"); streamed
+                                  word by word ("Hello", " world", ...) instead of tok0 tok1 ...
     x-upstream-break-after: 2     stream this many events, then drop the connection mid-body
 
 Non-streamed answers are a ``chat.completion`` with an extra ``echo`` field holding the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -190,9 +192,11 @@ class UpstreamServer:
                     }
                 )
             ]
+            scripted = record.header("x-upstream-answer")
+            pieces = re.findall(r"\s*\S+", scripted) if scripted else [f"tok{i} " for i in range(n)]
             events += [
-                sse({**chunk, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]})
-                for i in range(n)
+                sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                for piece in pieces
             ]
             events += [
                 sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),

@@ -10,8 +10,12 @@
 3. Safe: the request body goes to ``upstream_base_url + /chat/completions`` byte for byte
    and the upstream's status, headers and body come back unchanged, streamed chunk by
    chunk (see ``service.upstream``).
-4. ``moderate_output`` (non-streamed calls only): a 200 answer's message contents are
-   judged against ``output_policies``; an unsafe answer is replaced by the refusal.
+4. ``moderate_output`` (non-streamed calls): a 200 answer's message contents are judged
+   against ``output_policies``; an unsafe answer is replaced by the refusal.
+5. ``moderate_stream`` (``stream: true``): a 200 event stream is judged while it is relayed,
+   text held back until judged, and cut with a ``content_filter`` chunk and ``[DONE]`` when
+   unsafe (``service.stream_moderation``); an upstream that answers a stream request with a
+   complete JSON answer gets it judged whole, as in 4.
 
 Every answer carries ``x-uniguard-action``: ``allowed``, ``blocked`` or ``unguarded``.
 When the model cannot score, the service fails closed with the error (503 ``not_ready``,
@@ -40,6 +44,7 @@ from service.errors import ApiError, ErrorCode
 from service.guard import EngineSource, GuardText, Judgement, judge
 from service.messages import guarded_texts, message_text
 from service.metrics import Metrics
+from service.stream_moderation import ModeratedStreamResponse, StreamModerator
 from service.upstream import ProxiedResponse, Upstream, forward_headers, response_headers
 
 router = APIRouter(tags=["openai-proxy"])
@@ -264,7 +269,7 @@ async def chat_completions(
 
     # Headers that carried UniGuard's own key are never forwarded.
     drop = list(getattr(request.state, AUTH_HEADER_STATE_KEY, ()))
-    moderating = settings.moderate_output and not stream
+    moderating = settings.moderate_stream if stream else settings.moderate_output
     if moderating:  # the answer must be read here: ask for it uncompressed
         drop.append("accept-encoding")
     headers = forward_headers(request.headers.raw, drop=drop, api_key=upstream.api_key)
@@ -274,7 +279,41 @@ async def chat_completions(
     add_access_log_fields(request, upstream_status=resp.status_code)
     if not (moderating and resp.status_code == 200):
         return ProxiedResponse(resp, [(ACTION_HEADER, judgement.outcome)])
+    if stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
+        return moderated_stream(request, settings, get_engine, metrics, resp, judgement)
+    # A complete answer (also when the upstream ignored "stream": true): judged whole.
     return await moderate(request, settings, get_engine, metrics, upstream, body, resp, judgement)
+
+
+def moderated_stream(
+    request: Request,
+    settings: Settings,
+    get_engine: EngineSource,
+    metrics: Metrics,
+    resp: httpx.Response,
+    input_judgement: Judgement,
+) -> Response:
+    """Relay a streamed answer through the stream moderator (``service.stream_moderation``)."""
+    policies = settings.output_policies or settings.guard_policies
+
+    async def check(items: list[GuardText]) -> Judgement:
+        return await judge(
+            get_engine, metrics, items, policies, route=PATH, from_config=True, fail_open=settings.fail_open
+        )
+
+    moderator = StreamModerator(
+        check, check_every=settings.stream_check_every_chars, holdback=settings.stream_holdback_chars
+    )
+
+    def on_end(outcome: str) -> None:
+        add_access_log_fields(request, output_guard=outcome, stream_checks=moderator.checks)
+
+    # httpx decodes the body: relay every header but the encoding (the length is dropped for streams anyway).
+    headers = [
+        *response_headers(resp, drop=["content-encoding"]),
+        (ACTION_HEADER.encode(), input_judgement.outcome.encode()),
+    ]
+    return ModeratedStreamResponse(resp, moderator, headers, on_end)
 
 
 async def moderate(
