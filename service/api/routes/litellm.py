@@ -10,7 +10,7 @@ Policies: ``guard_policies`` for requests, ``output_policies`` (else ``guard_pol
 responses, or per request ``additional_provider_specific_params: {"policies": [...]}``
 (set under the guardrail's ``litellm_params`` in LiteLLM's config).
 
-What is judged: for a request that carries ``structured_messages`` (LiteLLM >= 1.80 sends
+What is judged: for a request that carries ``structured_messages`` (recent LiteLLM, 1.108.7 included, sends
 the chat's messages with their roles beside ``texts``), the messages whose role is in
 ``guard_roles``, exactly as the OpenAI-compatible proxy judges them (``service.messages``),
 so an operator's system prompt is not judged as user input; otherwise (older LiteLLM,
@@ -57,7 +57,7 @@ class LiteLLMGuardrailRequest(BaseModel):
     )
     structured_messages: list[Any] | None = Field(
         None,
-        description="The request's chat messages with roles (LiteLLM >= 1.80): when present and non-empty on a "
+        description="The request's chat messages with roles (recent LiteLLM): when present and non-empty on a "
         "request, only messages whose role is in UNIGUARD_GUARD_ROLES are judged (their string content or text "
         "parts), and texts is not read.",
     )
