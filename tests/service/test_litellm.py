@@ -137,10 +137,14 @@ def test_answers_are_judged_whole_even_with_structured_messages(client: httpx.Cl
     "messages",
     [["hi"], [{"content": "no role"}], [{"role": "user", "content": 7}], [{"role": "user", "content": ["x"]}]],
 )
-def test_malformed_structured_messages_are_422(client: httpx.Client, messages: list) -> None:
-    payload = {**litellm_request(["hi"]), "structured_messages": messages}
-    err = assert_error(post_json(client, PATH, payload), 422, "invalid_request")
-    assert err["details"][0]["loc"][:3] == ["body", "structured_messages", 0]
+def test_unreadable_structured_messages_fall_back_to_every_text(client: httpx.Client, messages: list) -> None:
+    """Not a 422 (LiteLLM's call would fail for it): texts hold the same words, so all of them are judged."""
+    payload = {
+        **litellm_request(["a system prompt", "hi"], params={"policies": "toxicity"}),
+        "structured_messages": messages,
+    }
+    body = post_json(client, PATH, payload).json()
+    assert body["action"] == "BLOCKED" and body["uniguard"]["texts_checked"] == 2
 
 
 @pytest.mark.parametrize("texts", [None, [], ["", "   "]])

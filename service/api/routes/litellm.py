@@ -59,7 +59,8 @@ class LiteLLMGuardrailRequest(BaseModel):
         None,
         description="The request's chat messages with roles (recent LiteLLM): when present and non-empty on a "
         "request, only messages whose role is in UNIGUARD_GUARD_ROLES are judged (their string content or text "
-        "parts), and texts is not read.",
+        "parts), and texts is not read. If they cannot be read that way (a message that is not an object with a "
+        "string role, content neither a string, null nor a list of part objects), every text is judged instead.",
     )
     images: list[Any] | None = Field(None, description="Not judged (the model reads text only).")
     input_type: Literal["request", "response"] = "request"
@@ -92,14 +93,21 @@ def requested_policies(params: dict[str, Any] | None) -> list[str] | None:
     return [value] if isinstance(value, str) else value
 
 
-def litellm_texts(body: LiteLLMGuardrailRequest, roles: list[str]) -> list[GuardText]:
-    """What to judge: the guarded roles' messages of a request with ``structured_messages``, else every text.
+def litellm_texts(body: LiteLLMGuardrailRequest, roles: list[str]) -> tuple[list[GuardText], bool]:
+    """What to judge, and whether it was chosen by role.
 
-    Answers (``input_type: "response"``) are always judged whole: their role is the model's.
+    The guarded roles' messages of a request with readable ``structured_messages``; else
+    every text. Answers (``input_type: "response"``) are always judged whole (their role is
+    the model's). Structured messages this route cannot read (not objects with a string
+    role and string / text-part content) fall back to every text rather than a 422: texts
+    hold the same words, so nothing goes unjudged, and LiteLLM's call is not failed for it.
     """
     if body.input_type == "request" and body.structured_messages:
-        return guarded_texts(body.structured_messages, roles, field="structured_messages")
-    return [GuardText(i, t) for i, t in enumerate(body.texts or [])]
+        try:
+            return guarded_texts(body.structured_messages, roles, field="structured_messages"), True
+        except ApiError:
+            pass
+    return [GuardText(i, t) for i, t in enumerate(body.texts or [])], False
 
 
 @router.post(
@@ -139,7 +147,7 @@ async def litellm_guardrail(
         policy_ids = settings.output_policies or settings.guard_policies
     else:
         policy_ids = settings.guard_policies
-    items = litellm_texts(body, settings.guard_roles)
+    items, by_role = litellm_texts(body, settings.guard_roles)
     add_access_log_fields(
         request,
         litellm_call_id=body.litellm_call_id,
@@ -149,6 +157,7 @@ async def litellm_guardrail(
         texts=len(body.texts or []),
         structured_messages=len(body.structured_messages or []),
         guarded=len(items),
+        by_role=by_role,
     )
     log_prompt(request, settings, "\n\n".join(t.text for t in items))
     judgement = await judge(
