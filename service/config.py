@@ -187,6 +187,22 @@ class Settings(BaseSettings):
         False,
         description="Also classify non-streamed answers (output_policies) and replace unsafe ones with the refusal.",
     )
+    moderate_stream: bool = Field(
+        False,
+        description="Also classify streamed answers (output_policies) while relaying them: text is held until judged, "
+        "an unsafe answer is cut with a content_filter chunk and [DONE].",
+    )
+    stream_check_every_chars: int = Field(
+        200,
+        ge=1,
+        description="moderate_stream: judge the answer each time this many new characters arrived (and at the end).",
+    )
+    stream_holdback_chars: int = Field(
+        100,
+        ge=0,
+        description="moderate_stream: after a passing check, keep this many of the last judged characters back until "
+        "the next check passes too (0: release everything judged).",
+    )
 
     @field_validator("guard_policies", "output_policies", "guard_roles", mode="before")
     @classmethod

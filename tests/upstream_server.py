@@ -8,11 +8,14 @@ the guard proxy forwards like any other:
     x-upstream-delay: 3           wait this long before answering (timeouts)
     x-upstream-chunks: 5          for "stream": true, this many content chunks ...
     x-upstream-chunk-delay: 0.2   ... this far apart
-    x-upstream-answer: text       the assistant content (default: "echo: <last message>")
+    x-upstream-answer: text       the assistant content (default: "echo: <last message>"); streamed
+                                  word by word ("Hello", " world", ...) instead of tok0 tok1 ...
     x-upstream-break-after: 2     stream this many events, then drop the connection mid-body
 
 Non-streamed answers are a ``chat.completion`` with an extra ``echo`` field holding the
-received body; streams are ``chat.completion.chunk`` SSE events ending in ``data: [DONE]``.
+received body (``UpstreamServer(stream_echo=True)`` streams the same "echo: ..." answer word
+by word, for clients such as a gateway that do not forward the scripting headers); streams
+are ``chat.completion.chunk`` SSE events ending in ``data: [DONE]``.
 ``records`` holds every request: method, path, headers, raw body, the chunks sent with
 their send times, and whether the client disconnected before the end.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -58,7 +62,8 @@ class UpstreamBroke(Exception):
 
 
 class UpstreamServer:
-    def __init__(self) -> None:
+    def __init__(self, *, stream_echo: bool = False) -> None:
+        self.stream_echo = stream_echo
         self.records: list[Record] = []
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -190,9 +195,11 @@ class UpstreamServer:
                     }
                 )
             ]
+            scripted = record.header("x-upstream-answer") or (answer if self.stream_echo else None)
+            pieces = re.findall(r"\s*\S+", scripted) if scripted else [f"tok{i} " for i in range(n)]
             events += [
-                sse({**chunk, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]})
-                for i in range(n)
+                sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                for piece in pieces
             ]
             events += [
                 sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),

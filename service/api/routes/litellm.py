@@ -8,8 +8,14 @@ text, so it never answers ``GUARDRAIL_INTERVENED``.
 
 Policies: ``guard_policies`` for requests, ``output_policies`` (else ``guard_policies``) for
 responses, or per request ``additional_provider_specific_params: {"policies": [...]}``
-(set under the guardrail's ``litellm_params`` in LiteLLM's config). Every text is judged;
-images and tool definitions are not (the model reads text only). When the model cannot
+(set under the guardrail's ``litellm_params`` in LiteLLM's config).
+
+What is judged: for a request that carries ``structured_messages`` (recent LiteLLM, 1.108.7 included, sends
+the chat's messages with their roles beside ``texts``), the messages whose role is in
+``guard_roles``, exactly as the OpenAI-compatible proxy judges them (``service.messages``),
+so an operator's system prompt is not judged as user input; otherwise (older LiteLLM,
+answers: ``input_type: "response"``) every text. Images and tool definitions are never
+judged (the model reads text only). When the model cannot
 score, the error status goes back (fail-closed: LiteLLM then fails the call, or lets it
 through on 502/503/504 if its own ``unreachable_fallback: fail_open`` is set); with
 UniGuard's ``fail_open`` the answer is ``NONE`` when the model is unavailable for reasons
@@ -29,6 +35,7 @@ from service.api.openapi import error_responses
 from service.api.strict_body import StrictJsonRoute
 from service.errors import ApiError, ErrorCode, summarize_validation_errors
 from service.guard import GuardText, check_count, judge
+from service.messages import guarded_texts
 from service.policy import POLICY_ID_PATTERN
 
 router = APIRouter(tags=["litellm"], route_class=StrictJsonRoute)
@@ -43,12 +50,21 @@ _PolicyIds = TypeAdapter(
 
 
 class LiteLLMGuardrailRequest(BaseModel):
-    """LiteLLM's ``GenericGuardrailAPIRequest``; fields added by newer LiteLLM versions
-    (``structured_messages``, ``tools``, ``tool_calls``, ``model``, ``request_headers``...) are accepted and ignored."""
+    """LiteLLM's ``GenericGuardrailAPIRequest``; other fields added by newer LiteLLM versions
+    (``tools``, ``tool_calls``, ``model``, ``request_headers``...) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
-    texts: list[str] | None = Field(None, description="Texts LiteLLM extracted; each one is judged.")
+    texts: list[str] | None = Field(
+        None, description="Texts LiteLLM extracted; each one is judged when no structured_messages come with them."
+    )
+    structured_messages: list[Any] | None = Field(
+        None,
+        description="The request's chat messages with roles (recent LiteLLM): when present and non-empty on a "
+        "request, only messages whose role is in UNIGUARD_GUARD_ROLES are judged (their string content or text "
+        "parts), and texts is not read. If they cannot be read that way (a message that is not an object with a "
+        "string role, content neither a string, null nor a list of part objects), every text is judged instead.",
+    )
     images: list[Any] | None = Field(None, description="Not judged (the model reads text only).")
     input_type: Literal["request", "response"] = "request"
     litellm_call_id: str | None = None
@@ -78,6 +94,23 @@ def requested_policies(params: dict[str, Any] | None) -> list[str] | None:
             summarize_validation_errors(exc.errors()),
         ) from exc
     return [value] if isinstance(value, str) else value
+
+
+def litellm_texts(body: LiteLLMGuardrailRequest, roles: list[str]) -> tuple[list[GuardText], bool]:
+    """What to judge, and whether it was chosen by role.
+
+    The guarded roles' messages of a request with readable ``structured_messages``; else
+    every text. Answers (``input_type: "response"``) are always judged whole (their role is
+    the model's). Structured messages this route cannot read (not objects with a string
+    role and string / text-part content) fall back to every text rather than a 422: texts
+    hold the same words, so nothing goes unjudged, and LiteLLM's call is not failed for it.
+    """
+    if body.input_type == "request" and body.structured_messages:
+        try:
+            return guarded_texts(body.structured_messages, roles, field="structured_messages"), True
+        except ApiError:
+            pass
+    return [GuardText(i, t) for i, t in enumerate(body.texts or [])], False
 
 
 @router.post(
@@ -110,7 +143,7 @@ async def litellm_guardrail(
     get_engine: EngineSourceDep,
     metrics: MetricsDep,
 ) -> LiteLLMGuardrailResponse:
-    """Judge LiteLLM's texts: BLOCKED if any text is unsafe under any policy, else NONE."""
+    """Judge LiteLLM's texts (by role when it sends structured_messages): BLOCKED if any is unsafe, else NONE."""
     override = requested_policies(body.additional_provider_specific_params)
     if override is not None:
         policy_ids = override
@@ -118,21 +151,25 @@ async def litellm_guardrail(
         policy_ids = settings.output_policies or settings.guard_policies
     else:
         policy_ids = settings.guard_policies
-    texts = body.texts or []
-    check_count(len(texts), settings.max_texts_per_request, "texts")
+    check_count(len(body.texts or []), settings.max_texts_per_request, "texts")
+    check_count(len(body.structured_messages or []), settings.max_messages_per_chat, "structured_messages")
+    items, by_role = litellm_texts(body, settings.guard_roles)
     add_access_log_fields(
         request,
         litellm_call_id=body.litellm_call_id,
         litellm_trace_id=body.litellm_trace_id,
         input_type=body.input_type,
         policies=list(dict.fromkeys(policy_ids)),
-        texts=len(texts),
+        texts=len(body.texts or []),
+        structured_messages=len(body.structured_messages or []),
+        guarded=len(items),
+        by_role=by_role,
     )
-    log_prompt(request, settings, "\n\n".join(texts))
+    log_prompt(request, settings, "\n\n".join(t.text for t in items))
     judgement = await judge(
         get_engine,
         metrics,
-        [GuardText(i, t) for i, t in enumerate(texts)],
+        items,
         policy_ids,
         route=PATH,
         from_config=override is None,

@@ -10,8 +10,12 @@
 3. Safe: the request body goes to ``upstream_base_url + /chat/completions`` byte for byte
    and the upstream's status, headers and body come back unchanged, streamed chunk by
    chunk (see ``service.upstream``).
-4. ``moderate_output`` (non-streamed calls only): a 200 answer's message contents are
-   judged against ``output_policies``; an unsafe answer is replaced by the refusal.
+4. ``moderate_output`` (non-streamed calls): a 200 answer's message contents are judged
+   against ``output_policies``; an unsafe answer is replaced by the refusal.
+5. ``moderate_stream`` (``stream: true``): a 200 event stream is judged while it is relayed,
+   text held back until judged, and cut with a ``content_filter`` chunk and ``[DONE]`` when
+   unsafe (``service.stream_moderation``); an upstream that answers a stream request with a
+   complete JSON answer gets it judged whole, as in 4.
 
 Every answer carries ``x-uniguard-action``: ``allowed``, ``blocked`` or ``unguarded``.
 When the model cannot score, the service fails closed with the error (503 ``not_ready``,
@@ -42,7 +46,9 @@ from service.auth import AUTH_HEADER_STATE_KEY
 from service.config import Settings
 from service.errors import ApiError, ErrorCode
 from service.guard import EngineSource, GuardText, Judgement, check_count, judge
+from service.messages import guarded_texts, message_text
 from service.metrics import Metrics
+from service.stream_moderation import ModeratedStreamResponse, StreamModerator
 from service.upstream import ProxiedResponse, Upstream, forward_headers, response_headers
 
 router = APIRouter(tags=["openai-proxy"])
@@ -70,37 +76,6 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages must be a non-empty list", [{"loc": ["body", "messages"]}])
     return body
-
-
-def message_text(message: dict[str, Any], index: int) -> str:
-    """The text of one message: string content, or its text parts joined by newlines."""
-    content = message.get("content")
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict):
-                raise _invalid("content parts must be objects", [{"loc": ["body", "messages", index, "content"]}])
-            if part.get("type") == "text":
-                if not isinstance(part.get("text"), str):
-                    raise _invalid("a text part needs a string text", [{"loc": ["body", "messages", index, "content"]}])
-                texts.append(part["text"])
-        return "\n".join(texts)
-    raise _invalid(
-        "content must be a string, a list of parts or null", [{"loc": ["body", "messages", index, "content"]}]
-    )
-
-
-def guarded_texts(messages: list[Any], roles: list[str]) -> list[GuardText]:
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _invalid("every message must be an object with a string role", [{"loc": ["body", "messages", i]}])
-        role = message["role"].lower()
-        if role in roles:
-            out.append(GuardText(i, message_text(message, i), role))
-    return out
 
 
 def _choices(body: dict[str, Any]) -> int:
@@ -297,7 +272,7 @@ async def chat_completions(
 
     # Headers that carried UniGuard's own key are never forwarded.
     drop = list(getattr(request.state, AUTH_HEADER_STATE_KEY, ()))
-    moderating = settings.moderate_output and not stream
+    moderating = settings.moderate_stream if stream else settings.moderate_output
     if moderating:  # the answer must be read here: ask for it uncompressed
         drop.append("accept-encoding")
     headers = forward_headers(request.headers.raw, drop=drop, api_key=upstream.api_key)
@@ -307,7 +282,41 @@ async def chat_completions(
     add_access_log_fields(request, upstream_status=resp.status_code)
     if not (moderating and resp.status_code == 200):
         return ProxiedResponse(resp, [(ACTION_HEADER, judgement.outcome)])
+    if stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
+        return moderated_stream(request, settings, get_engine, metrics, resp, judgement)
+    # A complete answer (also when the upstream ignored "stream": true): judged whole.
     return await moderate(request, settings, get_engine, metrics, upstream, body, resp, judgement)
+
+
+def moderated_stream(
+    request: Request,
+    settings: Settings,
+    get_engine: EngineSource,
+    metrics: Metrics,
+    resp: httpx.Response,
+    input_judgement: Judgement,
+) -> Response:
+    """Relay a streamed answer through the stream moderator (``service.stream_moderation``)."""
+    policies = settings.output_policies or settings.guard_policies
+
+    async def check(items: list[GuardText]) -> Judgement:
+        return await judge(
+            get_engine, metrics, items, policies, route=PATH, from_config=True, fail_open=settings.fail_open
+        )
+
+    moderator = StreamModerator(
+        check, check_every=settings.stream_check_every_chars, holdback=settings.stream_holdback_chars
+    )
+
+    def on_end(outcome: str) -> None:
+        add_access_log_fields(request, output_guard=outcome, stream_checks=moderator.checks)
+
+    # httpx decodes the body: relay every header but the encoding (the length is dropped for streams anyway).
+    headers = [
+        *response_headers(resp, drop=["content-encoding"]),
+        (ACTION_HEADER.encode(), input_judgement.outcome.encode()),
+    ]
+    return ModeratedStreamResponse(resp, moderator, headers, on_end)
 
 
 async def moderate(
