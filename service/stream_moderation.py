@@ -38,13 +38,13 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.errors import ApiError, ErrorCode
 from service.guard import GuardText, Judgement
+from service.upstream import relay_until_disconnect
 
 log = logging.getLogger("uniguard.stream")
 
@@ -284,37 +284,17 @@ class ModeratedStreamResponse(Response):
             for event in events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
 
+        async def body() -> None:
+            async for data in self.upstream.aiter_bytes():
+                await emit(await moderator.feed(data))
+                if moderator.done:
+                    break
+            await emit(await moderator.finish())
+
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def relay() -> None:
-                    try:
-                        await send(
-                            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-                        )
-                        async for data in self.upstream.aiter_bytes():
-                            await emit(await moderator.feed(data))
-                            if moderator.done:
-                                break
-                        await emit(await moderator.finish())
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    except OSError:  # the client went away while we were sending
-                        pass
-                    except httpx.HTTPError as exc:
-                        log.warning(
-                            "upstream broke off a moderated stream", extra={"fields": {"reason": type(exc).__name__}}
-                        )
-                    tg.cancel_scope.cancel()
-
-                async def watch_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(relay)
-                tg.start_soon(watch_disconnect)
+            await relay_until_disconnect(
+                self.upstream, receive, send, self.status_code, self.raw_headers, body, "a moderated stream"
+            )
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.upstream.aclose()
             if self.on_end is not None:
                 self.on_end(moderator.outcome)

@@ -14,7 +14,7 @@ The client is built without httpx's default headers, so nothing the caller did n
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 import httpx
@@ -152,6 +152,48 @@ def _exc_details(exc: Exception) -> dict[str, str]:
     return {"reason": type(exc).__name__, "message": str(exc)[:MAX_ERROR_DETAIL_CHARS]}
 
 
+async def relay_until_disconnect(
+    upstream: httpx.Response,
+    receive: Receive,
+    send: Send,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: Callable[[], Awaitable[None]],
+    what: str,
+) -> bool:
+    """Send the head, run ``body`` (which sends the chunks), then the final empty chunk; stop as
+    soon as the client disconnects (a concurrent ``receive``, so a silent upstream is noticed
+    too) and always close the upstream. True when the response went out whole."""
+    complete = False
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def relay() -> None:
+                nonlocal complete
+                try:
+                    await send({"type": "http.response.start", "status": status, "headers": headers})
+                    await body()
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    complete = True
+                except OSError:  # the client went away while we were sending
+                    pass
+                except httpx.HTTPError as exc:
+                    log.warning(f"upstream broke off {what}", extra={"fields": _exc_details(exc)})
+                tg.cancel_scope.cancel()
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(relay)
+            tg.start_soon(watch_disconnect)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
+    return complete
+
+
 class ProxiedResponse(Response):
     """Relays an upstream response unchanged: status, headers, raw body chunks as they come.
 
@@ -170,37 +212,14 @@ class ProxiedResponse(Response):
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        complete = False
-        try:
-            async with anyio.create_task_group() as tg:
+        async def body() -> None:
+            async for chunk in self.upstream.aiter_raw():
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-                async def relay() -> None:
-                    nonlocal complete
-                    try:
-                        await send(
-                            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-                        )
-                        async for chunk in self.upstream.aiter_raw():
-                            if chunk:
-                                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
-                        complete = True
-                    except OSError:  # the client went away while we were sending
-                        pass
-                    except httpx.HTTPError as exc:
-                        log.warning("upstream broke off a relayed response", extra={"fields": _exc_details(exc)})
-                    tg.cancel_scope.cancel()
-
-                async def watch_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(relay)
-                tg.start_soon(watch_disconnect)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.upstream.aclose()
+        complete = await relay_until_disconnect(
+            self.upstream, receive, send, self.status_code, self.raw_headers, body, "a relayed response"
+        )
         if not complete:
             log.info(
                 "relayed response not completed (client gone or upstream broke off)",
