@@ -137,3 +137,38 @@ def test_calibrate_command_rewrites_the_folder_atomically(varied_model: Path, tm
     # Idempotent: raw scores never include the calibration.
     again = finalize(varied_model, varied_model, read_examples(validation), policies, options).summary()
     assert again["temperature"] == pytest.approx(summary["temperature"], rel=1e-3)
+
+
+def test_release_with_heldout_rows_bounds_fpr_and_reports_out_of_source(varied_model: Path, tmp_path: Path) -> None:
+    """Held-out rows: thresholds keep FPR <= the target on each held-out benign source (tune
+    half), and the manifest and card carry the test half's table and summary."""
+    from training.data.heldout import half_of
+    from training.eval.heldout import halves
+
+    policies = load_policies(DEFAULT_POLICIES_DIR)
+    rng = np.random.default_rng(1)
+    words = ["cats", "bombs", "taxes", "hello", "ignore", "rules", "garden", "report"]
+    validation = [
+        Example(f"validation prompt {i} " + " ".join(rng.choice(words, 5)), i % 2, "toxicity", "val") for i in range(80)
+    ]
+    heldout = [Example(f"forum post {i} " + " ".join(rng.choice(words, 6)), 0, "toxicity", "forum") for i in range(120)]
+    heldout += [
+        Example(f"hateful post {i} " + " ".join(rng.choice(words, 6)), 1, "toxicity", "hate") for i in range(60)
+    ]
+    out = tmp_path / "released"
+    options = ReleaseOptions(ThresholdTarget("max_fpr", 0.05), threads=1)
+    release = finalize(varied_model, out, validation, policies, options, heldout=heldout)
+    assert release.heldout is not None
+    held = read_manifest(out).training["heldout"]
+    assert held["sources"] == ["forum", "hate"] and 0.0 <= held["summary"] <= 1.0
+    # the bound holds on the tune half it was chosen on
+    model = OnnxModel.load(out, threads=1)
+    from service.calibration import apply_calibration
+
+    tune = [ex for ex in heldout if half_of(ex.text) == "tune" and ex.label == 0]
+    raw = np.array([_raw(model, "toxicity", ex.text) for ex in tune])
+    flagged = apply_calibration(read_manifest(out).calibration, raw) >= release.thresholds["toxicity"]
+    assert flagged.mean() <= 0.05
+    _tune, test = halves(heldout)
+    assert sum(c["n"] for c in held["cells"]) == len(test)  # figures come from the test half only
+    assert "## Out of source" in (out / "CARD.md").read_text()
