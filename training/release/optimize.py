@@ -10,7 +10,8 @@ Why per-token int8 and not onnxruntime's dynamic quantisation: ``DynamicQuantize
 computes one activation scale over the whole batch tensor, padding included, so a prompt's
 score moved with whatever else was in flight (0.967 alone, 0.884-0.952 next to one other
 prompt on the shipped model). Here every MatMul's input is quantised row by row (one
-scale per token, symmetric, uint8 around 128) against per-output-channel int8 weights, so
+scale per token, symmetric, uint8 around 128) against per-output-channel int8 weights
+(7-bit: see ``WEIGHT_QMAX``), so
 a row's result depends on that row alone: scores are identical alone and in any batch.
 The word-embedding table is stored int8 with one scale per token id (a Gather of int8
 rows, then dequantised), which keeps the file the size of the old one.
@@ -113,10 +114,17 @@ class _Builder:
         return numpy_helper.to_array(init) if init is not None and len(init.dims) == 2 else None
 
 
+# Weights use 7 bits (-63..63). On x86 CPUs without VNNI (AVX2 only) onnxruntime's u8 x s8
+# kernel adds pairs of products in int16 (vpmaddubsw), which saturates for 255 x 127 x 2:
+# with full-range weights the per-token graph scored 0.40 where fp32 said 0.32 on such a
+# CPU, while a VNNI CPU was exact. 255 x 63 x 2 fits, so the file scores the same anywhere.
+WEIGHT_QMAX = 63.0
+
+
 def _quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output column: (int8 [K, N], float32 scale [N])."""
-    scale = np.maximum(np.abs(w).max(axis=0), 1e-12).astype(np.float32) / np.float32(127.0)
-    return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale
+    """Symmetric 7-bit int8 per output column: (int8 [K, N], float32 scale [N])."""
+    scale = np.maximum(np.abs(w).max(axis=0), 1e-12).astype(np.float32) / np.float32(WEIGHT_QMAX)
+    return np.clip(np.round(w / scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8), scale
 
 
 def _gather_axis(node: onnx.NodeProto) -> int:
