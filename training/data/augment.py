@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 
 from service.textnorm import normalize_text
 from training.data.rows import Example, normalise
@@ -79,6 +80,18 @@ def _inserted(context: str, text: str) -> tuple[int, int]:
     return p, len(text) - q
 
 
+def _per_policy(rows: Iterable[Example], n: int, rng: random.Random) -> Iterator[tuple[str, list[Example]]]:
+    """Up to ``n`` rows per policy, policies in order, each drawn by a seeded shuffle when its
+    turn comes (so the caller's own draws between policies keep the same sequence)."""
+    by_policy: dict[str, list[Example]] = defaultdict(list)
+    for ex in rows:
+        by_policy[ex.policy_id].append(ex)
+    for pid in sorted(by_policy):
+        picked = sorted(by_policy[pid], key=lambda e: e.text)
+        rng.shuffle(picked)
+        yield pid, picked[:n]
+
+
 def _context(pool: list[str], n_chars: int, rng: random.Random) -> str:
     parts: list[str] = []
     while sum(len(p) + 1 for p in parts) < n_chars and pool:
@@ -90,15 +103,10 @@ def embed_in_context(train: list[Example], per_policy: int, rng: random.Random) 
     """Short unsafe training rows placed at a random point of benign training text (0-3,000
     characters around them), as new rows with the unsafe row's span."""
     pool = [normalize_text(ex.text) for ex in train if ex.label == 0 and ex.span is None and len(ex.text) < 2000]
-    by_policy: dict[str, list[Example]] = defaultdict(list)
-    for ex in train:
-        if ex.label == 1 and ex.span is None and len(ex.text) <= MAX_EMBEDDED_CHARS:
-            by_policy[ex.policy_id].append(ex)
+    short_unsafe = (ex for ex in train if ex.label == 1 and ex.span is None and len(ex.text) <= MAX_EMBEDDED_CHARS)
     out: list[Example] = []
-    for pid in sorted(by_policy):
-        rows = sorted(by_policy[pid], key=lambda e: e.text)
-        rng.shuffle(rows)
-        for ex in rows[:per_policy]:
+    for pid, rows in _per_policy(short_unsafe, per_policy, rng):
+        for ex in rows:
             total = rng.randint(*CONTEXT_CHARS)
             before = _context(pool, rng.randint(0, total), rng)
             after = _context(pool, total - len(before), rng)
@@ -113,15 +121,10 @@ def embed_in_context(train: list[Example], per_policy: int, rng: random.Random) 
 
 def with_binary_blobs(train: list[Example], per_policy: int, rng: random.Random) -> list[Example]:
     """Benign rows with a base64 blob of random bytes (an image, a key) pasted in: safe."""
-    by_policy: dict[str, list[Example]] = defaultdict(list)
-    for ex in train:
-        if ex.label == 0 and ex.span is None and len(ex.text) < 1500:
-            by_policy[ex.policy_id].append(ex)
+    benign = (ex for ex in train if ex.label == 0 and ex.span is None and len(ex.text) < 1500)
     out: list[Example] = []
-    for pid in sorted(by_policy):
-        rows = sorted(by_policy[pid], key=lambda e: e.text)
-        rng.shuffle(rows)
-        for ex in rows[:per_policy]:
+    for pid, rows in _per_policy(benign, per_policy, rng):
+        for ex in rows:
             blob = base64.b64encode(rng.randbytes(rng.randint(24, 240))).decode()
             text = f"{ex.text}\n{blob}" if rng.random() < 0.5 else f"{blob}\n{ex.text}"
             out.append(Example(text, 0, pid, f"blob:{ex.source}", ex.category))
