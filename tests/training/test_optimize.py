@@ -39,7 +39,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fp32 = export_onnx(ckpt, root / "onnx")
     heads, hidden = model_dims(ckpt / "config.json")
     out = {"fp32": fp32}
-    for q in ("per-token", "dynamic", "none"):
+    for q in ("per-token", "per-token-w8", "dynamic", "none"):
         optimize_for_cpu(
             fp32, root / f"{q}.onnx", root / f"work-{q}", num_heads=heads, hidden_size=hidden, quantization=q
         )
@@ -79,10 +79,11 @@ def test_graph_is_fused_and_int8(exported: dict[str, Path]) -> None:
     assert len(onnx.load(str(exported["none"])).graph.node) < fp32_nodes / 2
 
 
-def test_per_token_int8_agrees_with_fp32(exported: dict[str, Path], tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("quantization", ["per-token", "per-token-w8"])
+def test_per_token_int8_agrees_with_fp32(exported: dict[str, Path], tiny_model_dir: Path, quantization: str) -> None:
     rows = _windows(tiny_model_dir)
     ref = np.array([_probs(exported["fp32"], [r])[0] for r in rows])
-    served = np.array([_probs(exported["per-token"], [r])[0] for r in rows])
+    served = np.array([_probs(exported[quantization], [r])[0] for r in rows])
     fused = np.array([_probs(exported["none"], [r])[0] for r in rows])
     assert ref.std() > 0.01  # scores vary, so agreement means something
     np.testing.assert_allclose(fused, ref, atol=1e-5)
@@ -90,7 +91,7 @@ def test_per_token_int8_agrees_with_fp32(exported: dict[str, Path], tiny_model_d
     assert np.array_equal(served >= 0.5, ref >= 0.5) or np.abs(ref - 0.5).min() < PARITY_ATOL
 
 
-@pytest.mark.parametrize("quantization", ["per-token", "none"])
+@pytest.mark.parametrize("quantization", ["per-token", "per-token-w8", "none"])
 def test_a_prompts_score_does_not_depend_on_its_batch_mates(
     exported: dict[str, Path], tiny_model_dir: Path, quantization: str
 ) -> None:
@@ -101,6 +102,22 @@ def test_a_prompts_score_does_not_depend_on_its_batch_mates(
         order = rng.permutation(len(rows))[: rng.integers(2, len(rows) + 1)]
         mixed = _probs(exported[quantization], [rows[i] for i in order])
         np.testing.assert_allclose(mixed, alone[order], atol=1e-6)
+
+
+def test_w8_weights_are_unsigned_8_bit(exported: dict[str, Path]) -> None:
+    """per-token-w8 feeds the u8 x u8 kernel full 8-bit weights (no int16 pair saturation on
+    AVX2); per-token keeps int8 weights within 7 bits for the u8 x s8 kernel."""
+    from onnx import numpy_helper
+
+    def weights(q: str) -> list[np.ndarray]:
+        g = onnx.load(str(exported[q])).graph
+        names = {n.input[1] for n in g.node if n.op_type == "MatMulIntegerToFloat"}
+        return [numpy_helper.to_array(i) for i in g.initializer if i.name in names]
+
+    w8, w7 = weights("per-token-w8"), weights("per-token")
+    assert w8 and all(w.dtype == np.uint8 for w in w8)
+    assert max(int(np.abs(w.astype(np.int16) - 128).max()) for w in w8) == 127
+    assert all(w.dtype == np.int8 and np.abs(w.astype(np.int16)).max() <= 63 for w in w7)
 
 
 def test_dynamic_int8_is_the_batch_dependent_one(exported: dict[str, Path], tiny_model_dir: Path) -> None:

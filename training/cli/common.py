@@ -17,6 +17,24 @@ THREADS_HELP = (
     "2 oversubscribed OpenMP threads ran 5x slower than 1."
 )
 
+QUANTIZATION_HELP = (
+    "Serving graph's int8 scheme: per-token (7-bit weights, u8 x s8), per-token-w8 (8-bit weights, "
+    "u8 x u8), dynamic (batch-dependent scores), none (fused fp32); empty: the project's default."
+)
+
+
+def parse_quantization(text: str) -> Any:
+    """``--quantization`` as a ``Quantization`` (None when empty: the project's default)."""
+    import typer
+
+    from training.release.optimize import QUANTIZATIONS
+
+    if not text:
+        return None
+    if text not in QUANTIZATIONS:
+        raise typer.BadParameter(f"one of {', '.join(QUANTIZATIONS)}", param_hint="--quantization")
+    return text
+
 
 def command_line() -> str:
     """This process's command as a user would type it (recorded in manifests and run records)."""

@@ -11,7 +11,7 @@ import typer
 
 from service.policy import DEFAULT_POLICIES_DIR, load_policies
 from training import paths
-from training.cli.common import command_line
+from training.cli.common import QUANTIZATION_HELP, command_line, parse_quantization
 from training.data.rows import read_examples
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def export(
             help="Fused graph, int8 with per-token activation scales (the CPU format); --no-quantize: fused fp32."
         ),
     ] = True,
+    quantization: Annotated[str, typer.Option(help=QUANTIZATION_HELP)] = "",
     threshold_target: Annotated[str, typer.Option(help=TARGET_HELP)] = "best-f1",
     threads: Annotated[int, typer.Option(help="onnxruntime threads for scoring (0: all cores).")] = 0,
 ) -> None:
@@ -86,6 +87,7 @@ def export(
                 command_line(),
                 template_of(meta),
                 quantize=quantize,
+                quantization=parse_quantization(quantization),
                 data_hashes=meta.get("data_hashes", {}),
                 training={"family": meta.get("family"), "policy": meta.get("policy")},
             ),

@@ -15,7 +15,15 @@ import typer
 
 from service.policy import DEFAULT_POLICIES_DIR
 from training import paths
-from training.cli.common import RUN_HELP, THREADS_HELP, command_line, csv, record
+from training.cli.common import (
+    QUANTIZATION_HELP,
+    RUN_HELP,
+    THREADS_HELP,
+    command_line,
+    csv,
+    parse_quantization,
+    record,
+)
 from training.cli.data import run_splits
 from training.data.rows import DataError
 from training.ui import Reporter
@@ -203,6 +211,7 @@ def default(
             "validation rows than this (0: measure and record only)."
         ),
     ] = 0.995,
+    quantization: Annotated[str, typer.Option(help=QUANTIZATION_HELP)] = "",
 ) -> None:
     """Train, calibrate and release the shipped multi-policy model (CPU, ~25 min on 2 cores; `make model`)."""
     from training.eval.thresholds import ThresholdTarget
@@ -230,6 +239,7 @@ def default(
             target=target,
             creation_command=f"make model  # {command_line()}",
             min_parity=min_parity if min_parity > 0 else None,
+            quantization=parse_quantization(quantization),
         )
     except (DataError, ParityError) as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -27,7 +27,14 @@ from tokenizers import Tokenizer
 from service.manifest import MANIFEST_FILE, Manifest, ModelFile, read_manifest, sha256_file
 from service.policy import InputTemplate
 from training.io import atomic_replace_dir, temp_sibling, write_json_atomic, write_text_atomic
-from training.release.optimize import PRECISION, OptimizeReport, Quantization, model_dims, optimize_for_cpu
+from training.release.optimize import (
+    DEFAULT_QUANTIZATION,
+    PRECISION,
+    OptimizeReport,
+    Quantization,
+    model_dims,
+    optimize_for_cpu,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,7 @@ def export_onnx(checkpoint_dir: Path, onnx_dir: Path) -> Path:
 
 
 def serving_model(
-    fp32_model: Path, out: Path, work_dir: Path, *, quantization: Quantization = "per-token"
+    fp32_model: Path, out: Path, work_dir: Path, *, quantization: Quantization = DEFAULT_QUANTIZATION
 ) -> tuple[str, OptimizeReport]:
     """fp32 ONNX -> the file served as ``model.onnx``: fused by onnxruntime's transformer
     optimiser, then quantised (``training.release.optimize``). Returns the precision and
@@ -156,7 +163,10 @@ def export_model_folder(
         final.mkdir()
         fp32 = export_onnx(checkpoint_dir, work / "onnx")
         precision, optimized = serving_model(
-            fp32, final / "model.onnx", work, quantization=quantization or ("per-token" if quantize else "none")
+            fp32,
+            final / "model.onnx",
+            work,
+            quantization=quantization or (DEFAULT_QUANTIZATION if quantize else "none"),
         )
         files = [ModelFile(path="model.onnx", sha256=sha256_file(final / "model.onnx"), precision=precision)]
         if fp16:

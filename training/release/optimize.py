@@ -16,7 +16,10 @@ a row's result depends on that row alone: scores are identical alone and in any 
 The word-embedding table is stored int8 with one scale per token id (a Gather of int8
 rows, then dequantised), which keeps the file the size of the old one.
 
-``quantization``: ``per-token`` (default, batch-invariant), ``dynamic`` (onnxruntime's
+``quantization``: ``per-token`` (default, batch-invariant; 7-bit weights, u8 x s8),
+``per-token-w8`` (batch-invariant; full 8-bit weights stored uint8 around 128, so onnxruntime
+runs its u8 x u8 kernel, which widens to int16 before multiplying and cannot saturate on any
+CPU: one more bit of weight precision at the u8 x u8 kernel's speed), ``dynamic`` (onnxruntime's
 per-tensor dynamic int8 on the fused graph: fastest, but batch-dependent scores), ``none``
 (fused fp32).
 """
@@ -36,15 +39,18 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 
-Quantization = Literal["per-token", "dynamic", "none"]
-QUANTIZATIONS: tuple[Quantization, ...] = ("per-token", "dynamic", "none")
+Quantization = Literal["per-token", "per-token-w8", "dynamic", "none"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("per-token", "per-token-w8", "dynamic", "none")
 # MatMuls with fewer output columns stay fp32 (the 2-logit classifier: cheap, and its
 # rounding would land directly on the score).
 MIN_QUANTIZED_COLUMNS = 16
 # Embedding tables with at least this many rows are stored int8 (the word embeddings: 30522
 # x 384 for MiniLM, 47 MB in fp32); position and token-type tables stay fp32.
 MIN_QUANTIZED_TABLE_ROWS = 1024
-PRECISION = {"per-token": "int8", "dynamic": "int8", "none": "fp32"}
+# What every model folder the project writes is served with (the release, merge winners,
+# pipeline exports); ``--quantization`` on ``train default`` and ``export`` overrides it.
+DEFAULT_QUANTIZATION: Quantization = "per-token"
+PRECISION = {"per-token": "int8", "per-token-w8": "int8", "dynamic": "int8", "none": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -121,10 +127,15 @@ class _Builder:
 WEIGHT_QMAX = 63.0
 
 
-def _quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric 7-bit int8 per output column: (int8 [K, N], float32 scale [N])."""
-    scale = np.maximum(np.abs(w).max(axis=0), 1e-12).astype(np.float32) / np.float32(WEIGHT_QMAX)
-    return np.clip(np.round(w / scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8), scale
+def _quantize_weight(w: np.ndarray, *, unsigned: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per output column: (int8 [K, N] in 7 bits, float32 scale [N]); with
+    ``unsigned``, 8 bits (-127..127) stored as uint8 around 128 (for the u8 x u8 kernel)."""
+    qmax = np.float32(127.0 if unsigned else WEIGHT_QMAX)
+    scale = np.maximum(np.abs(w).max(axis=0), 1e-12).astype(np.float32) / qmax
+    q = np.clip(np.round(w / scale), -qmax, qmax)
+    if unsigned:
+        return (q + 128).astype(np.uint8), scale
+    return q.astype(np.int8), scale
 
 
 def _gather_axis(node: onnx.NodeProto) -> int:
@@ -148,10 +159,11 @@ def _quantized_gather(b: _Builder, node: onnx.NodeProto, table: np.ndarray, axis
     ]
 
 
-def quantize_per_token(model_path: Path, out: Path) -> int:
+def quantize_per_token(model_path: Path, out: Path, *, unsigned_weights: bool = False) -> int:
     """Replace every weight MatMul (Y = X W) by per-token int8: for X viewed as [M, K],
     scale_m = max|X[m, :]| / 127, Xq = round(X / scale_m) + 128 (uint8),
-    Y = (Xq - 128) Wq * scale_m * w_scale_n. Returns the number of MatMuls rewritten."""
+    Y = (Xq - 128) Wq * scale_m * w_scale_n. Returns the number of MatMuls rewritten.
+    ``unsigned_weights``: Wq is 8-bit uint8 around 128 (see ``per-token-w8``)."""
     model = onnx.load(str(model_path))
     g = model.graph
     b = _Builder(g)
@@ -159,7 +171,7 @@ def quantize_per_token(model_path: Path, out: Path) -> int:
     eps = b.const("eps", np.array(1e-10, np.float32))
     axis1 = b.const("axis1", np.array([1], np.int64))
     a_zp = b.const("a_zp", np.array(128, np.uint8))
-    b_zp = b.const("b_zp", np.zeros(1, np.int8))
+    b_zp = b.const("b_zp", np.array([128], np.uint8) if unsigned_weights else np.zeros(1, np.int8))
     zero = b.const("zero", np.array(0.0, np.float32))
     one = b.const("one", np.array(1.0, np.float32))
     start0 = b.const("start0", np.array([0], np.int64))
@@ -201,7 +213,7 @@ def quantize_per_token(model_path: Path, out: Path) -> int:
             ]
             quantized_inputs[x] = (xq, sc2, lead)
         xq, sc2, lead = quantized_inputs[x]
-        wq, w_scale = _quantize_weight(w.astype(np.float32))
+        wq, w_scale = _quantize_weight(w.astype(np.float32), unsigned=unsigned_weights)
         wq_name, ws_name = b.const("wq", wq), b.const("w_scale", w_scale)
         yw, y2d, out_shape = (b.name(s) for s in ("yw", "y2d", "out_shape"))
         n_const = b.const("n", np.array([n], np.int64))
@@ -243,7 +255,7 @@ def optimize_for_cpu(
     *,
     num_heads: int,
     hidden_size: int,
-    quantization: Quantization = "per-token",
+    quantization: Quantization = DEFAULT_QUANTIZATION,
 ) -> OptimizeReport:
     """fp32 export -> fused -> quantised ``out``; intermediate files go to ``work_dir``."""
     if quantization not in QUANTIZATIONS:
@@ -264,8 +276,10 @@ def optimize_for_cpu(
         )
         act, wts = "per batch tensor (dynamic; depends on batch-mates)", "per tensor"
     else:
-        matmuls = quantize_per_token(fused_path, Path(out))
-        act, wts = "per token (row of the batch), symmetric", "per output channel, symmetric"
+        w8 = quantization == "per-token-w8"
+        matmuls = quantize_per_token(fused_path, Path(out), unsigned_weights=w8)
+        act = "per token (row of the batch), symmetric"
+        wts = "per output channel, symmetric, " + ("8-bit (u8 x u8 kernel)" if w8 else "7-bit (u8 x s8 kernel)")
     return OptimizeReport(
         quantization=quantization,
         fused=fused,

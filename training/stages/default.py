@@ -30,6 +30,7 @@ from training.model.modeling import load_classifier
 from training.paths import BASE_MODEL_NAME, base_model_path
 from training.release.export import ExportSpec
 from training.release.finalize import Release, ReleaseOptions, heldout_of_folder, release_checkpoint
+from training.release.optimize import Quantization
 from training.release.promote import promote
 from training.ui import Reporter, console, print_table
 
@@ -133,11 +134,13 @@ def build_default(
     creation_command: str = "make model",
     reporter: Reporter | None = None,
     min_parity: float | None = MIN_VERDICT_AGREEMENT,
+    quantization: Quantization | None = None,
 ) -> Release:
     """Train, export and release ``run_dir/export``; promote it to ``out_dir`` if it is better (or ``force``).
 
     ``min_parity``: the release fails if the served file's verdicts agree with the fp32
-    checkpoint's on fewer validation rows than this (None: measured and recorded only)."""
+    checkpoint's on fewer validation rows than this (None: measured and recorded only).
+    ``quantization``: the serving graph's int8 scheme (None: the project's default)."""
     reporter = reporter or Reporter()
     started = time.time()
     policies = load_policies(policies_dir)
@@ -167,6 +170,7 @@ def build_default(
                 InputTemplate(),
                 data_hashes=hashes,
                 training={"config": loop.to_dict(), "train_rows": len(train)},
+                quantization=quantization,
             ),
             options=ReleaseOptions(
                 target, train_rows=len(train), minutes=(time.time() - started) / 60, min_parity=min_parity
