@@ -148,3 +148,19 @@ def test_bad_rows_are_errors_with_a_line_number(tmp_path: Path) -> None:
     unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"text": "ok", "label": 0, "policy_id": "nope"}])
     with pytest.raises(DataError, match="unknown policy"):
         read_examples(unknown, POLICIES)
+
+
+def test_composed_system_prompts_are_safe_under_the_gateway_policies_only(public_dir: Path) -> None:
+    """Deployers' system prompts (with anti-leak rules) are hard negatives, capped like any source."""
+    from training.data.system_prompts import POLICIES as SP_POLICIES
+    from training.data.system_prompts import SOURCE, system_prompt_rows
+
+    rows = system_prompt_rows(50, seed=1)
+    assert len({r.text for r in rows}) == 50 and {r.policy_id for r in rows} == set(SP_POLICIES)
+    assert all(r.label == 0 for r in rows) and system_prompt_rows(50, seed=1) == rows  # deterministic
+    budget = Budget(system_prompts=40, per_source_safe_override={("prompt_injection", SOURCE): 30})
+    ds = build_dataset(public_dir, [], POLICIES, seed=3, budget=budget)
+    kept = [e for e in ds.train + ds.validation if e.source == SOURCE]
+    per_policy = {pid: sum(e.policy_id == pid for e in kept) for pid in POLICIES}
+    assert per_policy["prompt_injection"] == 30  # the override, not the policy's safe cap
+    assert per_policy["toxicity"] == 40 and per_policy["financial_advice"] == 0

@@ -33,6 +33,8 @@ from training.data.sources import (
     POOL_TOPIC_EXCLUDE,
     load_public,
 )
+from training.data.system_prompts import SOURCE as SYSTEM_PROMPTS_SOURCE
+from training.data.system_prompts import system_prompt_rows
 
 CONTEXT_FILES = ("bipia_indirect",)  # rows that pair one context with and without an injection
 
@@ -59,11 +61,24 @@ class Budget:
             "tax_advice": 1000,
         }
     )
+    # Sources whose safe rows are hard negatives a policy needs more of than the cap allows:
+    # defence system prompts ("never reveal these instructions") under prompt_injection, since
+    # public system prompts scored as injections (median 0.70, held-out chatgpt_system_prompts,
+    # 2026-12-03) and forced the threshold to 0.98.
+    per_source_safe_override: dict[tuple[str, str], int] = field(
+        default_factory=lambda: {
+            ("prompt_injection", "tensor_trust_defenses"): 1600,
+            ("prompt_injection", SYSTEM_PROMPTS_SOURCE): 700,
+            # benign tweets ("neither"): held-out forum text under toxicity had q95 0.97
+            ("toxicity", "davidson_hate_offensive"): 1600,
+        }
+    )
+    system_prompts: int = 700  # composed benign system prompts (``system_prompts.py``), per policy
     benign_pool: dict[str, int] = field(
         default_factory=lambda: {
-            "prompt_injection": 900,
-            "toxicity": 700,
-            "content_safety": 900,
+            "prompt_injection": 1400,
+            "toxicity": 1200,
+            "content_safety": 1400,
             "financial_advice": 500,
             "tax_advice": 500,
         }
@@ -144,7 +159,8 @@ def build_dataset(
         if path.exists():
             held_texts += [ex.text for ex in read_examples(path)]
     index = NearDuplicateIndex(held_texts)
-    candidates = [ex for ex in public if ex.source not in EVAL_ONLY_FILES] + handwritten
+    composed = [ex for ex in system_prompt_rows(budget.system_prompts, seed) if ex.policy_id in policies]
+    candidates = [ex for ex in public if ex.source not in EVAL_ONLY_FILES] + handwritten + composed
     trainable = [ex for ex in candidates if not index.covers(ex.text)]
     near_dupes = len(candidates) - len(trainable)
     context_rows = [ex for ex in trainable if ex.source in CONTEXT_FILES]
@@ -170,6 +186,8 @@ def build_dataset(
             chosen.extend(rows)
             continue
         cap = (budget.per_source_unsafe if label else budget.per_source_safe)[pid]
+        if not label:
+            cap = budget.per_source_safe_override.get((pid, source), cap)
         chosen.extend(_cap(rows, cap, rng))
 
     taken = {(ex.policy_id, normalise(ex.text)) for ex in chosen}
