@@ -49,7 +49,7 @@ MIN_QUANTIZED_COLUMNS = 16
 MIN_QUANTIZED_TABLE_ROWS = 1024
 # What every model folder the project writes is served with (the release, merge winners,
 # pipeline exports); ``--quantization`` on ``train default`` and ``export`` overrides it.
-DEFAULT_QUANTIZATION: Quantization = "per-token"
+DEFAULT_QUANTIZATION: Quantization = "per-token-w8"
 PRECISION = {"per-token": "int8", "per-token-w8": "int8", "dynamic": "int8", "none": "fp32"}
 
 
