@@ -7,9 +7,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from training.io import write_json_atomic
+
+if TYPE_CHECKING:
+    from training.release.optimize import Quantization
 
 RUN_HELP = "Run name: outputs go to runs/<run>/."
 THREADS_HELP = (
@@ -23,7 +26,7 @@ QUANTIZATION_HELP = (
 )
 
 
-def parse_quantization(text: str) -> Any:
+def parse_quantization(text: str) -> Quantization | None:
     """``--quantization`` as a ``Quantization`` (None when empty: the project's default)."""
     import typer
 
@@ -33,7 +36,7 @@ def parse_quantization(text: str) -> Any:
         return None
     if text not in QUANTIZATIONS:
         raise typer.BadParameter(f"one of {', '.join(QUANTIZATIONS)}", param_hint="--quantization")
-    return text
+    return cast("Quantization", text)
 
 
 def command_line() -> str:
