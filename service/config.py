@@ -58,18 +58,31 @@ class Settings(BaseSettings):
         "exported).",
     )
     device_id: int = Field(0, ge=0, description="CUDA device for provider cuda.")
+    int8_weights: Literal["auto", "signed", "unsigned"] = Field(
+        "auto",
+        description="Integer GEMM weights as loaded: signed (u8 x s8, fast and exact with VNNI), unsigned (u8 x u8, "
+        "exact on every x86 CPU, 2.4x slower with VNNI), auto (signed where the CPU has VNNI or is not x86). "
+        "Scores are bit-identical either way (service/int8_weights.py).",
+    )
     spinning: bool = Field(
         True,
         description="onnxruntime intra-op threads busy-wait between work. On (measured, README 'Thread layout'): "
         "-3 ms at one client on the default model, the same throughput at 64 clients; off leaves idle cores to "
         "other processes.",
     )
-    inference_workers: int = Field(
-        1,
+    inference_workers: int | None = Field(
+        None,
         ge=1,
         le=64,
-        description="Inference threads taking batches in turn and calling the model concurrently "
-        "(with threads=T: in effect N sessions x T threads).",
+        description="Inference threads taking batches in turn and calling the model concurrently; default "
+        "threads // worker_threads (2 on 2 cores). With several: a lone batch runs on `threads` intra-op threads, "
+        "concurrent batches on `worker_threads` each (README 'Thread layout').",
+    )
+    worker_threads: int = Field(
+        1,
+        ge=1,
+        description="onnxruntime intra-op threads of each inference worker while several run at once (under load); "
+        "equal to `threads`: one session for all (the layout before 2026-12-03).",
     )
     max_queue: int = Field(1024, ge=1, description="Most windows waiting; beyond it requests get 429.")
     max_body_bytes: int = Field(1_000_000, ge=1)
@@ -203,6 +216,12 @@ class Settings(BaseSettings):
         description="moderate_stream: after a passing check, keep this many of the last judged characters back until "
         "the next check passes too (0: release everything judged).",
     )
+
+    def inference_layout(self) -> tuple[int, int | None]:
+        """(inference workers, intra-op threads of the shared session or None for one session)."""
+        workers = self.inference_workers or max(1, self.threads // self.worker_threads)
+        adaptive = workers > 1 and self.worker_threads != self.threads
+        return workers, self.worker_threads if adaptive else None
 
     @field_validator("guard_policies", "output_policies", "guard_roles", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
+from service.int8_weights import WeightSetting, adapt_weights, resolve_weight_sign
 from service.manifest import MANIFEST_FILE, Manifest, ModelFile, read_manifest, sha256_file
 from service.policy import InputEncoder
 
@@ -106,8 +107,11 @@ class OnnxModel:
         *,
         io_binding: bool = False,
         device_id: int = 0,
+        shared_session: ort.InferenceSession | None = None,
     ) -> None:
         self.folder = folder
+        # fewer intra-op threads, for workers calling the model concurrently (``run_shared``)
+        self.shared_session = shared_session
         self.manifest = manifest
         self.session = session
         self.encoder = encoder
@@ -144,11 +148,16 @@ class OnnxModel:
         device_id: int = 0,
         io_binding: bool | None = None,
         spinning: bool = True,
+        int8_weights: WeightSetting = "auto",
+        worker_threads: int | None = None,
     ) -> OnnxModel:
         """Check and load a model folder. ``provider``: auto | cpu | cuda (see ``select_provider``);
         ``io_binding``: None = on for CUDA, off for CPU; ``spinning``: onnxruntime's intra-op
         threads busy-wait for work (fastest alone, but they take the CPU from an event loop
-        sharing the machine: the service turns it off)."""
+        sharing the machine: the service turns it off); ``int8_weights``: the integer GEMM
+        weights' signedness on CPU (``service.int8_weights``: the same scores, the kernel's speed);
+        ``worker_threads``: also a session of that many intra-op threads for ``run_shared`` (CPU,
+        when it differs from ``threads``: the adaptive layout of ``service.batching``)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"model folder {folder} does not exist (set UNIGUARD_MODEL_DIR)")
@@ -180,10 +189,22 @@ class OnnxModel:
             )
         except Exception as exc:  # tokenizers raises plain Exception on a bad file
             raise ModelLoadError(f"{tokenizer_path}: cannot load tokenizer: {exc}") from exc
+        weight_sign = resolve_weight_sign(int8_weights)
+        source: str | bytes = str(model_path)
+        rewritten = 0
+        if chosen == CPU and entry.precision == "int8":
+            try:
+                adapted, rewritten = adapt_weights(model_path, weight_sign)
+            except Exception:  # onnx raises DecodeError and friends: onnxruntime's load says why below
+                adapted = None
+            source = adapted if adapted is not None else source
+        shared = None
         try:
             session = ort.InferenceSession(
-                str(model_path), cls._session_options(threads, spinning), providers=cls._providers(chosen, device_id)
+                source, cls._session_options(threads, spinning), providers=cls._providers(chosen, device_id)
             )
+            if chosen == CPU and worker_threads is not None and worker_threads != threads:
+                shared = ort.InferenceSession(source, cls._session_options(worker_threads, spinning), providers=[CPU])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from exc
         if session.get_providers()[0] != chosen:
@@ -198,9 +219,19 @@ class OnnxModel:
                 "CUDA could not be initialised; serving the CPU file",
                 extra={"fields": {"providers": session.get_providers()}},
             )
-            return cls.load(folder, threads, provider="cpu", io_binding=io_binding, spinning=spinning)
+            return cls.load(
+                folder,
+                threads,
+                provider="cpu",
+                io_binding=io_binding,
+                spinning=spinning,
+                int8_weights=int8_weights,
+                worker_threads=worker_threads,
+            )
         use_binding = chosen == CUDA if io_binding is None else io_binding
-        model = cls(folder, manifest, session, encoder, io_binding=use_binding, device_id=device_id)
+        model = cls(
+            folder, manifest, session, encoder, io_binding=use_binding, device_id=device_id, shared_session=shared
+        )
         log.info(
             "model loaded",
             extra={
@@ -211,7 +242,11 @@ class OnnxModel:
                     "provider": chosen,
                     "file": entry.path,
                     "precision": entry.precision,
+                    "int8_weights": weight_sign if entry.precision == "int8" else None,
+                    "int8_weights_rewritten": rewritten,
                     "io_binding": use_binding,
+                    "threads": threads,
+                    "worker_threads": worker_threads if shared is not None else None,
                 }
             },
         )
@@ -250,17 +285,30 @@ class OnnxModel:
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         """Unsafe probability of each row of a padded [batch, seq] int64 batch."""
+        return self._run(self.session, input_ids, attention_mask, token_type_ids)
+
+    def run_shared(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        """``run`` on the session with ``worker_threads`` intra-op threads (``run`` without one)."""
+        return self._run(self.shared_session or self.session, input_ids, attention_mask, token_type_ids)
+
+    def _run(
+        self,
+        session: ort.InferenceSession,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray,
+    ) -> np.ndarray:
         arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         feeds = {name: np.ascontiguousarray(arrays[name], dtype=np.int64) for name in self.input_names}
         if self.io_binding:
-            binding = self.session.io_binding()
+            binding = session.io_binding()
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, array)
             binding.bind_output(self.output_name, *self._device)
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             (logits,) = binding.copy_outputs_to_cpu()
         else:
-            (logits,) = self.session.run([self.output_name], feeds)
+            (logits,) = session.run([self.output_name], feeds)
         return softmax(np.asarray(logits, dtype=np.float32))[:, self.unsafe_label]
 
     def warm_up(self) -> None:
@@ -268,6 +316,7 @@ class OnnxModel:
         for batch, length in ((1, 8), (2, self.manifest.max_length)):
             ids = np.full((batch, length), self.pad_id, dtype=np.int64)
             mask = np.ones((batch, length), dtype=np.int64)
-            probs = self.run(ids, mask, np.zeros_like(ids))
-            if probs.shape != (batch,) or not np.all(np.isfinite(probs)):
-                raise ModelLoadError(f"{self.folder}: warm-up produced {probs.shape} / non-finite probabilities")
+            for run in (self.run, self.run_shared) if self.shared_session is not None else (self.run,):
+                probs = run(ids, mask, np.zeros_like(ids))
+                if probs.shape != (batch,) or not np.all(np.isfinite(probs)):
+                    raise ModelLoadError(f"{self.folder}: warm-up produced {probs.shape} / non-finite probabilities")

@@ -164,8 +164,16 @@ class Runtime:
         policies = await _off_loop(load_policies, s.policies_dir)
         if not policies:
             raise ValueError(f"no *.yaml policies in {s.policies_dir}")
+        workers, worker_threads = s.inference_layout()
         model = await _off_loop(
-            load_and_validate, s.model_dir, s.threads, provider=s.provider, device_id=s.device_id, spinning=s.spinning
+            load_and_validate,
+            s.model_dir,
+            s.threads,
+            provider=s.provider,
+            device_id=s.device_id,
+            spinning=s.spinning,
+            int8_weights=s.int8_weights,
+            worker_threads=worker_threads,
         )
         warnings = policy_warnings(model, policies, s.thresholds)
         batcher = MicroBatcher(
@@ -177,7 +185,8 @@ class Runtime:
             max_queue=s.max_queue,
             pad_id=model.pad_id,
             observer=self.metrics,
-            workers=s.inference_workers,
+            workers=workers,
+            run_shared=model.run_shared if worker_threads is not None else None,
         )
         await batcher.start()
         try:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from service.inference import ModelLoadError, OnnxModel, path_inside
+from service.int8_weights import WeightSetting
 from service.manifest import sha256_file
 from service.policy import InstructionTooLong, Policy
 
@@ -121,10 +122,25 @@ def validate_model(model: OnnxModel) -> None:
 
 
 def load_and_validate(
-    folder: Path, threads: int, *, provider: str = "auto", device_id: int = 0, spinning: bool = True
+    folder: Path,
+    threads: int,
+    *,
+    provider: str = "auto",
+    device_id: int = 0,
+    spinning: bool = True,
+    int8_weights: WeightSetting = "auto",
+    worker_threads: int | None = None,
 ) -> OnnxModel:
     """``OnnxModel.load`` (same options) plus ``validate_model``: blocking, run it in a thread."""
-    model = OnnxModel.load(folder, threads, provider=provider, device_id=device_id, spinning=spinning)
+    model = OnnxModel.load(
+        folder,
+        threads,
+        provider=provider,
+        device_id=device_id,
+        spinning=spinning,
+        int8_weights=int8_weights,
+        worker_threads=worker_threads,
+    )
     validate_model(model)
     return model
 

@@ -63,7 +63,7 @@ async def running_engine(model: OnnxModel, policies: dict[str, Policy], **overri
         max_queue=settings.max_queue,
         pad_id=model.pad_id,
         observer=metrics,
-        workers=settings.inference_workers,
+        workers=settings.inference_layout()[0],
     )
     await batcher.start()
     try:

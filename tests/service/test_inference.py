@@ -107,3 +107,20 @@ def test_invalid_manifest(model_copy: Path) -> None:
     (model_copy / "manifest.json").write_text('{"name": "x"}')
     with pytest.raises(ModelLoadError, match="invalid"):
         OnnxModel.load(model_copy)
+
+
+def test_int8_weights_either_sign_score_alike(tmp_path: Path, shipped_policies: dict[str, Policy]) -> None:
+    """UNIGUARD_INT8_WEIGHTS: the loader gives the int8 GEMMs signed (u8 x s8) or unsigned
+    (u8 x u8) weights holding the same integers; the scores do not depend on the choice."""
+    from service.int8_weights import best_weight_sign
+    from tests.tiny import build_tiny_model_folder
+
+    # weights spread wide enough that scores vary from prompt to prompt
+    folder = build_tiny_model_folder(tmp_path / "model", max_length=128, stride=32, initializer_range=0.3)
+    models = {s: OnnxModel.load(folder, int8_weights=s) for s in ("signed", "unsigned")}
+    rows = _windows(models["unsigned"], shipped_policies["prompt_injection"], PROMPTS)
+    unsigned = _run(models["unsigned"], rows)
+    assert unsigned.std() > 1e-3  # scores differ from prompt to prompt: equality means something
+    if best_weight_sign() == "signed":  # u8 x s8 with 8-bit weights is exact only with VNNI
+        np.testing.assert_allclose(_run(models["signed"], rows), unsigned, atol=1e-6)
+    np.testing.assert_allclose(_run(OnnxModel.load(folder), rows), unsigned, atol=1e-6)

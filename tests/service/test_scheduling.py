@@ -293,3 +293,90 @@ def test_runtime_starts_the_configured_workers(tiny_model_dir: Path, monkeypatch
         assert not any(t.is_alive() for t in engine.batcher._threads)
 
     asyncio.run(main())
+
+
+class TwoSessionModel:
+    """A fake model with an all-cores ``run`` and a one-thread ``run_shared``: records which
+    ran each batch and how many calls overlapped (a wide call must never overlap another)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []  # (session, calls in flight when it started)
+        self.open = threading.Event()
+        self.open.set()
+        self.hold_shared = threading.Event()  # shared calls wait on it (to build up overlap)
+        self.hold_shared.set()
+        self._lock = threading.Lock()
+        self._inflight: list[str] = []
+        self.overlapped_wide = False
+
+    def _call(self, kind: str, ids: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if (kind == "wide" and self._inflight) or "wide" in self._inflight:
+                self.overlapped_wide = True
+            self._inflight.append(kind)
+            self.calls.append((kind, len(self._inflight)))
+        (self.hold_shared if kind == "shared" else self.open).wait(10)
+        threading.Event().wait(0.01)  # a model call takes time
+        with self._lock:
+            self._inflight.remove(kind)
+        return expected(ids[:, 0], ids[:, 1])
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
+        return self._call("wide", ids)
+
+    def run_shared(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
+        return self._call("shared", ids)
+
+
+def test_a_lone_batch_runs_on_every_core_and_load_runs_on_the_shared_session() -> None:
+    """Adaptive layout: nothing else in flight or waiting -> ``run`` (all intra-op threads);
+    under load -> ``run_shared`` on every worker at once; a wide call never overlaps another."""
+    model = TwoSessionModel()
+
+    async def main() -> None:
+        b = MicroBatcher(model.run, max_batch_size=2, workers=2, run_shared=model.run_shared)
+        await b.start()
+        for i in range(3):  # one at a time: each the only work
+            probs = (await b.submit(b.prepare(fake_job(100 + i, 1, 8)))).probabilities
+            np.testing.assert_allclose(probs, expected(100 + i, np.arange(1)))
+        assert [k for k, _ in model.calls] == ["wide"] * 3
+        model.calls.clear()
+        model.hold_shared.clear()
+        tasks = [asyncio.create_task(b.submit(b.prepare(fake_job(200 + i, 2, 8)))) for i in range(8)]
+        while len(b._inflight) < 2:  # both workers busy at once on the shared session
+            await asyncio.sleep(0.005)
+        model.hold_shared.set()
+        results = await asyncio.gather(*tasks)
+        for i, r in enumerate(results):
+            np.testing.assert_allclose(r.probabilities, expected(200 + i, np.arange(2)))
+        kinds = [k for k, _ in model.calls]
+        assert kinds.count("shared") >= 2 and max(n for k, n in model.calls if k == "shared") == 2
+        assert not model.overlapped_wide
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_runtime_defaults_to_the_adaptive_layout(tiny_model_dir: Path) -> None:
+    """threads=2, worker_threads=1 (the defaults on 2 cores): 2 workers, a second session of one
+    thread, and the same scores from either session."""
+    settings = Settings(model_dir=tiny_model_dir, threads=2)
+    assert settings.inference_layout() == (2, 1)
+    assert Settings(model_dir=tiny_model_dir, threads=2, worker_threads=2).inference_layout() == (1, None)
+    assert Settings(model_dir=tiny_model_dir, threads=1, inference_workers=2).inference_layout() == (2, None)
+
+    async def main() -> None:
+        runtime = Runtime(settings)
+        await runtime.load()
+        engine = runtime.engine
+        assert engine is not None, runtime.load_error
+        model = engine.model
+        assert engine.batcher.workers == 2 and model.shared_session is not None
+        enc = model.encoder.encode(engine.resolve("toxicity")[0], "hello there")
+        ids, mask, types = (np.stack(x) for x in (enc.input_ids, enc.attention_mask, enc.token_type_ids))
+        np.testing.assert_allclose(model.run_shared(ids, mask, types), model.run(ids, mask, types), atol=1e-6)
+        results = await asyncio.gather(*(engine.classify(engine.resolve("toxicity"), f"hello {i}") for i in range(8)))
+        assert all(c.verdicts[0].windows == 1 for c in results)
+        await runtime.shutdown()
+
+    asyncio.run(main())

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from service.inference import OnnxModel
+from service.int8_weights import WeightSign, adapt_weights, best_weight_sign
 from service.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
 from tests.tiny import build_tiny_checkpoint
 from training.release.export import export_onnx
@@ -57,10 +60,17 @@ def _windows(tiny_model_dir: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndar
     return rows
 
 
-def _probs(path: Path, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-    import onnxruntime as ort
+def _session(path: Path, sign: WeightSign | None = None) -> ort.InferenceSession:
+    """A session as the service builds it: int8 weights in the signedness this CPU multiplies
+    exactly (on an x86 CPU without VNNI signed 8-bit weights would saturate)."""
+    adapted, _ = adapt_weights(path, sign or best_weight_sign())
+    return ort.InferenceSession(adapted or str(path), providers=["CPUExecutionProvider"])
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+def _probs(
+    path: Path, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sign: WeightSign | None = None
+) -> np.ndarray:
+    session = _session(path, sign)
     feeds = {
         "input_ids": pad_batch([r[0] for r in rows]),
         "attention_mask": pad_batch([r[1] for r in rows]),
@@ -104,20 +114,54 @@ def test_a_prompts_score_does_not_depend_on_its_batch_mates(
         np.testing.assert_allclose(mixed, alone[order], atol=1e-6)
 
 
-def test_w8_weights_are_unsigned_8_bit(exported: dict[str, Path]) -> None:
-    """per-token-w8 feeds the u8 x u8 kernel full 8-bit weights (no int16 pair saturation on
-    AVX2); per-token keeps int8 weights within 7 bits for the u8 x s8 kernel."""
-    from onnx import numpy_helper
+def _gemm_weights(model: onnx.ModelProto) -> list[np.ndarray]:
+    g = model.graph
+    names = {n.input[1] for n in g.node if n.op_type == "MatMulIntegerToFloat"}
+    return [numpy_helper.to_array(i) for i in g.initializer if i.name in names]
 
-    def weights(q: str) -> list[np.ndarray]:
-        g = onnx.load(str(exported[q])).graph
-        names = {n.input[1] for n in g.node if n.op_type == "MatMulIntegerToFloat"}
-        return [numpy_helper.to_array(i) for i in g.initializer if i.name in names]
 
-    w8, w7 = weights("per-token-w8"), weights("per-token")
-    assert w8 and all(w.dtype == np.uint8 for w in w8)
-    assert max(int(np.abs(w.astype(np.int16) - 128).max()) for w in w8) == 127
-    assert all(w.dtype == np.int8 and np.abs(w.astype(np.int16)).max() <= 63 for w in w7)
+def test_both_per_token_files_hold_the_same_8_bit_weights(exported: dict[str, Path]) -> None:
+    """per-token stores int8 weights, per-token-w8 the same integers as uint8 around 128."""
+    s8 = _gemm_weights(onnx.load(str(exported["per-token"])))
+    u8 = _gemm_weights(onnx.load(str(exported["per-token-w8"])))
+    assert s8 and all(w.dtype == np.int8 for w in s8) and all(w.dtype == np.uint8 for w in u8)
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in s8) == 127
+    assert sorted(int(w.astype(np.int64).sum()) for w in s8) == sorted(
+        int(w.astype(np.int64).sum()) - 128 * w.size for w in u8
+    )
+
+
+@pytest.mark.parametrize("quantization", ["per-token", "per-token-w8"])
+@pytest.mark.parametrize("sign", ["signed", "unsigned"])
+def test_the_loader_rewrites_weights_to_either_sign_with_the_same_scores(
+    exported: dict[str, Path], tiny_model_dir: Path, quantization: str, sign: WeightSign
+) -> None:
+    """service.int8_weights: u8 x s8 and u8 x u8 hold the same integers, so scores are equal
+    (to float rounding of the kernels) whichever kernel the CPU is given."""
+    adapted, rewritten = adapt_weights(exported[quantization], sign)
+    stored_signed = quantization == "per-token"
+    if (sign == "signed") == stored_signed:
+        assert adapted is None and rewritten == 0  # already in that form
+        return
+    assert adapted is not None and rewritten == len(_gemm_weights(onnx.load(str(exported[quantization]))))
+    want = np.int8 if sign == "signed" else np.uint8
+    assert all(w.dtype == want for w in _gemm_weights(onnx.load_from_string(adapted)))
+    rows = _windows(tiny_model_dir)
+    # the CPU-exact form of the stored file against the rewritten one (which is exact when its
+    # form is signed only on a VNNI CPU: compare only where both are exact)
+    if sign == "signed" and best_weight_sign() == "unsigned":
+        pytest.skip("u8 x s8 with 8-bit weights is not exact on this CPU (no VNNI)")
+    np.testing.assert_allclose(
+        _probs(exported[quantization], rows, sign), _probs(exported["per-token"], rows), atol=1e-6
+    )
+
+
+def test_the_cpu_decides_the_weight_sign() -> None:
+    assert best_weight_sign("x86_64", {"avx2", "avx512_vnni"}) == "signed"
+    assert best_weight_sign("x86_64", {"avx2", "avx_vnni"}) == "signed"
+    assert best_weight_sign("x86_64", {"avx2", "avx512bw"}) == "unsigned"
+    assert best_weight_sign("x86_64", set()) == "unsigned"  # flags unreadable: the exact kernel
+    assert best_weight_sign("aarch64", set()) == "signed"
 
 
 def test_dynamic_int8_is_the_batch_dependent_one(exported: dict[str, Path], tiny_model_dir: Path) -> None:
@@ -126,3 +170,18 @@ def test_dynamic_int8_is_the_batch_dependent_one(exported: dict[str, Path], tiny
     alone = np.array([_probs(exported["dynamic"], [r])[0] for r in rows])
     batched = _probs(exported["dynamic"], rows)
     assert np.abs(batched - alone).max() > 1e-4
+
+
+@pytest.mark.parametrize("quantization", ["per-token", "per-token-w8"])
+def test_quant_study_dequantises_int8_graphs_back_to_fp32(
+    exported: dict[str, Path], tiny_model_dir: Path, tmp_path: Path, quantization: str
+) -> None:
+    """quant-study's fp32 reference for a shipped folder: the int8 graph's weights in fp32 MatMuls
+    (no integer op left), scoring like the fp32 export up to the weights' rounding."""
+    from training.eval.quant_study import dequantize
+
+    out = dequantize(exported[quantization], tmp_path / "fp32.onnx")
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert not ops & {"MatMulIntegerToFloat", "MatMulInteger", "QuantizeLinear", "DynamicQuantizeLinear"}
+    rows = _windows(tiny_model_dir)
+    np.testing.assert_allclose(_probs(out, rows), _probs(exported["fp32"], rows), atol=PARITY_ATOL)

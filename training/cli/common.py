@@ -21,8 +21,8 @@ THREADS_HELP = (
 )
 
 QUANTIZATION_HELP = (
-    "Serving graph's int8 scheme: per-token (7-bit weights, u8 x s8), per-token-w8 (8-bit weights, "
-    "u8 x u8), dynamic (batch-dependent scores), none (fused fp32); empty: the project's default."
+    "Serving graph's int8 scheme: per-token (int8 weights), per-token-w8 (the same stored uint8; "
+    "both score alike), dynamic (batch-dependent scores), none (fused fp32); empty: the project's default."
 )
 
 

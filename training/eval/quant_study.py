@@ -26,6 +26,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from service.calibration import apply_calibration
+from service.int8_weights import adapt_weights, best_weight_sign
 from service.manifest import read_manifest
 from service.policy import InputEncoder, Policy, pad_batch
 from training.release.optimize import QUANTIZATIONS, count_nodes, optimize_for_cpu, save_rewritten
@@ -72,6 +73,30 @@ def dequantize(int8_model: Path, out: Path) -> Path:
                 wname = producer[wq].input[0]
             replaced[id(mul)] = helper.make_node("MatMul", [x, wname], [mul.output[0]])
             removed.update({id(n), id(cast)})
+        elif n.op_type == "MatMulIntegerToFloat" and n.input[1] in inits:  # a per-token graph
+            xq, wq, _, w_scale_name = n.input[:4]
+            x = producer[xq].input[0]  # the QuantizeLinear's float input
+            wq_value, w_scale = const(wq), const(w_scale_name)
+            zp = const(n.input[5]) if len(n.input) > 5 and n.input[5] else None
+            assert wq_value is not None and w_scale is not None
+            w = (wq_value.astype(np.float32) - (zp.astype(np.float32) if zp is not None else 0.0)) * w_scale
+            wname = f"{wq}_fp32"
+            g.initializer.append(numpy_helper.from_array(w.astype(np.float32), wname))
+            # per-token: the next Mul applies the per-row activation scale
+            mul = consumers[n.output[0]][0]
+            replaced[id(mul)] = helper.make_node("MatMul", [x, wname], [mul.output[0]])
+            removed.add(id(n))
+        elif n.op_type == "Gather" and n.input[0] in inits and const(n.input[0]).dtype == np.int8:  # type: ignore[union-attr]
+            # a per-token-id int8 table: Gather rows -> Cast -> Mul by the Gathered row scales
+            cast = consumers[n.output[0]][0]
+            mul = consumers[cast.output[0]][0]
+            unsq = producer[next(i for i in mul.input if i != cast.output[0])]
+            scale_gather = producer[unsq.input[0]]
+            q, sc = const(n.input[0]), const(scale_gather.input[0])
+            assert q is not None and sc is not None
+            name = f"{n.input[0]}_fp32"
+            g.initializer.append(numpy_helper.from_array((q.astype(np.float32) * sc[:, None]).astype(np.float32), name))
+            replaced[id(mul)] = helper.make_node("Gather", [name, n.input[1]], [mul.output[0]], axis=0)
         elif n.op_type == "DequantizeLinear" and n.input[0] in producer and producer[n.input[0]].op_type == "Gather":
             gather = producer[n.input[0]]
             table, idx = gather.input
@@ -109,13 +134,20 @@ def sample_rows(encoder: InputEncoder, policies: dict[str, Policy], data_dir: Pa
     return rows
 
 
-def session(path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
+# Loaded as stored (no rewrite to the CPU's best sign), so the table shows the u8 x u8 kernel.
+AS_STORED = "fused, per-token-w8 (kept uint8: u8 x u8 kernel)"
+
+
+def session(path: Path, threads: int, spinning: bool, *, as_stored: bool = False) -> ort.InferenceSession:
+    """A session as the service loader builds it (int8 weights in this CPU's best exact sign),
+    or with ``as_stored`` the file's weights as they are."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    adapted = None if as_stored else adapt_weights(path, best_weight_sign())[0]
+    return ort.InferenceSession(adapted or str(path), so, providers=["CPUExecutionProvider"])
 
 
 def unsafe_probs(s: ort.InferenceSession, rows: list[Row]) -> np.ndarray:
@@ -147,7 +179,7 @@ class FormatResult:
 def time_formats(paths: dict[str, Path], threads: int, spinning: bool, seed: int = 0) -> dict[str, tuple[float, ...]]:
     """Median call time per shape, the formats interleaved call by call (so load drift hits all alike)."""
     rng = np.random.default_rng(seed)
-    sessions = {k: session(p, threads, spinning) for k, p in paths.items()}
+    sessions = {k: session(p, threads, spinning, as_stored=k == AS_STORED) for k, p in paths.items()}
     out: dict[str, list[float]] = {k: [] for k in paths}
     for b, t, calls in SHAPES:
         ids = rng.integers(1000, 29000, (b, t)).astype(np.int64)
@@ -185,10 +217,10 @@ def study(
     reference = fp32 or dequantize(model_dir / manifest.files[0].path, work / "fp32.onnx")
     paths = {"served file (as shipped)": model_dir / manifest.files[0].path, "fp32 reference": reference}
     for q in QUANTIZATIONS:
-        paths[f"fused, {q}"] = work / f"{q}.onnx"
         optimize_for_cpu(
-            reference, paths[f"fused, {q}"], work / f"work-{q}", num_heads=heads, hidden_size=hidden, quantization=q
+            reference, work / f"{q}.onnx", work / f"work-{q}", num_heads=heads, hidden_size=hidden, quantization=q
         )
+        paths[AS_STORED if q == "per-token-w8" else f"fused, {q}"] = work / f"{q}.onnx"
     encoder = InputEncoder.from_file(
         model_dir / manifest.tokenizer_file, manifest.input_template, manifest.max_length, manifest.stride
     )
@@ -205,7 +237,7 @@ def study(
     rnd = random.Random(5)
     results = []
     for name, path in paths.items():
-        s = session(path, threads, spinning)
+        s = session(path, threads, spinning, as_stored=name == AS_STORED)
         alone = np.array([unsafe_probs(s, [r])[0] for r in data])
         mixed = np.empty(len(data))
         for i in range(len(data)):  # each row among 7 random others: other lengths, other padding

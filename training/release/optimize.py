@@ -10,18 +10,19 @@ Why per-token int8 and not onnxruntime's dynamic quantisation: ``DynamicQuantize
 computes one activation scale over the whole batch tensor, padding included, so a prompt's
 score moved with whatever else was in flight (0.967 alone, 0.884-0.952 next to one other
 prompt on the shipped model). Here every MatMul's input is quantised row by row (one
-scale per token, symmetric, uint8 around 128) against per-output-channel int8 weights
-(8-bit as uint8 for the u8 x u8 kernel by default, or 7-bit int8: see ``WEIGHT_QMAX``), so
-a row's result depends on that row alone: scores are identical alone and in any batch.
+scale per token, symmetric, uint8 around 128) against per-output-channel 8-bit weights
+(-127..127), so a row's result depends on that row alone: scores are identical alone and
+in any batch.
 The word-embedding table is stored int8 with one scale per token id (a Gather of int8
 rows, then dequantised), which keeps the file the size of the old one.
 
-``quantization``: ``per-token`` (batch-invariant; 7-bit weights, u8 x s8),
-``per-token-w8`` (the default, batch-invariant; full 8-bit weights stored uint8 around 128, so onnxruntime
-runs its u8 x u8 kernel, which widens to int16 before multiplying, so no pair sum saturates:
-one more bit of weight precision, 98.6 -> 99.6 % verdict parity on one checkpoint), ``dynamic`` (onnxruntime's
+``quantization``: ``per-token`` (the default, batch-invariant; weights stored int8),
+``per-token-w8`` (the same integers stored uint8 around 128), ``dynamic`` (onnxruntime's
 per-tensor dynamic int8 on the fused graph: fastest, but batch-dependent scores), ``none``
-(fused fp32).
+(fused fp32). The two per-token files score bit-identically: the loader
+(``service.int8_weights``) rewrites either to the signedness the serving CPU multiplies
+exactly and fastest (int8 with VNNI, where u8 x s8 is exact and 2.4x faster than u8 x u8;
+uint8 on x86 CPUs without VNNI, whose u8 x s8 kernel saturates int16 pair sums).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ MIN_QUANTIZED_COLUMNS = 16
 MIN_QUANTIZED_TABLE_ROWS = 1024
 # What every model folder the project writes is served with (the release, merge winners,
 # pipeline exports); ``--quantization`` on ``train default`` and ``export`` overrides it.
-DEFAULT_QUANTIZATION: Quantization = "per-token-w8"
+DEFAULT_QUANTIZATION: Quantization = "per-token"
 PRECISION = {"per-token": "int8", "per-token-w8": "int8", "dynamic": "int8", "none": "fp32"}
 
 
@@ -105,10 +106,16 @@ class _Builder:
         self.graph = graph
         self.initializers = {i.name: i for i in graph.initializer}
         self._count = collections.Counter[str]()
+        # names already in the graph (a graph dequantised from an earlier rewrite keeps some)
+        self._taken = set(self.initializers) | {o for n in graph.node for o in n.output}
 
     def name(self, stem: str) -> str:
-        self._count[stem] += 1
-        return f"uniguard_pt/{stem}_{self._count[stem]}"
+        while True:
+            self._count[stem] += 1
+            name = f"uniguard_pt/{stem}_{self._count[stem]}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
 
     def const(self, stem: str, value: np.ndarray) -> str:
         name = self.name(stem)
@@ -120,17 +127,16 @@ class _Builder:
         return numpy_helper.to_array(init) if init is not None and len(init.dims) == 2 else None
 
 
-# Weights use 7 bits (-63..63). On x86 CPUs without VNNI (AVX2 only) onnxruntime's u8 x s8
-# kernel adds pairs of products in int16 (vpmaddubsw), which saturates for 255 x 127 x 2:
-# with full-range weights the per-token graph scored 0.40 where fp32 said 0.32 on such a
-# CPU, while a VNNI CPU was exact. 255 x 63 x 2 fits, so the file scores the same anywhere.
-WEIGHT_QMAX = 63.0
+# 8-bit symmetric weights. (7 bits, -63..63, were used for a while so that x86 CPUs without
+# VNNI could not saturate their int16 pair sums; it cost verdicts, 98.6 % against 99.6 % equal
+# to fp32 on one checkpoint. The loader now picks a kernel that is exact on the CPU instead.)
+WEIGHT_QMAX = 127.0
 
 
 def _quantize_weight(w: np.ndarray, *, unsigned: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per output column: (int8 [K, N] in 7 bits, float32 scale [N]); with
-    ``unsigned``, 8 bits (-127..127) stored as uint8 around 128 (for the u8 x u8 kernel)."""
-    qmax = np.float32(127.0 if unsigned else WEIGHT_QMAX)
+    """Symmetric per output column: (int8 [K, N], float32 scale [N]); with ``unsigned`` the
+    same integers stored as uint8 around 128."""
+    qmax = np.float32(WEIGHT_QMAX)
     scale = np.maximum(np.abs(w).max(axis=0), 1e-12).astype(np.float32) / qmax
     q = np.clip(np.round(w / scale), -qmax, qmax)
     if unsigned:
@@ -279,7 +285,7 @@ def optimize_for_cpu(
         w8 = quantization == "per-token-w8"
         matmuls = quantize_per_token(fused_path, Path(out), unsigned_weights=w8)
         act = "per token (row of the batch), symmetric"
-        wts = "per output channel, symmetric, " + ("8-bit (u8 x u8 kernel)" if w8 else "7-bit (u8 x s8 kernel)")
+        wts = "per output channel, symmetric, 8-bit, stored " + ("uint8 around 128" if w8 else "int8")
     return OptimizeReport(
         quantization=quantization,
         fused=fused,
