@@ -19,7 +19,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.policies_dir == DEFAULT_POLICIES_DIR
     assert (s.host, s.port) == ("127.0.0.1", 8000)
     assert s.threads == (os.cpu_count() or 1)
-    assert (s.max_batch_size, s.max_wait_ms, s.max_queue) == (32, 0.0, 1024)  # continuous batching: no idle wait
+    assert (s.max_batch_size, s.max_wait_ms, s.max_queue) == (8, 0.0, 1024)  # continuous batching: no idle wait
     assert (s.max_batch_tokens, s.max_padding, s.provider, s.spinning) == (4096, 0.2, "auto", True)
     assert (s.max_body_bytes, s.max_prompt_chars, s.max_policies_per_request) == (1_000_000, 100_000, 16)
     assert s.request_timeout_s == 10 and s.log_prompts is False
