@@ -70,7 +70,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -143,7 +143,7 @@ class _Job:
         "done",
         "enqueued",
         "future",
-        "inference_s",
+        "inference_spans",
         "key",
         "n",
         "pending",
@@ -169,8 +169,9 @@ class _Job:
         self.done = 0  # windows with a probability (event loop only)
         self.probs = np.empty(self.n, dtype=np.float32)
         self.queue_s: float | None = None  # set by an inference thread at the first batch
-        self.inference_s = 0.0  # event loop only
-        self.batches: set[int] = set()  # batch ids already counted in inference_s (event loop only)
+        # (start, end) of each batch it had windows in (event loop only); its inference time is
+        # their union: two workers running two of its batches at once is not twice the time.
+        self.inference_spans: dict[int, tuple[float, float]] = {}
 
 
 # What ``MicroBatcher.prepare`` returns: opaque to callers but for ``windows``, ``n`` (the
@@ -221,21 +222,27 @@ def select_batch(live: list[_Window], max_size: int, max_tokens: int, max_paddin
     return [live[i] for i in order[lo : hi + 1]]
 
 
+def busy_time(spans: Iterable[tuple[float, float]]) -> float:
+    """Seconds covered by the (start, end) spans, time under several overlapping spans
+    (batches of several workers at once) counted once."""
+    busy = 0.0
+    cur: tuple[float, float] | None = None
+    for start, end in sorted(spans):
+        if cur is not None and start <= cur[1]:
+            cur = (cur[0], max(cur[1], end))
+            continue
+        if cur is not None:
+            busy += cur[1] - cur[0]
+        cur = (start, end)
+    return busy + (cur[1] - cur[0] if cur is not None else 0.0)
+
+
 def busy_rate(spans: list[tuple[float, float, int]]) -> float | None:
     """Tokens per second of busy time: ``spans`` are (start, end, tokens) of model calls;
     time covered by several overlapping calls (several workers) counts once."""
     if not spans:
         return None
-    spans = sorted(spans)
-    busy = 0.0
-    cur_start, cur_end = spans[0][0], spans[0][1]
-    for start, end, _ in spans[1:]:
-        if start > cur_end:
-            busy += cur_end - cur_start
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    busy += cur_end - cur_start
+    busy = busy_time((start, end) for start, end, _ in spans)
     tokens = sum(s[2] for s in spans)
     return tokens / busy if busy > 0 else None
 
@@ -562,7 +569,7 @@ class MicroBatcher:
             self._observer.observe_batch(size, tokens, elapsed, size * longest)
             if rate is not None:
                 self._observer.observe_throughput(rate)
-        self._post(batch_id, self._deliver, batch, probs, elapsed, batch_id)
+        self._post(batch_id, self._deliver, batch, probs, (started, ended), batch_id)
 
     def _post(self, batch_id: int, fn: Callable[..., None], *args: object) -> None:
         with self._cond:
@@ -580,18 +587,17 @@ class MicroBatcher:
     # -- event loop --------------------------------------------------------------------
 
     @staticmethod
-    def _deliver(batch: list[_Window], probs: np.ndarray, elapsed: float, batch_id: int) -> None:
+    def _deliver(batch: list[_Window], probs: np.ndarray, span: tuple[float, float], batch_id: int) -> None:
         for w, p in zip(batch, probs, strict=True):
             job = w.job
             if job.future.done():
                 continue
             job.probs[w.index] = p
             job.done += 1
-            if batch_id not in job.batches:
-                job.batches.add(batch_id)
-                job.inference_s += elapsed
+            job.inference_spans[batch_id] = span
             if job.done == job.n:
-                job.future.set_result(BatchResult(job.probs, job.queue_s or 0.0, job.inference_s))
+                inference_s = busy_time(job.inference_spans.values())
+                job.future.set_result(BatchResult(job.probs, job.queue_s or 0.0, inference_s))
 
     @staticmethod
     def _fail(batch: list[_Window], exc: Exception) -> None:

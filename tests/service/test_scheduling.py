@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.batching import BatcherClosed, MicroBatcher, busy_rate
+from service.batching import BatcherClosed, MicroBatcher, busy_rate, busy_time
 from service.config import Settings
 from service.inference import OnnxModel
 from service.policy import EncodedWindows, Policy
@@ -220,6 +221,33 @@ def test_two_workers_call_the_model_concurrently(tiny_model: OnnxModel, shipped_
         await b.stop()
         assert all(r.probabilities.shape == (1,) for r in results)
         assert calls == 6 and not barrier.broken
+
+    asyncio.run(main())
+
+
+def test_a_job_in_two_concurrent_batches_counts_their_overlap_once() -> None:
+    """Two workers run two batches of one request at the same time (the barrier opens only for
+    both): its inference time is the union of the two calls, never more than its wall time
+    (it was their sum: a 100,000-character prompt reported 10.2 s of inference in 5.2 s)."""
+    assert busy_time([]) == 0.0
+    assert busy_time([(0.0, 1.0), (0.5, 1.5), (3.0, 4.0)]) == pytest.approx(2.5)
+    barrier = threading.Barrier(2, timeout=10)
+
+    def run(ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
+        barrier.wait()
+        time.sleep(0.2)  # both calls inside run together for 0.2 s
+        return np.full(ids.shape[0], 0.5, dtype=np.float32)
+
+    async def main() -> None:
+        b = MicroBatcher(run, max_batch_size=1, workers=2)
+        await b.start()
+        started = time.perf_counter()
+        result = await b.submit(fake_job(LONG, 2, 8))
+        wall = time.perf_counter() - started
+        await b.stop()
+        assert not barrier.broken
+        assert 0.2 <= result.inference_s <= wall  # the sum would be >= 0.4 in about 0.2 s
+        assert result.inference_s < 0.35
 
     asyncio.run(main())
 
