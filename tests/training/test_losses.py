@@ -201,3 +201,35 @@ def test_an_interrupted_loop_resumes_to_the_same_weights(tokenizer, rows, tmp_pa
     resumed = run(tmp_path / "b")
     for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_a_base_without_token_types_trains_and_scores_through_the_one_loop(tokenizer, rows) -> None:
+    """The capacity trial's larger base (MPNet) takes no token_type_ids: the loop's CE, ALICE
+    and MLM terms and the scorer drop them for it instead of failing."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from training.eval.scoring import model_scorer
+    from training.model.modeling import accepts_token_types, feeds_for
+
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        vocab_size=30527,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        num_labels=2,
+    )
+    model = MPNetForSequenceClassification(config)
+    assert not accepts_token_types(model) and accepts_token_types(tiny_model())
+    assert "token_type_ids" not in feeds_for(model, input_ids=torch.ones(1, 2), token_type_ids=torch.zeros(1, 2))
+    before = model.classifier.out_proj.weight.detach().clone()
+    cfg = LoopConfig(batch_size=2, max_steps=2, lambda_mlm=1.0, lambda_alice=1.0, lr=1e-2, threads=1, save_every=0)
+    log = train_loop(model, rows, cfg, head=new_mlm_head(model), masker=make_masker(tokenizer, 0.3, seed=0))
+    assert {"ce", "kl", "mlm"} <= set(log[-1])
+    assert not torch.equal(before, model.classifier.out_proj.weight)
+    batch = collate(rows)
+    run = model_scorer(model, encoder=None).run  # type: ignore[arg-type]
+    probs = run(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), batch["token_type_ids"].numpy())
+    assert probs.shape == (len(rows),) and ((probs > 0) & (probs < 1)).all()

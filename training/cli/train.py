@@ -1,7 +1,9 @@
-"""``python -m training train {taskguard, mtg, default}``: the training stages, one loop for all.
+"""``python -m training train {taskguard, mtg, default, uniguard}``: the training stages, one loop for all.
 
 ``taskguard`` and ``mtg`` are the paper's pipeline (under ``runs/<run>/``, splits from the
-``data`` command); ``default`` builds the shipped ``models/default`` (``make model``).
+``data`` command); ``default`` builds the shipped ``models/default`` (``make model``);
+``uniguard`` runs the paper's pipeline on that same data through a merge search rewarded out
+of source, and may replace ``models/default`` (``make uniguard``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from training.ui import Reporter
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Train a stage: taskguard, mtg (MultiTaskGuard), default (the shipped model).",
+    help="Train a stage: taskguard, mtg (MultiTaskGuard), default (the shipped model), uniguard (the merged recipe).",
 )
 
 
@@ -242,5 +244,69 @@ def default(
             quantization=parse_quantization(quantization),
         )
     except (DataError, ParityError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def uniguard(
+    data_dir: Annotated[
+        Path, typer.Option(help="Folder of the public JSONL files (../shared/data).")
+    ] = paths.DEFAULT_DATA,
+    examples_dir: Annotated[Path, typer.Option(help="Folder of hand-written example JSONL files.")] = paths.EXAMPLES,
+    policies_dir: Annotated[Path, typer.Option(help="Folder of policy YAML files.")] = DEFAULT_POLICIES_DIR,
+    out: Annotated[Path, typer.Option(help="Served folder the merge may replace.")] = paths.DEFAULT_MODEL_DIR,
+    run_dir: Annotated[Path, typer.Option(help="Work folder; a rerun resumes from it.")] = paths.RUNS / "uniguard",
+    taskguard_rows: Annotated[int, typer.Option(help="TaskGuard-FFT rows per policy (0: all; GPU: 0).")] = 150,
+    gip_rows: Annotated[int, typer.Option(help="GIP rows per policy (0: all; GPU: 0).")] = 400,
+    finetune_rows: Annotated[int, typer.Option(help="Per-policy FFT rows of the GIP model (0: all).")] = 150,
+    epochs: Annotated[float, typer.Option(help="Epochs of every training stage (GPU: 2).")] = 1.0,
+    lambda_mlm: Annotated[float, typer.Option(help="GIP's MLM weight (CPU 0.1; GPU 1.0).")] = 0.1,
+    iterations: Annotated[int, typer.Option(help="Merge trials per method x strategy (GPU: 50).")] = 6,
+    top_k: Annotated[int, typer.Option(help="Sources merged (the best by the out-of-source reward).")] = 4,
+    search_rows: Annotated[int, typer.Option(help="Validation rows the search scores (0: all).")] = 400,
+    search_windows: Annotated[int, typer.Option(help="Windows per row the search scores (0: all).")] = 2,
+    heldout_per_cell: Annotated[
+        int, typer.Option(help="Held-out tune rows per policy x source x class the search scores (>= 10).")
+    ] = 20,
+    threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda (training stages).")] = "cpu",
+    seed: Annotated[int, typer.Option()] = 13,
+    force: Annotated[bool, typer.Option(help="Promote the merge even if it does not win.")] = False,
+) -> None:
+    """The paper's pipeline on the shipped data: TaskGuard, GIP, per-policy FFT, joint merge search
+    rewarded out of source, release, promotion over models/default only if it wins (`make uniguard`)."""
+    from training.release.finalize import ParityError
+    from training.stages.uniguard import UniGuardConfig, build_uniguard
+
+    if not data_dir.is_dir():
+        raise typer.BadParameter(f"{data_dir} is not a folder of JSONL files", param_hint="--data-dir")
+    cfg = UniGuardConfig(
+        taskguard_rows=taskguard_rows,
+        gip_rows=gip_rows,
+        finetune_rows=finetune_rows,
+        epochs=epochs,
+        lambda_mlm=lambda_mlm,
+        iterations=iterations,
+        top_k=top_k,
+        search_rows=search_rows,
+        search_windows=search_windows,
+        heldout_per_cell=heldout_per_cell,
+        threads=threads,
+        device=device,
+        seed=seed,
+    )
+    try:
+        build_uniguard(
+            data_dir,
+            examples_dir,
+            policies_dir,
+            out,
+            run_dir,
+            cfg,
+            force=force,
+            creation_command=f"make uniguard  # {command_line()}",
+        )
+    except (DataError, ParityError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

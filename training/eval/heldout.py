@@ -14,6 +14,7 @@ flagging everything (benign cells fall) or nothing (unsafe cells fall).
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,19 @@ def halves(rows: list[Example]) -> tuple[list[int], list[int]]:
     for i, ex in enumerate(rows):
         (tune if half_of(ex.text) == "tune" else test).append(i)
     return tune, test
+
+
+def capped_heldout(rows: list[Example], per_cell: int) -> list[Example]:
+    """At most ``per_cell`` rows of each (policy, source, label, half), chosen by text hash (stable):
+    what a budgeted scorer (the merge search, the capacity trial) scores instead of every row."""
+    cells: dict[tuple[str, str, int, str], list[Example]] = defaultdict(list)
+    for ex in rows:
+        cells[(ex.policy_id, ex.source, ex.label, half_of(ex.text))].append(ex)
+    out: list[Example] = []
+    for key in sorted(cells):
+        group = sorted(cells[key], key=lambda e: hashlib.sha256(e.text.encode()).hexdigest())
+        out.extend(group[:per_cell])
+    return out
 
 
 def _weighted_f1(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray, t: float) -> float:

@@ -25,7 +25,7 @@ from service.manifest import MANIFEST_FILE
 from service.policy import InputEncoder, InputTemplate, Policy, pad_batch
 from training.data.rows import Example
 from training.model.checkpoints import read_meta, template_of
-from training.model.modeling import load_classifier
+from training.model.modeling import feeds_for, load_classifier
 
 RunFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 Window = tuple[int, np.ndarray, np.ndarray, np.ndarray]  # (row, input ids, attention mask, token types)
@@ -53,7 +53,7 @@ def model_scorer(model: Any, encoder: InputEncoder, name: str = "in-memory") -> 
                 k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
                 for k, v in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types))
             }
-            return torch.softmax(model(**feeds).logits.float(), dim=-1)[:, 1].cpu().numpy()
+            return torch.softmax(model(**feeds_for(model, **feeds)).logits.float(), dim=-1)[:, 1].cpu().numpy()
 
     return Scorer("torch", encoder, run, name)
 

@@ -16,7 +16,7 @@ import torch
 from training.model.batches import Encoded, set_seed, to_device
 from training.model.loop import Progress
 from training.model.losses import classification_loss
-from training.model.modeling import freeze_encoder
+from training.model.modeling import feeds_for, freeze_encoder
 
 
 @dataclass
@@ -55,7 +55,7 @@ def cls_features(
             idx = order[s : s + batch_size]
             batch = to_device([data[i] for i in idx], device)
             batch.pop("labels")
-            feats[idx] = model.base_model(**batch).last_hidden_state[:, 0].float().cpu()
+            feats[idx] = model.base_model(**feeds_for(model.base_model, **batch)).last_hidden_state[:, 0].float().cpu()
             if progress is not None:
                 progress(min(s + batch_size, len(order)), len(order), "encode (frozen)")
     return feats

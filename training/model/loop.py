@@ -23,6 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from training.model.batches import Encoded, length_grouped_batches, set_seed, to_device
 from training.model.losses import alice_loss, classification_loss, mask_tokens, mlm_loss
+from training.model.modeling import feeds_for
 
 Progress = Callable[[int, int, str], None]
 
@@ -59,7 +60,7 @@ def gip_step(model: Any, head: Any, batch: dict, cfg: LoopConfig, masker: Any = 
     embeds = model.get_input_embeddings()(ids)
 
     def forward(e: Any) -> Any:
-        return model(inputs_embeds=e, attention_mask=mask, token_type_ids=types).logits
+        return model(**feeds_for(model, inputs_embeds=e, attention_mask=mask, token_type_ids=types)).logits
 
     logits = forward(embeds)
     total = logits.sum() * 0.0
@@ -75,7 +76,7 @@ def gip_step(model: Any, head: Any, batch: dict, cfg: LoopConfig, masker: Any = 
     if cfg.lambda_mlm:
         masked, mlm_labels = mask_tokens(masker, ids.cpu(), mask.cpu())
         hidden = model.base_model(
-            input_ids=masked.to(ids.device), attention_mask=mask, token_type_ids=types
+            **feeds_for(model.base_model, input_ids=masked.to(ids.device), attention_mask=mask, token_type_ids=types)
         ).last_hidden_state
         mlm = mlm_loss(head, hidden, mlm_labels.to(ids.device))
         total = total + cfg.lambda_mlm * mlm

@@ -12,6 +12,7 @@ transform and bias are new, which is why a few hundred GIP steps are enough to u
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -31,6 +32,18 @@ FAMILIES = ("taskguard-fft", "taskguard-cft", "mtg-gip", "mtg-cft", "mtg-fft")
 # and an exported TaskGuard carries this template in its manifest, so serving matches training.
 TASKGUARD_TEMPLATE = InputTemplate(instruction="", query="{prompt}")
 MTG_TEMPLATE = InputTemplate()
+
+
+def feeds_for(model: torch.nn.Module, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The feeds ``model``'s forward takes: MPNet (the larger base, issue 14's capacity trial)
+    has no token types, so ``token_type_ids`` is dropped for it rather than failing."""
+    if "token_type_ids" in feeds and not accepts_token_types(model):
+        feeds = {k: v for k, v in feeds.items() if k != "token_type_ids"}
+    return feeds
+
+
+def accepts_token_types(model: torch.nn.Module) -> bool:
+    return "token_type_ids" in inspect.signature(model.forward).parameters
 
 
 class NotABinaryClassifier(ValueError):

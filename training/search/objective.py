@@ -9,6 +9,12 @@ The reward is the mean over policies of the F1 each policy reaches at its own th
 chosen as the service's export chooses it (best F1, sources weighted equally), because the
 exported model is calibrated that way: a merge that only shifts scores is not penalised for
 a threshold it will never be served with. F1 at 0.5 is recorded next to it.
+
+``OutOfSourceSet`` swaps that reward for the one that decides what ships (issue 15): the
+out-of-source summary on the held-out *tune* half, at the release step's thresholds (best F1
+under the FPR bound on every held-out benign source). The test half is never scored by the
+search; it stays for the released figures and promotion. Either way the reward is stored in
+``Scored.f1`` (the trial log's ``f1`` column), and the search log names which one it is.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import torch
 
 from service.policy import InputEncoder, InputTemplate, Policy
 from training.data.rows import Example
+from training.eval.heldout import MAX_FPR, bounded_thresholds, heldout_result
 from training.eval.metrics import f1_at, rows_by_policy, source_groups, source_weights
 from training.eval.scoring import Window, encode_windows, model_scorer, score_windows
-from training.eval.thresholds import best_f1_threshold
+from training.eval.thresholds import ThresholdTarget, best_f1_threshold, choose_thresholds
 from training.merging.params import MergeParams
 from training.merging.state import Merger, StateDict
 from training.merging.subsets import ParameterSubset
@@ -108,6 +115,41 @@ class ValidationSet:
             f1_at_half=float(np.mean([p["f1_at_0.5"] for p in per.values()])),
             per_policy=per,
         )
+
+
+@dataclass
+class OutOfSourceSet(ValidationSet):
+    """``examples`` = validation rows, then held-out tune rows (``n_validation`` of the first kind).
+
+    The reward is the out-of-source summary of the tune rows (mean over policy × source × class
+    cells of recall or 1 − FPR) at thresholds chosen as the release step chooses them; the
+    per-policy entries carry each policy's share of that summary and its threshold."""
+
+    n_validation: int = 0
+    max_fpr: float = MAX_FPR
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.n_validation < len(self.examples):
+            raise ValueError("an out-of-source set needs validation rows and held-out tune rows")
+
+    def thresholds(self, scores: np.ndarray) -> dict[str, float]:
+        nv = self.n_validation
+        val, tune = self.examples[:nv], self.examples[nv:]
+        fallback = choose_thresholds(val, scores[:nv], ThresholdTarget("max_fpr", self.max_fpr))
+        return bounded_thresholds(val, scores[:nv], tune, scores[nv:], fallback, self.max_fpr)
+
+    def evaluate(self, scores: np.ndarray) -> Scored:
+        tune, ts = self.examples[self.n_validation :], scores[self.n_validation :]
+        chosen = self.thresholds(scores)
+        result = heldout_result(tune, ts, chosen)
+        at_half = heldout_result(tune, ts, dict.fromkeys(chosen, 0.5))
+        per: dict[str, dict[str, float]] = {}
+        for pid in sorted(chosen):
+            accs = [c["recall"] if c["label"] else 1.0 - c["fpr"] for c in result.cells if c["policy"] == pid]
+            if accs:
+                per[pid] = {"summary": round(float(np.mean(accs)), 6), "threshold": round(chosen[pid], 6)}
+        return Scored(f1=result.summary, f1_at_half=at_half.summary, per_policy=per)
 
 
 class MergeObjective:

@@ -22,14 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.manifest import sha256_file
 from service.policy import InputTemplate, Policy, load_policies
+from training.data.heldout import half_of
 from training.data.rows import Example, read_examples
+from training.eval.heldout import capped_heldout
 from training.merging.checkpoints import CheckpointSource, common_base, load_base_state, load_source_model, load_state
 from training.merging.params import MergeParams
 from training.merging.registry import get_method, method_names
 from training.merging.subsets import ParameterSubset
 from training.search.bandit import STRATEGIES, make_strategy
 from training.search.log import TrialLog
-from training.search.objective import MergeObjective, ValidationSet, evaluate_state
+from training.search.objective import MergeObjective, OutOfSourceSet, ValidationSet, evaluate_state
 from training.search.space import Proposal, SearchSpace
 
 MAX_TOP_K = 6
@@ -60,6 +62,9 @@ class SearchSettings(BaseModel):
     stride: int | None = Field(None, ge=0)
     threads: int = Field(0, ge=0)
     batch_size: int = Field(64, ge=1)
+    heldout_per_cell: int = Field(
+        40, ge=1, description="Held-out tune rows per policy x source x class scored by the out-of-source reward."
+    )
 
     @field_validator("methods")
     @classmethod
@@ -145,9 +150,18 @@ def search_meta(
     settings: SearchSettings,
     base: Path | None,
     subsets: dict[str, ParameterSubset],
+    tune: list[Example] | None = None,
 ) -> dict[str, Any]:
     """What makes two searches comparable; a resumed log must match it exactly."""
     return {
+        "objective": "validation F1"
+        if tune is None
+        else {
+            "name": "out-of-source summary (held-out tune half)",
+            "rows": len(tune),
+            "sha256": hashlib.sha256("\n".join(sorted(ex.text for ex in tune)).encode()).hexdigest(),
+            "per_cell": settings.heldout_per_cell,
+        },
         "sources": [{"name": s.name, "path": str(Path(s.path).resolve())} for s in sources],
         "validation": {
             "path": str(Path(validation_path).resolve()),
@@ -192,11 +206,14 @@ def run_search(
     base: Path | None = None,
     fallback_base: Path | None = None,
     progress: Progress | None = None,
+    heldout: list[Example] | None = None,
 ) -> tuple[SearchResult, MergeObjective, ValidationSet]:
     """Run (or resume) the whole search; returns the result and the live objective for export.
 
     ``base`` None: θ_base is the nearest checkpoint all top-k sources descend from (GIP for
     MultiTaskGuard fine-tunes), else ``fallback_base`` (the pretrained encoder).
+    ``heldout``: rows of evaluation-only sources; with them every source and trial is scored
+    by the out-of-source summary of their tune half (``OutOfSourceSet``), not validation F1.
     """
     note = progress or (lambda *a: None)
     missing = [n for n in settings.subsets if n not in subsets]
@@ -214,10 +231,21 @@ def run_search(
     rows = stratified_subsample(rows, settings.max_rows, settings.seed)
     max_length, stride = window_of(sources, settings)
     settings = settings.model_copy(update={"max_length": max_length, "stride": stride})
+    tune = None
+    if heldout is not None:
+        wanted = {ex.policy_id for ex in rows}
+        tune = capped_heldout(
+            [ex for ex in heldout if ex.policy_id in wanted and half_of(ex.text) == "tune"], settings.heldout_per_cell
+        )
     log = TrialLog(log_path)
-    log.open(search_meta(sources, validation_path, rows, settings, base, subsets))
-    validation = ValidationSet(
-        rows, policies, sources[0].path / "tokenizer.json", max_length, stride, settings.max_windows
+    log.open(search_meta(sources, validation_path, rows, settings, base, subsets, tune))
+    tokenizer = sources[0].path / "tokenizer.json"
+    validation = (
+        ValidationSet(rows, policies, tokenizer, max_length, stride, settings.max_windows)
+        if tune is None
+        else OutOfSourceSet(
+            rows + tune, policies, tokenizer, max_length, stride, settings.max_windows, n_validation=len(rows)
+        )
     )
 
     # 1. every source alone: the baselines, and the ranking that picks the top-k.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from training.merging.recipe import MergeRecipe
 from training.merging.state import Merger
 from training.release.export import TOKENIZER_FILES, ExportSpec
 from training.release.finalize import DEFAULT_OPTIONS, ReleaseOptions, release_checkpoint
-from training.search.objective import MergeObjective, load_into
+from training.search.objective import MergeObjective, OutOfSourceSet, load_into
 from training.search.run import SearchResult
 
 
@@ -70,11 +71,18 @@ def export_winner(
     started: float,
     quantize: bool = True,
     options: ReleaseOptions = DEFAULT_OPTIONS,
+    heldout: list[Example] | None = None,
+    extra_training: dict[str, Any] | None = None,
+    card_extra: str = "",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Release the winner as ``out_dir``; returns the summary written next to the trial log.
 
     ``options`` sets the threshold target and scoring threads; the recipe, the training
-    record and the card's merge section are the winner's own.
+    record and the card's merge section are the winner's own. ``heldout``: evaluation-only
+    rows, passed to the release step (thresholds bounded on their tune half, the card's
+    out-of-source table on their test half). ``extra_training``: more of the recipe for the
+    manifest (the stages that made the sources); ``card_extra``: Markdown after the recipe.
     """
     win = result.winner
     recipe = winner_recipe(result, params)
@@ -108,9 +116,14 @@ def export_winner(
         "soup_fallback_tensors": fallback,
         "val_f1_search": win["f1"],
         "val_rows_search": len(objective.validation.examples),
+        "search_objective": "out-of-source summary (held-out tune half)"
+        if isinstance(objective.validation, OutOfSourceSet)
+        else "validation F1",
         "best_single": {"name": single_name, "val_f1": single_f1},
         "beats_best_single": win["f1"] > single_f1,
         "trial_log": str(trial_log),
+        "trials": sum(len(runs) for runs in result.trials.values()),
+        **(extra_training or {}),
     }
     recipe_md = (
         "\n## Merge recipe\n\n"
@@ -137,7 +150,9 @@ def export_winner(
             quantize=quantize,
             training=training,
         ),
-        options=replace(options, train_rows=0, minutes=(time.time() - started) / 60, card_extra=recipe_md),
+        options=replace(options, train_rows=0, minutes=(time.time() - started) / 60, card_extra=recipe_md + card_extra),
+        heldout=heldout,
+        progress=progress,
     )
     return {
         "out": str(out_dir),

@@ -86,6 +86,12 @@ class RunContext:
     data_hashes: dict[str, str]
     reporter: Reporter
     force: bool = False
+    max_validation: int = 0  # validation rows per policy a stage scores for its record (0: all)
+
+    def validation_rows(self, rows: list[Example], seed: int) -> list[Example]:
+        """The rows a stage validates on: all, or a per-policy subsample (``make uniguard`` ranks
+        its sources out of source anyway, so a stage's own figure is a record, not a decision)."""
+        return subsample(rows, self.max_validation, seed) if self.max_validation else rows
 
 
 def finetune_stage(
@@ -132,6 +138,7 @@ def finetune_stage(
         else:
             log = train_head(model, data, head, progress=update)
     model.to("cpu")
+    val_rows = ctx.validation_rows(val_rows, (loop if mode == "fft" else head).seed)
     validation = validate(model, encoder, ctx.policies, val_rows, ctx.reporter, f"{family} {policy}")
     parent = read_meta(init).get("family")
     meta = {

@@ -70,7 +70,7 @@ def gip_stage(
         log = train_loop(model, data, loop, head=head, masker=masker, state_dir=state_dir, progress=update)
     model.to("cpu")
     head.to("cpu")
-    scores = validate(model, encoder, ctx.policies, validation, ctx.reporter, "mtg-gip")
+    scores = validate(model, encoder, ctx.policies, ctx.validation_rows(validation, loop.seed), ctx.reporter, "mtg-gip")
     meta = {
         "family": "mtg-gip",
         "policy": None,
@@ -145,9 +145,11 @@ def run_mtg(
     data_hashes: dict[str, str],
     reporter: Reporter,
     force: bool = False,
+    max_validation: int = 0,
 ) -> list[dict[str, Any]]:
-    """GIP, then per-policy CFT / FFT of the GIP checkpoint (instruction inputs, no rationale)."""
-    ctx = RunContext(run_dir, policies, max_length, stride, data_hashes, reporter, force)
+    """GIP, then per-policy CFT / FFT of the GIP checkpoint (instruction inputs, no rationale);
+    ``max_validation``: validation rows per policy each stage scores for its record (0: all)."""
+    ctx = RunContext(run_dir, policies, max_length, stride, data_hashes, reporter, force, max_validation)
     gip = gip_stage(base, ctx, train, validation, holdout=holdout, max_train_per_policy=gip_max_train, loop=gip_loop)
     return [
         gip,

@@ -31,9 +31,11 @@ def run_taskguard(
     data_hashes: dict[str, str],
     reporter: Reporter,
     force: bool = False,
+    max_validation: int = 0,
 ) -> list[dict[str, Any]]:
-    """TaskGuard-FFT / -CFT for each policy: plain prompts (no instruction), base encoder start."""
-    ctx = RunContext(run_dir, policies, max_length, stride, data_hashes, reporter, force)
+    """TaskGuard-FFT / -CFT for each policy: plain prompts (no instruction), base encoder start;
+    ``max_validation``: validation rows per policy each checkpoint scores for its record (0: all)."""
+    ctx = RunContext(run_dir, policies, max_length, stride, data_hashes, reporter, force, max_validation)
     return finetune_per_policy(
         base,
         run_dir / "taskguard",
