@@ -65,7 +65,7 @@ model: install-dev
 	$(PY) -m training train default $(MODEL_ARGS)
 
 ## The paper's pipeline on the same data (TaskGuard, GIP, per-policy FFT, joint merge search
-## rewarded out of source); promotes over models/default only if the merge wins. ~60 min on 2 cores.
+## rewarded out of source); promotes over models/default only if the merge wins. 31 min on 2 cores (measured).
 uniguard: install-dev
 	$(PY) -m training train uniguard $(UNIGUARD_ARGS)
 

@@ -409,3 +409,66 @@ def test_the_recipe_compares_merged_and_best_single_per_policy_on_the_same_cells
     tox = next(line for line in lines if line.startswith("| toxicity"))
     assert "| – / 100.0 / 0.500 |" in tox and tox.endswith("| – / 0.0 / 1.000 |")
     assert lines[-1] == f"| **summary** | **{flat.summary:.4f}** | **{good.summary:.4f}** |"
+
+
+def test_a_folder_s_recorded_out_of_source_figures_read_back_as_scored(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The promotion table takes the candidate's figures from its manifest, not a second scoring."""
+    import shutil
+
+    from training.eval.heldout import heldout_result
+    from training.stages.uniguard import comparison_table, recorded_heldout
+
+    rows = heldout_rows()
+    labels = np.array([ex.label for ex in rows], dtype=float)
+    scored = heldout_result(rows, labels * 0.6 + 0.3, dict.fromkeys(POLICIES, 0.5))
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    assert recorded_heldout(folder) is None  # nothing recorded: the caller scores it
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.setdefault("training", {})["heldout"] = json.loads(json.dumps(scored.as_dict()))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    back = recorded_heldout(folder)
+    assert back is not None and back.summary == round(scored.summary, 4)
+    assert comparison_table({"a": back}) == comparison_table({"a": scored})
+
+
+def test_zero_shot_is_reported_across_seeds_as_mean_sd_and_range(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.eval.robustness import zero_shot_spread
+
+    def run(seed: int, f1: float, auc: float | None) -> dict:
+        return {"seed": seed, "gip_zero_shot": [{"policy": "legal_advice", "f1": f1, "recall": f1, "roc_auc": auc}]}
+
+    spread = zero_shot_spread([run(13, 0.2, 0.9), run(14, 0.4, None), run(15, 0.6, 0.7)])
+    (legal,) = spread
+    assert legal["runs"] == 3 and legal["f1"]["mean"] == pytest.approx(0.4) and legal["f1"]["sd"] == pytest.approx(0.2)
+    assert (legal["f1"]["min"], legal["f1"]["max"]) == (0.2, 0.6)
+    assert legal["roc_auc"]["mean"] == pytest.approx(0.8)  # a run without ROC-AUC is left out, not read as 0
+    assert "precision" not in legal  # no run reported it
+    for seed, f1 in ((13, 0.2), (14, 0.4)):
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "summary.json").write_text(json.dumps(run(seed, f1, 0.9)))
+    result = CliRunner().invoke(app, ["zero-shot-spread", str(tmp_path / "s13"), str(tmp_path / "s14")])
+    assert result.exit_code == 0 and "0.300 ± 0.141" in result.output and "[13, 14]" in result.output
+    missing = CliRunner().invoke(app, ["zero-shot-spread", str(tmp_path / "s13"), str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_zero_shot_rows_score_a_checkpoint_and_a_served_folder_per_held_out_policy(
+    tiny_run: Path, tiny_model_dir: Path
+) -> None:
+    """The recipe's in-run check (torch checkpoint, 0.5) and evaluate's (served folder, its default
+    threshold) count the same hand-written rows of the same policies."""
+    from service.manifest import read_manifest
+    from training.data.heldout import zero_shot_rows
+    from training.eval.robustness import zero_shot, zero_shot_of
+
+    rows = zero_shot_rows()
+    expected = {p: sum(ex.policy_id == p for ex in rows) for p in {ex.policy_id for ex in rows}}
+    assert len(expected) >= 2
+    of_checkpoint = zero_shot_of(tiny_run / "ft0", threads=1)
+    of_folder = zero_shot(tiny_model_dir, threads=1)
+    for out, threshold in ((of_checkpoint, 0.5), (of_folder, read_manifest(tiny_model_dir).default_threshold)):
+        assert {z["policy"]: z["n"] for z in out} == expected
+        assert all(z["threshold"] == threshold and 0 <= z["fpr"] <= 1 for z in out)

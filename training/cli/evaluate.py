@@ -149,6 +149,32 @@ def table(
     typer.echo(text)
 
 
+def zero_shot_spread(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders of `train uniguard` (one seed each).")],
+) -> None:
+    """GIP's zero-shot rows across seeds: mean ± sd (range) per held-out policy, from each run's summary.json."""
+    import json
+
+    from training.eval.robustness import SPREAD_HEADER, spread_rows
+    from training.eval.robustness import zero_shot_spread as spread_of
+
+    summaries = []
+    for run in runs:
+        path = run / "summary.json"
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} does not exist: run `train uniguard` there first", param_hint="RUNS")
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        if not summary.get("gip_zero_shot"):
+            raise typer.BadParameter(f"{path} has no gip_zero_shot rows", param_hint="RUNS")
+        summaries.append(summary)
+    seeds = [s.get("seed", s.get("recipe_config", {}).get("seed")) for s in summaries]
+    print_table(
+        f"GIP zero-shot across {len(runs)} runs (seeds {seeds}; threshold 0.5): mean ± sd (min-max)",
+        SPREAD_HEADER,
+        spread_rows(spread_of(summaries)),
+    )
+
+
 def quant_study(
     model_dir: Annotated[Path, typer.Argument(help="Exported model folder (manifest.json).")] = paths.DEFAULT_MODEL_DIR,
     fp32: Annotated[

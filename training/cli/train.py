@@ -262,6 +262,9 @@ def uniguard(
     finetune_rows: Annotated[int, typer.Option(help="Per-policy FFT rows of the GIP model (0: all).")] = 150,
     epochs: Annotated[float, typer.Option(help="Epochs of every training stage (GPU: 2).")] = 1.0,
     lambda_mlm: Annotated[float, typer.Option(help="GIP's MLM weight (CPU 0.1; GPU 1.0).")] = 0.1,
+    lambda_alice: Annotated[
+        float, typer.Option(help="GIP's ALICE weight (0 with --lambda-mlm 0: the CE-only ablation).")
+    ] = 1.0,
     iterations: Annotated[int, typer.Option(help="Merge trials per method x strategy (GPU: 50).")] = 6,
     top_k: Annotated[int, typer.Option(help="Sources merged (the best by the out-of-source reward).")] = 4,
     search_rows: Annotated[int, typer.Option(help="Validation rows the search scores (0: all).")] = 400,
@@ -273,6 +276,13 @@ def uniguard(
     device: Annotated[str, typer.Option(help="cpu or cuda (training stages).")] = "cpu",
     seed: Annotated[int, typer.Option()] = 13,
     force: Annotated[bool, typer.Option(help="Promote the merge even if it does not win.")] = False,
+    gip_only: Annotated[
+        bool,
+        typer.Option(
+            help="Train GIP and score its zero-shot rows only: the zero-shot check across seeds "
+            "(--seed N --run-dir runs/uniguard-sN)."
+        ),
+    ] = False,
 ) -> None:
     """The paper's pipeline on the shipped data: TaskGuard, GIP, per-policy FFT, joint merge search
     rewarded out of source, release, promotion over models/default only if it wins (`make uniguard`)."""
@@ -287,6 +297,7 @@ def uniguard(
         finetune_rows=finetune_rows,
         epochs=epochs,
         lambda_mlm=lambda_mlm,
+        lambda_alice=lambda_alice,
         iterations=iterations,
         top_k=top_k,
         search_rows=search_rows,
@@ -295,6 +306,7 @@ def uniguard(
         threads=threads,
         device=device,
         seed=seed,
+        gip_only=gip_only,
     )
     try:
         build_uniguard(

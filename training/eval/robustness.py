@@ -2,7 +2,9 @@
 
 Both score through the service's loader with the folder's own calibration, at its own
 thresholds (zero-shot: the manifest's default threshold, which the service applies to an
-inline policy), so the figures are what a client would see.
+inline policy), so the figures are what a client would see. The zero-shot rows also score a
+torch checkpoint inside the recipe (``zero_shot_of``), and ``zero_shot_spread`` summarises
+them across seeds.
 """
 
 from __future__ import annotations
@@ -68,17 +70,73 @@ def prefix_sweep(
     return out
 
 
+def _per_policy(rows: list[Example], scores: np.ndarray, threshold: float) -> list[dict[str, Any]]:
+    out = []
+    for pid in sorted({ex.policy_id for ex in rows}):
+        idx = [i for i, ex in enumerate(rows) if ex.policy_id == pid]
+        out.append({"policy": pid, "threshold": threshold, **binary([rows[i] for i in idx], scores[idx], threshold)})
+    return out
+
+
 def zero_shot(folder: Path, threads: int = 0) -> list[dict[str, Any]]:
     """Policies no model trained on (hand-written rows), at the default threshold for inline policies."""
     rows = zero_shot_rows()
     if not rows:
         return []
-    policies = load_policies(ZERO_SHOT_POLICIES)
-    manifest = read_manifest(folder)
-    s = _scores(folder, rows, policies, threads)
+    s = _scores(folder, rows, load_policies(ZERO_SHOT_POLICIES), threads)
+    return _per_policy(rows, s, read_manifest(folder).default_threshold)
+
+
+def zero_shot_of(checkpoint: Path, threads: int = 0, threshold: float = 0.5) -> list[dict[str, Any]]:
+    """The same rows on a torch checkpoint (raw scores, the service's inline threshold): GIP's
+    claim measured inside the recipe, before any release."""
+    from training.eval.scoring import torch_scorer
+
+    rows = zero_shot_rows()
+    scores, _ = score(torch_scorer(checkpoint, threads=threads), rows, load_policies(ZERO_SHOT_POLICIES))
+    return _per_policy(rows, np.asarray(scores), threshold)
+
+
+ZERO_SHOT_HEADER = ["policy", "n", "precision", "recall", "F1", "FPR", "ROC-AUC"]
+
+
+def zero_rows(zero: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[z["policy"], z.get("n"), z.get("precision"), z.get("recall"), z.get("f1"), z.get("fpr"), z.get("roc_auc")]
+            for z in zero]  # fmt: skip
+
+
+SPREAD_METRICS = ("precision", "recall", "f1", "fpr", "roc_auc")
+
+
+def zero_shot_spread(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per zero-shot policy, mean, sample standard deviation and range of each metric over the runs
+    (their ``summary.json``: one seed each): GIP judged across seeds, not on one run."""
+    by_policy: dict[str, list[dict[str, Any]]] = {}
+    for summary in summaries:
+        for z in summary.get("gip_zero_shot") or []:
+            by_policy.setdefault(z["policy"], []).append(z)
     out = []
-    for pid in sorted(policies):
-        idx = [i for i, ex in enumerate(rows) if ex.policy_id == pid]
-        m = binary([rows[i] for i in idx], s[idx], manifest.default_threshold)
-        out.append({"policy": pid, "threshold": manifest.default_threshold, **m})
+    for pid, runs in sorted(by_policy.items()):
+        row: dict[str, Any] = {"policy": pid, "runs": len(runs)}
+        for m in SPREAD_METRICS:
+            values = np.array([r[m] for r in runs if r.get(m) is not None], dtype=float)
+            if len(values):
+                sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                row[m] = {
+                    "mean": float(values.mean()),
+                    "sd": sd,
+                    "min": float(values.min()),
+                    "max": float(values.max()),
+                }
+        out.append(row)
     return out
+
+
+def spread_rows(spread: list[dict[str, Any]]) -> list[list[Any]]:
+    def cell(v: dict[str, float] | None) -> str:
+        return "–" if v is None else f"{v['mean']:.3f} ± {v['sd']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
+
+    return [[r["policy"], r["runs"], *(cell(r.get(m)) for m in SPREAD_METRICS)] for r in spread]
+
+
+SPREAD_HEADER = ["policy", "runs", "precision", "recall", "F1", "FPR", "ROC-AUC"]

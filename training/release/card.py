@@ -28,7 +28,8 @@ def render_card(
         "",
         f"- Base encoder: {manifest.base_model}",
         f"- Format: ONNX ({manifest.files[0].precision}), onnxruntime on CPU",
-        f"- Training rows: {train_rows}; validation rows: {validation_rows} (stratified by policy, source and label; "
+        f"- Training rows: {train_rows or 'none of its own (a merge of trained checkpoints: see the recipe)'}; "
+        f"validation rows: {validation_rows} (stratified by policy, source and label; "
         "every copy of a text on one side)",
         f"- Built by: `{manifest.creation_command}`" + (f" in {minutes:.1f} min on CPU" if minutes is not None else ""),
         "",

@@ -33,6 +33,7 @@ from service.policy import Policy, load_policies
 from training.data.heldout import half_of
 from training.data.rows import Example, summary_rows
 from training.eval.heldout import HEADER, HeldoutResult, capped_heldout, cells_table, heldout_result
+from training.eval.robustness import ZERO_SHOT_HEADER, zero_rows, zero_shot_of
 from training.io import write_json_atomic, write_text_atomic
 from training.merging.checkpoints import load_state, resolve_sources
 from training.merging.params import MergeParams
@@ -45,8 +46,9 @@ from training.release.promote import promote
 from training.search.objective import MergeObjective, OutOfSourceSet, ValidationSet, load_into
 from training.search.run import SearchResult, SearchSettings, run_search
 from training.search.winner import export_winner, winner_recipe
-from training.stages.default import HELDOUT_FPR, prepare_split
-from training.stages.multitaskguard import run_mtg
+from training.stages.default import DEFAULT_LOOP, HELDOUT_FPR, prepare_split
+from training.stages.finetune import RunContext
+from training.stages.multitaskguard import gip_stage, run_mtg
 from training.stages.taskguard import run_taskguard
 from training.ui import Reporter, console, print_table
 
@@ -83,6 +85,7 @@ class UniGuardConfig:
     threads: int = 0
     device: str = "cpu"
     min_parity: float | None = 0.995
+    gip_only: bool = False  # train GIP and score its zero-shot rows only (seed repeats of that check)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -142,6 +145,15 @@ def candidate_results(
     return out
 
 
+def recorded_heldout(folder: Path) -> HeldoutResult | None:
+    """The out-of-source figures a folder's release step recorded in its manifest (the same test
+    rows when the folder was released from this split), without scoring it again."""
+    held = read_manifest(folder).training.get("heldout")
+    if not isinstance(held, dict) or not isinstance(held.get("summary"), float):
+        return None
+    return HeldoutResult({}, held["cells"], float(held["summary"]), held["sources"], held["rows"])
+
+
 def comparison_table(results: dict[str, HeldoutResult]) -> str:
     """Per policy: each candidate's out-of-source F1 (where a source has both classes), worst
     benign FPR and mean cell accuracy; then the summary row."""
@@ -186,7 +198,8 @@ def build_uniguard(
     example_files = sorted(Path(examples_dir).glob("*.jsonl"))
     base = base_model_path()
     with clock.stage("data"):
-        split = prepare_split(data_dir, example_files, set(policies), run_dir, cfg.seed)
+        # make model's split whatever the training seed: seeds vary training, never the data.
+        split = prepare_split(data_dir, example_files, set(policies), run_dir, DEFAULT_LOOP.seed)
     train, validation, heldout = split["train"], split["validation"], split["heldout"]
     if not heldout:
         raise ValueError("the recipe needs held-out rows: the out-of-source protocol rewards and promotes")
@@ -214,6 +227,17 @@ def build_uniguard(
         "reporter": reporter,
         "max_validation": cfg.stage_validation_rows,
     }
+    gip_loop = loop(cfg.gip_lr, lambda_mlm=cfg.lambda_mlm, lambda_alice=cfg.lambda_alice)
+    if cfg.gip_only:  # the zero-shot check across seeds: GIP and its zero-shot rows, nothing else
+        with clock.stage("gip"):
+            ctx = RunContext(run_dir, policies, cfg.max_length, cfg.stride, hashes, reporter, False,
+                             cfg.stage_validation_rows)  # fmt: skip
+            gip_stage(base, ctx, train, validation, holdout=None, max_train_per_policy=cfg.gip_rows, loop=gip_loop)
+        zero = zero_shot_of(run_dir / "mtg" / "gip", cfg.threads)
+        out = {"gip_zero_shot": zero, "seed": cfg.seed, "stage_seconds": clock.seconds}
+        write_json_atomic(run_dir / "summary.json", out)
+        print_table("GIP zero-shot (policies no stage trained on, threshold 0.5)", ZERO_SHOT_HEADER, zero_rows(zero))
+        return out
     with clock.stage("taskguard-fft"):
         run_taskguard(
             run_dir, base, policies, train, validation, policy_ids=ids, modes=["fft"],
@@ -223,9 +247,10 @@ def build_uniguard(
         run_mtg(
             run_dir, base, policies, train, validation, holdout=None, policy_ids=ids, finetune_modes=["fft"],
             gip_max_train=cfg.gip_rows, ft_max_train=cfg.finetune_rows,
-            gip_loop=loop(cfg.gip_lr, lambda_mlm=cfg.lambda_mlm, lambda_alice=cfg.lambda_alice),
-            ft_loop=loop(cfg.finetune_lr), head=head, **common,
+            gip_loop=gip_loop, ft_loop=loop(cfg.finetune_lr), head=head, **common,
         )  # fmt: skip
+    gip_zero = zero_shot_of(run_dir / "mtg" / "gip", cfg.threads)
+    print_table("GIP zero-shot (policies no stage trained on, threshold 0.5)", ZERO_SHOT_HEADER, zero_rows(gip_zero))
     settings = SearchSettings(
         methods=list(cfg.methods),
         strategies=list(cfg.strategies),
@@ -285,6 +310,7 @@ def build_uniguard(
                 "stage_seconds": clock.seconds,
                 "test_half_comparison": {k: round(v.summary, 4) for k, v in compared.items()},
                 "beats_best_single_test_half": beats_single,
+                "gip_zero_shot": gip_zero,
             },
             card_extra="\n## Merged vs best single checkpoint (held-out test half, torch fp32, capped rows)\n\n"
             "Per policy: mean F1 over held-out sources with both classes / worst benign FPR % / mean cell "
@@ -297,14 +323,18 @@ def build_uniguard(
         else:
 
             def summary_of(folder: Path) -> float | None:
-                if folder == release_dir:  # the release step scored it on these rows already
-                    held = read_manifest(folder).training.get("heldout")
-                    if isinstance(held, dict) and isinstance(held.get("summary"), float):
-                        return float(held["summary"])
-                r = heldout_of_folder(folder, heldout, policies, cfg.threads)
+                r = recorded_heldout(folder) if folder == release_dir else None  # scored on these rows
+                r = r or heldout_of_folder(folder, heldout, policies, cfg.threads)
+                if r is not None:
+                    m = read_manifest(folder)
+                    served[f"{m.name}@{m.version} ({folder.name})"] = r
                 return None if r is None else r.summary
 
+            served: dict[str, HeldoutResult] = {}
             done, why = promote(release_dir, out_dir, force=force, score=summary_of)
+            if len(served) == 2:  # the served merge against the default it had to beat, same rows
+                write_text_atomic(run_dir / "promotion.md", comparison_table(served))
+                console.print(comparison_table(served))
     console.print(("[green]promoted: " if done else "[yellow]kept the current default: ") + why)
     out = {
         **summary,
