@@ -472,3 +472,43 @@ def test_zero_shot_rows_score_a_checkpoint_and_a_served_folder_per_held_out_poli
     for out, threshold in ((of_checkpoint, 0.5), (of_folder, read_manifest(tiny_model_dir).default_threshold)):
         assert {z["policy"]: z["n"] for z in out} == expected
         assert all(z["threshold"] == threshold and 0 <= z["fpr"] <= 1 for z in out)
+
+
+def test_the_recipe_refuses_a_wrong_extra_source_before_it_trains_anything(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    run_dir = tmp_path / "run"
+    args = ["train", "uniguard", "--data-dir", str(tmp_path), "--run-dir", str(run_dir)]
+    result = CliRunner().invoke(app, [*args, "--extra-source", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no such checkpoint folder" in result.output
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("command", ["uniguard", "taskguard"])
+def test_a_stage_trained_with_other_settings_is_one_error_line_not_a_traceback(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from training.cli import app, train
+    from training.stages import StageConfigMismatch
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise StageConfigMismatch(tmp_path / "mtg" / "gip")
+
+    if command == "uniguard":
+        monkeypatch.setattr("training.stages.uniguard.build_uniguard", refuse)
+        args = ["train", "uniguard", "--data-dir", str(tmp_path), "--run-dir", str(tmp_path)]
+        hint = "use a new --run-dir"
+    else:
+        splits = SimpleNamespace(train=[], validation=[])
+        monkeypatch.setattr(train, "run_splits", lambda *_a, **_k: (splits, {}, {}))
+        monkeypatch.setattr("training.stages.taskguard.run_taskguard", refuse)
+        args, hint = ["train", "taskguard", "--run", "x"], "use --force to retrain it"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and hint in result.output and "Traceback" not in result.output
+    assert not isinstance(result.exception, StageConfigMismatch)

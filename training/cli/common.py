@@ -6,8 +6,12 @@ import inspect
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
+
+import typer
 
 from training.io import write_json_atomic
 
@@ -15,6 +19,10 @@ if TYPE_CHECKING:
     from training.release.optimize import Quantization
 
 RUN_HELP = "Run name: outputs go to runs/<run>/."
+# The folders every data-reading command takes, declared once (the defaults stay with each command).
+DataDirOption = Annotated[Path, typer.Option(help="Folder of the public JSONL files (../shared/data).")]
+ExamplesDirOption = Annotated[Path, typer.Option(help="Folder of hand-written example JSONL files.")]
+PoliciesDirOption = Annotated[Path, typer.Option(help="Folder of policy YAML files.")]
 THREADS_HELP = (
     "Torch threads (0: all cores). Use 1 when other jobs share the CPU: on a busy 2-core box "
     "2 oversubscribed OpenMP threads ran 5x slower than 1."
@@ -67,3 +75,14 @@ def record(run_dir: Path, stage: str, args: dict[str, Any], started: float) -> N
 def defaults(command: Any) -> dict[str, Any]:
     """A typer command's option defaults, to call it from ``pipeline all`` with default settings."""
     return {name: getattr(p.default, "default", p.default) for name, p in inspect.signature(command).parameters.items()}
+
+
+@contextmanager
+def clean_exit(*errors: type[Exception]) -> Iterator[None]:
+    """Known failures (a stage trained with other settings, ...) as one ``error:`` line and exit
+    code 2, not a stack trace."""
+    try:
+        yield
+    except errors as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc

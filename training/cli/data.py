@@ -12,7 +12,7 @@ import typer
 from service.manifest import sha256_file
 from service.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
 from training import paths
-from training.cli.common import RUN_HELP, record
+from training.cli.common import RUN_HELP, DataDirOption, record
 from training.data.rows import summary_rows
 from training.ui import print_table
 
@@ -90,9 +90,7 @@ def run_splits(
 
 def data(
     run: Annotated[str, typer.Option(help=RUN_HELP)] = "issue4",
-    data_dir: Annotated[
-        Path, typer.Option(help="Folder of the public JSONL files (../shared/data).")
-    ] = paths.DEFAULT_DATA,
+    data_dir: DataDirOption = paths.DEFAULT_DATA,
     examples_dir: Annotated[Path, typer.Option(help="Hand-written example JSONL files.")] = paths.EXAMPLES,
     extra: Annotated[
         list[Path] | None,

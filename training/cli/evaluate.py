@@ -9,7 +9,7 @@ import typer
 
 from service.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
 from training import paths
-from training.cli.common import RUN_HELP
+from training.cli.common import RUN_HELP, DataDirOption
 from training.data.rows import read_test_rows
 from training.io import write_json_atomic, write_text_atomic
 from training.ui import Reporter, print_table
@@ -209,7 +209,7 @@ def capacity_study(
             "installed by pip install -e '.[large-base]')."
         ),
     ] = None,
-    data_dir: Annotated[Path, typer.Option(help="Folder of the public JSONL files.")] = paths.DEFAULT_DATA,
+    data_dir: DataDirOption = paths.DEFAULT_DATA,
     policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
     work: Annotated[Path, typer.Option(help="Work folder; a rerun resumes from it.")] = paths.RUNS / "capacity",
     train_per_policy: Annotated[int, typer.Option(help="Training rows per policy (both bases).")] = 600,

@@ -10,7 +10,7 @@ import typer
 
 from service.policy import DEFAULT_POLICIES_DIR
 from training import paths
-from training.cli.common import command_line
+from training.cli.common import PoliciesDirOption, command_line
 from training.cli.common import csv as _split
 from training.cli.release import parse_target
 from training.io import write_json_atomic, write_text_atomic
@@ -34,7 +34,7 @@ def merge_search(
             "--policy", help="Policy id(s) to merge for (repeat or comma-separate; default: all in the file)."
         ),
     ] = None,
-    policies_dir: Annotated[Path, typer.Option(help="Folder of policy YAML files.")] = DEFAULT_POLICIES_DIR,
+    policies_dir: PoliciesDirOption = DEFAULT_POLICIES_DIR,
     base: Annotated[
         Path | None,
         typer.Option(

@@ -11,7 +11,7 @@ import typer
 
 from service.policy import DEFAULT_POLICIES_DIR, load_policies
 from training import paths
-from training.cli.common import QUANTIZATION_HELP, command_line, parse_quantization
+from training.cli.common import QUANTIZATION_HELP, PoliciesDirOption, command_line, parse_quantization
 from training.data.rows import read_examples
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def calibrate(
     validation: Annotated[
         Path, typer.Option(help="Validation rows (JSONL: text, label, policy_id, source).")
     ] = paths.DEFAULT_RUN_DIR / "validation.jsonl",
-    policies_dir: Annotated[Path, typer.Option(help="Folder of policy YAML files.")] = DEFAULT_POLICIES_DIR,
+    policies_dir: PoliciesDirOption = DEFAULT_POLICIES_DIR,
     threshold_target: Annotated[str, typer.Option(help=TARGET_HELP)] = "best-f1",
     threads: Annotated[int, typer.Option(help="onnxruntime threads for scoring (0: all cores).")] = 0,
 ) -> None:

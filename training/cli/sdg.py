@@ -16,6 +16,7 @@ import typer
 
 from service.policy import DEFAULT_POLICIES_DIR, load_policies
 from training import paths
+from training.cli.common import PoliciesDirOption
 from training.data.rows import read_jsonl
 from training.ui import console
 
@@ -33,7 +34,7 @@ def generate_cmd(
     policy: Annotated[
         list[str], typer.Option("--policy", "-p", help="Policy id (repeat for several).")
     ] = DEFAULT_POLICY_IDS,
-    policies_dir: Annotated[Path, typer.Option(help="Folder of policy YAML files.")] = DEFAULT_POLICIES_DIR,
+    policies_dir: PoliciesDirOption = DEFAULT_POLICIES_DIR,
     out_dir: Annotated[
         Path, typer.Option(help="Writes sdg_<policy>.jsonl (+ .state.json, policies/).")
     ] = paths.SYNTHETIC,

@@ -21,6 +21,10 @@ from training.cli.common import (
     QUANTIZATION_HELP,
     RUN_HELP,
     THREADS_HELP,
+    DataDirOption,
+    ExamplesDirOption,
+    PoliciesDirOption,
+    clean_exit,
     command_line,
     csv,
     parse_quantization,
@@ -28,6 +32,7 @@ from training.cli.common import (
 )
 from training.cli.data import run_splits
 from training.data.rows import DataError
+from training.stages import StageConfigMismatch
 from training.ui import Reporter
 
 # Stage modules (torch, transformers) are imported inside the commands: `--help` must stay instant.
@@ -64,23 +69,24 @@ def taskguard(
 
     args, started = dict(locals()), time.time()
     splits, policies, hashes = run_splits(run, show=False, any_config=True)
-    run_taskguard(
-        paths.RUNS / run,
-        paths.base_model_path(),
-        policies,
-        splits.train,
-        splits.validation,
-        policy_ids=policy or sorted(policies),
-        modes=csv(modes),
-        max_train=max_train,
-        max_length=max_length,
-        stride=stride,
-        loop=LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, threads=threads),
-        head=HeadConfig(epochs=head_epochs, lr=head_lr, seed=seed, device=device, threads=threads),
-        data_hashes=hashes,
-        reporter=Reporter(),
-        force=force,
-    )
+    with clean_exit(StageConfigMismatch):
+        run_taskguard(
+            paths.RUNS / run,
+            paths.base_model_path(),
+            policies,
+            splits.train,
+            splits.validation,
+            policy_ids=policy or sorted(policies),
+            modes=csv(modes),
+            max_train=max_train,
+            max_length=max_length,
+            stride=stride,
+            loop=LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, threads=threads),
+            head=HeadConfig(epochs=head_epochs, lr=head_lr, seed=seed, device=device, threads=threads),
+            data_hashes=hashes,
+            reporter=Reporter(),
+            force=force,
+        )
     record(paths.RUNS / run, "taskguard", args, started)
 
 
@@ -157,38 +163,37 @@ def mtg(
         save_every=save_every,
         threads=threads,
     )
-    run_mtg(
-        paths.RUNS / run,
-        paths.base_model_path(),
-        policies,
-        splits.train,
-        splits.validation,
-        holdout=holdout or None,
-        policy_ids=policy or sorted(policies),
-        finetune_modes=csv(finetune),
-        gip_max_train=gip_max_train,
-        ft_max_train=ft_max_train,
-        max_length=max_length,
-        stride=stride,
-        gip_loop=gip,
-        ft_loop=LoopConfig(
-            epochs=ft_epochs, batch_size=batch_size, lr=ft_lr, seed=seed, device=device, threads=threads
-        ),
-        head=HeadConfig(epochs=head_epochs, lr=head_lr, seed=seed, device=device, threads=threads),
-        data_hashes=hashes,
-        reporter=Reporter(),
-        force=force,
-    )
+    with clean_exit(StageConfigMismatch):
+        run_mtg(
+            paths.RUNS / run,
+            paths.base_model_path(),
+            policies,
+            splits.train,
+            splits.validation,
+            holdout=holdout or None,
+            policy_ids=policy or sorted(policies),
+            finetune_modes=csv(finetune),
+            gip_max_train=gip_max_train,
+            ft_max_train=ft_max_train,
+            max_length=max_length,
+            stride=stride,
+            gip_loop=gip,
+            ft_loop=LoopConfig(
+                epochs=ft_epochs, batch_size=batch_size, lr=ft_lr, seed=seed, device=device, threads=threads
+            ),
+            head=HeadConfig(epochs=head_epochs, lr=head_lr, seed=seed, device=device, threads=threads),
+            data_hashes=hashes,
+            reporter=Reporter(),
+            force=force,
+        )
     record(paths.RUNS / run, "mtg", args, started)
 
 
 @app.command()
 def default(
-    data_dir: Annotated[
-        Path, typer.Option(help="Folder of the public JSONL files (../shared/data).")
-    ] = paths.DEFAULT_DATA,
-    examples_dir: Annotated[Path, typer.Option(help="Folder of hand-written example JSONL files.")] = paths.EXAMPLES,
-    policies_dir: Annotated[Path, typer.Option(help="Folder of policy YAML files.")] = DEFAULT_POLICIES_DIR,
+    data_dir: DataDirOption = paths.DEFAULT_DATA,
+    examples_dir: ExamplesDirOption = paths.EXAMPLES,
+    policies_dir: PoliciesDirOption = DEFAULT_POLICIES_DIR,
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = paths.DEFAULT_MODEL_DIR,
     run_dir: Annotated[Path, typer.Option(help="Work folder; a rerun resumes from it.")] = paths.DEFAULT_RUN_DIR,
     max_length: Annotated[int, typer.Option(help="Tokens per window (instruction + prompt).")] = 128,
@@ -250,11 +255,9 @@ def default(
 
 @app.command()
 def uniguard(
-    data_dir: Annotated[
-        Path, typer.Option(help="Folder of the public JSONL files (../shared/data).")
-    ] = paths.DEFAULT_DATA,
-    examples_dir: Annotated[Path, typer.Option(help="Folder of hand-written example JSONL files.")] = paths.EXAMPLES,
-    policies_dir: Annotated[Path, typer.Option(help="Folder of policy YAML files.")] = DEFAULT_POLICIES_DIR,
+    data_dir: DataDirOption = paths.DEFAULT_DATA,
+    examples_dir: ExamplesDirOption = paths.EXAMPLES,
+    policies_dir: PoliciesDirOption = DEFAULT_POLICIES_DIR,
     out: Annotated[Path, typer.Option(help="Served folder the merge may replace.")] = paths.DEFAULT_MODEL_DIR,
     run_dir: Annotated[Path, typer.Option(help="Work folder; a rerun resumes from it.")] = paths.RUNS / "uniguard",
     taskguard_rows: Annotated[int, typer.Option(help="TaskGuard-FFT rows per policy (0: all; GPU: 0).")] = 150,
@@ -276,6 +279,13 @@ def uniguard(
     device: Annotated[str, typer.Option(help="cpu or cuda (training stages).")] = "cpu",
     seed: Annotated[int, typer.Option()] = 13,
     force: Annotated[bool, typer.Option(help="Promote the merge even if it does not win.")] = False,
+    extra_source: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A checkpoint folder trained on the same split, searched with the recipe's own "
+            "(repeatable; e.g. runs/default/checkpoint from make model)."
+        ),
+    ] = None,
     gip_only: Annotated[
         bool,
         typer.Option(
@@ -307,6 +317,7 @@ def uniguard(
         device=device,
         seed=seed,
         gip_only=gip_only,
+        extra_sources=tuple(str(p) for p in extra_source or ()),
     )
     try:
         build_uniguard(
@@ -321,4 +332,11 @@ def uniguard(
         )
     except (DataError, ParityError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except StageConfigMismatch as exc:  # the recipe's --force promotes; it never retrains
+        typer.echo(
+            f"error: {exc.path} was trained with other settings or in another run folder; "
+            "the recipe resumes only its own run: use a new --run-dir",
+            err=True,
+        )
         raise typer.Exit(2) from exc

@@ -24,11 +24,8 @@ from training.model.checkpoints import is_complete, read_meta, register, save_ch
 from training.model.head import HeadConfig, train_head
 from training.model.loop import LoopConfig, train_loop
 from training.model.modeling import load_classifier
+from training.stages import StageConfigMismatch
 from training.ui import Reporter
-
-
-class StageConfigMismatch(RuntimeError):
-    """A finished checkpoint exists for a different configuration: rerun with --force or a new run name."""
 
 
 def validate(
@@ -69,9 +66,7 @@ def stage_done(out: Path, config: dict[str, Any], force: bool) -> dict[str, Any]
         return None
     meta = read_meta(out)
     if stage_identity(meta.get("config")) != stage_identity(config):
-        raise StageConfigMismatch(
-            f"{out} was trained with another configuration; use --force to retrain it or another --run name"
-        )
+        raise StageConfigMismatch(out)
     return meta
 
 
