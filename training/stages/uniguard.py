@@ -148,6 +148,13 @@ def candidate_results(
     return out
 
 
+def gip_zero_shot(run_dir: Path, threads: int) -> list[dict[str, Any]]:
+    """The run's GIP checkpoint on the zero-shot rows, printed: both paths of the recipe report it."""
+    zero = zero_shot_of(run_dir / "mtg" / "gip", threads)
+    print_table("GIP zero-shot (policies no stage trained on, threshold 0.5)", ZERO_SHOT_HEADER, zero_rows(zero))
+    return zero
+
+
 def recorded_heldout(folder: Path) -> HeldoutResult | None:
     """The out-of-source figures a folder's release step recorded in its manifest (the same test
     rows when the folder was released from this split), without scoring it again."""
@@ -238,10 +245,8 @@ def build_uniguard(
             ctx = RunContext(run_dir, policies, cfg.max_length, cfg.stride, hashes, reporter, False,
                              cfg.stage_validation_rows)  # fmt: skip
             gip_stage(base, ctx, train, validation, holdout=None, max_train_per_policy=cfg.gip_rows, loop=gip_loop)
-        zero = zero_shot_of(run_dir / "mtg" / "gip", cfg.threads)
-        out = {"gip_zero_shot": zero, "seed": cfg.seed, "stage_seconds": clock.seconds}
+        out = {"gip_zero_shot": gip_zero_shot(run_dir, cfg.threads), "seed": cfg.seed, "stage_seconds": clock.seconds}
         write_json_atomic(run_dir / "summary.json", out)
-        print_table("GIP zero-shot (policies no stage trained on, threshold 0.5)", ZERO_SHOT_HEADER, zero_rows(zero))
         return out
     with clock.stage("taskguard-fft"):
         run_taskguard(
@@ -254,8 +259,7 @@ def build_uniguard(
             gip_max_train=cfg.gip_rows, ft_max_train=cfg.finetune_rows,
             gip_loop=gip_loop, ft_loop=loop(cfg.finetune_lr), head=head, **common,
         )  # fmt: skip
-    gip_zero = zero_shot_of(run_dir / "mtg" / "gip", cfg.threads)
-    print_table("GIP zero-shot (policies no stage trained on, threshold 0.5)", ZERO_SHOT_HEADER, zero_rows(gip_zero))
+    gip_zero = gip_zero_shot(run_dir, cfg.threads)
     settings = SearchSettings(
         methods=list(cfg.methods),
         strategies=list(cfg.strategies),
@@ -338,8 +342,9 @@ def build_uniguard(
             served: dict[str, HeldoutResult] = {}
             done, why = promote(release_dir, out_dir, force=force, score=summary_of)
             if len(served) == 2:  # the served merge against the default it had to beat, same rows
-                write_text_atomic(run_dir / "promotion.md", comparison_table(served))
-                console.print(comparison_table(served))
+                promotion_table = comparison_table(served)
+                write_text_atomic(run_dir / "promotion.md", promotion_table)
+                console.print(promotion_table)
     console.print(("[green]promoted: " if done else "[yellow]kept the current default: ") + why)
     out = {
         **summary,
