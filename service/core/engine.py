@@ -21,7 +21,7 @@ import numpy as np
 
 from service.config import Settings
 from service.contract.policy import EncodedWindows, InstructionTooLong, Policy
-from service.core.batching import BatcherClosed, BatchResult, MicroBatcher, PreparedWork, QueueFull
+from service.core.batcher import BatcherClosed, BatchResult, MicroBatcher, PreparedWork, QueueFull
 from service.core.errors import ApiError, ErrorCode
 from service.core.heap import release_memory_soon
 from service.core.metrics import INLINE_POLICY_LABEL, Metrics

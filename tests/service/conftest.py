@@ -13,7 +13,7 @@ import pytest
 
 from service.config import Settings
 from service.contract.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
-from service.core.batching import MicroBatcher
+from service.core.batcher import MicroBatcher
 from service.core.engine import Engine
 from service.core.metrics import Metrics
 from service.model.onnx_model import OnnxModel

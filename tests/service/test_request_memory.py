@@ -20,7 +20,7 @@ import pytest
 from service.contract.policy import Policy
 from service.core import engine as engine_module
 from service.core import heap as memory
-from service.core.batching import MicroBatcher
+from service.core.batcher import MicroBatcher
 from service.core.errors import ApiError, ErrorCode
 from service.model.onnx_model import OnnxModel
 from tests.service.conftest import running_engine
