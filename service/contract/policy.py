@@ -21,7 +21,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tokenizers import Tokenizer
 
-from service.contract.textnorm import hidden_payloads, normalize_text
+from service.contract.textnorm import (
+    MAX_PAYLOADS,
+    NormalizedTooLong,
+    hidden_payloads,
+    normalize_bounded,
+    normalize_text,
+)
 
 POLICY_ID_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 
@@ -155,6 +161,32 @@ class EncodedWindows:
 MIN_QUERY_TOKENS = 16
 
 
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt normalised, scanned for payloads and tokenised once: the query-side token ids
+    of the prompt and of its payloads (``MAX_PAYLOADS`` alone, the rest joined), cut into each
+    policy's windows by ``InputEncoder.windows``."""
+
+    queries: tuple[np.ndarray, ...]
+    chars: int  # normalised characters, payloads included
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(len(q) for q in self.queries))
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The special tokens a pair template puts around (instruction, query slice)."""
+
+    prefix_ids: np.ndarray  # [CLS] instruction [SEP] ...
+    prefix_types: np.ndarray
+    suffix_ids: np.ndarray  # ... [SEP]
+    suffix_types: np.ndarray
+    query_type: int
+    room: int  # query tokens per window
+
+
 class InputEncoder:
     """Turns (policy, prompt) into model windows, never silently truncating the prompt.
 
@@ -180,6 +212,7 @@ class InputEncoder:
         # Tokens added around a pair: [CLS] a [SEP] b [SEP] for BERT.
         self._special_pair = tokenizer.post_processor.num_special_tokens_to_add(True) if tokenizer.post_processor else 0
         self._instruction_counts: dict[str, int] = {}
+        self._frames: dict[str, _Frame] = {}
 
     @classmethod
     def from_file(cls, tokenizer_json: Path, template: InputTemplate, max_length: int, stride: int) -> InputEncoder:
@@ -219,17 +252,75 @@ class InputEncoder:
 
         A payload's windows count like the prompt's (admission, budget): the max over all
         windows is the verdict, so an instruction hidden in base64 is judged decoded."""
-        self.check_policy(policy)
+        return self.windows(policy, self.prepare(prompt))
+
+    def prepare(self, prompt: str, max_chars: int | None = None) -> PreparedPrompt:
+        """Normalise, scan and tokenise ``prompt`` once for every policy. ``max_chars`` bounds
+        the normalised characters (payloads included): NormalizedTooLong beyond it, raised
+        before anything is tokenised."""
+        text = normalize_bounded(prompt, max_chars)
+        chars = len(text)
+        payloads = hidden_payloads(prompt)
+        if len(payloads) > MAX_PAYLOADS:  # judged too, together: never skipped
+            payloads = [*payloads[:MAX_PAYLOADS], "\n".join(payloads[MAX_PAYLOADS:])]
+        chars += sum(len(p) for p in payloads)
+        if max_chars is not None and chars > max_chars:
+            raise NormalizedTooLong(chars, max_chars)
+        queries = []
+        for query in [text, *payloads]:
+            enc = self._counter.encode(self.template.query.format(prompt=query), add_special_tokens=False)
+            queries.append(np.asarray(enc.ids, dtype=np.int64))
+        return PreparedPrompt(tuple(queries), chars)
+
+    def _frame(self, policy: Policy) -> _Frame:
         instruction = self.template.instruction_text(policy)
-        windows = []
-        for text in [prompt, *hidden_payloads(prompt)]:
-            first = self._tokenizer.encode(instruction, self.template.query_text(text))
-            windows += [first, *first.overflowing]
-        return EncodedWindows(
-            input_ids=[np.asarray(w.ids, dtype=np.int64) for w in windows],
-            attention_mask=[np.asarray(w.attention_mask, dtype=np.int64) for w in windows],
-            token_type_ids=[np.asarray(w.type_ids, dtype=np.int64) for w in windows],
-        )
+        frame = self._frames.get(instruction)
+        if frame is None:
+            self.check_policy(policy)
+            # The template's frame, read off a one-token query: where the query goes, with what types.
+            probe = self._tokenizer.encode(instruction, "x")
+            where = probe.sequence_ids.index(1)
+            ids = np.asarray(probe.ids, dtype=np.int64)
+            types = np.asarray(probe.type_ids, dtype=np.int64)
+            frame = _Frame(
+                ids[:where], types[:where], ids[where + 1 :], types[where + 1 :], int(types[where]),
+                self.max_length - len(ids) + 1,
+            )  # fmt: skip
+            if len(self._frames) >= 4096:  # inline policies are request data: bound the cache
+                self._frames.clear()
+            self._frames[instruction] = frame
+        return frame
+
+    def _starts(self, frame: _Frame, n: int) -> range:
+        """Where each window's query slice starts: the tokenizer's overflow windows, ``stride``
+        tokens shared by neighbours."""
+        step = frame.room - self.stride
+        if n <= frame.room:
+            return range(1)
+        return range(0, n - self.stride, step)
+
+    def window_count(self, policy: Policy, prepared: PreparedPrompt) -> int:
+        """How many windows ``windows`` would build, computed without building them."""
+        frame = self._frame(policy)
+        return sum(len(self._starts(frame, len(q))) for q in prepared.queries)
+
+    def windows(self, policy: Policy, prepared: PreparedPrompt) -> EncodedWindows:
+        """The prepared prompt's windows under ``policy``: what the tokenizer gives for the pair
+        (instruction, query), overflow windows included, without tokenising again."""
+        frame = self._frame(policy)
+        ids, masks, types = [], [], []
+        for query in prepared.queries:
+            for start in self._starts(frame, len(query)):
+                piece = query[start : start + frame.room]
+                row = np.concatenate((frame.prefix_ids, piece, frame.suffix_ids))
+                ids.append(row)
+                masks.append(np.ones(len(row), dtype=np.int64))
+                types.append(
+                    np.concatenate(
+                        (frame.prefix_types, np.full(len(piece), frame.query_type, dtype=np.int64), frame.suffix_types)
+                    )
+                )
+        return EncodedWindows(ids, masks, types)
 
     def encode_query_windows(
         self, instruction: str, query: str

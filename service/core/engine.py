@@ -21,6 +21,7 @@ import numpy as np
 
 from service.config import Settings
 from service.contract.policy import EncodedWindows, InstructionTooLong, Policy
+from service.contract.textnorm import NormalizedTooLong, normalize_text
 from service.core.batcher import BatcherClosed, BatchResult, MicroBatcher, PreparedWork, QueueFull
 from service.core.errors import ApiError, ErrorCode
 from service.core.heap import release_memory_soon
@@ -32,6 +33,9 @@ from service.model.onnx_model import OnnxModel
 # event loop stays free; requests with more windows than this get their verdicts there too.
 THREADED_TOKENIZE_CHARS = 4096
 THREADED_VERDICT_WINDOWS = 2048
+# A prompt's normalised text (NFKC can make 18 characters of one) and its decoded payloads
+# may hold at most this many times max_prompt_chars characters; beyond, 413 before tokenising.
+NORMALIZED_EXPANSION = 2
 # After a request of at least this many (prompt, policy) pairs the freed memory is handed back to the OS.
 RELEASE_MEMORY_WINDOWS = 2048
 
@@ -170,15 +174,27 @@ class Engine:
                 encoder.check_policy(policy)
             except InstructionTooLong as exc:
                 raise ApiError(ErrorCode.policy_too_long, str(exc), details) from exc
-        counts: list[int] = []
+        limit = self.settings.max_prompt_chars * NORMALIZED_EXPANSION
+        prepared = []
+        for prompt in prompts:  # normalised, scanned and tokenised once, whatever the policies
+            try:
+                prepared.append(encoder.prepare(prompt, limit))
+            except NormalizedTooLong as exc:
+                raise ApiError(
+                    ErrorCode.prompt_too_long,
+                    f"prompt normalises (Unicode NFKC, decoded base64) to more than {limit} characters",
+                    {"chars": exc.chars, "max": limit, "limit": "normalized"},
+                ) from exc
+        counts = [encoder.window_count(policy, p) for p in prepared for policy in policies]
+        # Counted before any window is built: a request that cannot be queued costs no rows.
+        self._check_queue(sum(counts), len(prompts), exact=True)
         flat = EncodedWindows([], [], [])
-        for prompt in prompts:
+        for p in prepared:
             for policy in policies:
                 # Into one set of rows at once: a pair's own lists would be five objects per pair
                 # for the cyclic gc to scan (12,000 texts x 5 policies: 300,000 objects, each
                 # full gc pass a stall of the event loop).
-                encoded = encoder.encode(policy, prompt)
-                counts.append(encoded.count)
+                encoded = encoder.windows(policy, p)
                 flat.input_ids.extend(encoded.input_ids)
                 flat.attention_mask.extend(encoded.attention_mask)
                 flat.token_type_ids.extend(encoded.token_type_ids)
@@ -384,6 +400,7 @@ class Engine:
         """One real pass through tokenizer, batcher and model before the service says ready;
         its full-length batch is the batcher's first throughput measurement."""
         await asyncio.to_thread(self.model.warm_up)
+        await asyncio.to_thread(normalize_text, "\u00e9")  # builds the combining-run pattern off the loop
         encoded = self.model.encoder.encode(WARM_UP_POLICY, WARM_UP_PROMPT)
         n = max(1, min(2, encoded.count - 1, self.batcher.max_queue))  # full-length windows (the last one is shorter)
         await self.batcher.submit(
