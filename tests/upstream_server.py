@@ -11,6 +11,12 @@ the guard proxy forwards like any other:
     x-upstream-answer: text       the assistant content (default: "echo: <last message>"); streamed
                                   word by word ("Hello", " world", ...) instead of tok0 tok1 ...
     x-upstream-break-after: 2     stream this many events, then drop the connection mid-body
+    x-upstream-raw: <base64>      answer exactly these bytes (status 200), whatever was asked ...
+    x-upstream-content-type: t    ... under this content type ("-": none at all; default
+                                  application/json); a raw answer that holds blank lines goes
+                                  out one event (or one byte, x-upstream-raw-bytewise: 1) at a time
+
+Like lenient LLM servers, any truthy ``stream`` (``1``, ``"true"``) asks for a stream.
 
 Non-streamed answers are a ``chat.completion`` with an extra ``echo`` field holding the
 received body (``UpstreamServer(stream_echo=True)`` streams the same "echo: ..." answer word
@@ -23,6 +29,7 @@ their send times, and whether the client disconnected before the end.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import socket
@@ -167,11 +174,15 @@ class UpstreamServer:
             await emit(payload, more=False)
             record.completed = True
             return
+        raw = record.header("x-upstream-raw")
+        if raw is not None:
+            await self._raw(record, base64.b64decode(raw), emit, send)
+            return
         messages = request.get("messages") or [{}]
         last = messages[-1].get("content") if isinstance(messages[-1], dict) else None
         answer = record.header("x-upstream-answer") or f"echo: {last if isinstance(last, str) else ''}"
         common = {"id": "chatcmpl-upstream-1", "created": 1700000000, "model": request.get("model", "test-model")}
-        if request.get("stream") is True:
+        if request.get("stream") not in (None, False, 0, "", "false"):
             await send(
                 {
                     "type": "http.response.start",
@@ -236,4 +247,17 @@ class UpstreamServer:
             }
         )
         await emit(payload, more=False)
+        record.completed = True
+
+    async def _raw(self, record: Record, payload: bytes, emit: Any, send: Any) -> None:
+        content_type = record.header("x-upstream-content-type") or "application/json"
+        headers = [] if content_type == "-" else [(b"content-type", content_type.encode("latin-1"))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if record.header("x-upstream-raw-bytewise"):
+            pieces = [payload[i : i + 1] for i in range(len(payload))]
+        else:
+            pieces = [p for p in re.split(rb"(?<=\n\n)", payload) if p]
+        for piece in pieces:
+            await emit(piece)
+        await emit(b"", more=False)
         record.completed = True

@@ -20,8 +20,13 @@ connection is closed. The client has then seen at most the answer up to ``holdba
 characters before the end of the last passing check, never the text that failed.
 When a check cannot score (model not ready, queue full, deadline) the stream ends with an
 OpenAI-style ``data: {"error": ...}`` event (the SDKs raise it) unless ``fail_open``, where
-the judged-unguarded text is released. Only string ``delta.content`` is judged (tool-call
-arguments and refusals are not); an event that is not JSON is relayed in its turn.
+the judged-unguarded text is released. What is judged is what a client could display: every
+text a choice carries (``delta.content`` as a string or a list of parts, reasoning content,
+refusals, tool-call arguments, a ``message`` object), under the choice index a client reads
+(``0``, ``0.0`` and ``"0"`` alike); an event whose data is not one JSON document is read line
+by line, and a line that is not JSON is judged as text (as one more answer, ``OTHER``), so
+nothing the proxy cannot read is relayed unjudged. A byte-order mark before the first event
+is dropped, as clients drop it.
 
 Nothing here knows HTTP routes or the model: the route passes ``check``, which judges
 ``GuardText`` items (index = choice index) and returns a ``Judgement``.
@@ -43,6 +48,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.core.errors import ApiError, ErrorCode
+from service.gateway.chat_text import texts_in
 from service.gateway.judge import GuardText, Judgement
 from service.gateway.upstream import relay_until_disconnect
 
@@ -81,19 +87,59 @@ def event_data(event: bytes) -> str | None:
     return b"\n".join(values).decode("utf-8", errors="replace")
 
 
-def chunk_contents(chunk: Any) -> list[tuple[int, str]]:
-    """(choice index, string delta.content) pairs of one ``chat.completion.chunk``."""
+# Texts of an event that belong to no choice (not JSON, no choices list): judged as one more answer.
+OTHER = -1
+IDENTITY_KEYS = ("id", "created", "model", "system_fingerprint")
+
+
+def _choice_index(value: Any) -> int:
+    """A choice index as a client reads it (``0``, ``0.0`` and ``"0"`` are the first choice);
+    anything else is OTHER."""
+    if isinstance(value, bool):
+        return OTHER
+    if isinstance(value, int):
+        return value if value >= 0 else OTHER
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return OTHER
+
+
+def chunk_texts(chunk: Any) -> list[tuple[int, str]]:
+    """(choice index, text) of one parsed event: every text a choice carries, whatever its
+    shape (``delta.content`` as a string or parts, ``reasoning_content``, ``refusal``, a
+    ``message`` object, ``text``...), and the texts outside the choices under OTHER."""
     if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
-        return []
+        text = "".join(texts_in(chunk)) if not isinstance(chunk, (int, float)) or isinstance(chunk, bool) else ""
+        return [(OTHER, text)] if text else []
     out = []
     for choice in chunk["choices"]:
-        if not isinstance(choice, dict):
-            continue
-        index = choice.get("index", 0)
-        delta = choice.get("delta")
-        content = delta.get("content") if isinstance(delta, dict) else None
-        if isinstance(index, int) and not isinstance(index, bool) and isinstance(content, str) and content:
-            out.append((index, content))
+        index = _choice_index(choice.get("index", 0)) if isinstance(choice, dict) else OTHER
+        text = "".join(texts_in(choice))
+        if text:
+            out.append((index, text))
+    rest = "".join(texts_in({k: v for k, v in chunk.items() if k != "choices"}))
+    if rest:
+        out.append((OTHER, rest))
+    return out
+
+
+def event_texts(data: str) -> list[tuple[int, str]]:
+    """(choice index, text) of an event's data: parsed as one JSON document (duplicate keys:
+    the last wins, as clients read them); else each data line on its own; a line that is not
+    JSON is judged as it stands."""
+    try:
+        return chunk_texts(json.loads(data))
+    except ValueError:
+        pass
+    out = []
+    for line in data.split("\n"):
+        try:
+            out += chunk_texts(json.loads(line))
+        except ValueError:
+            if line.strip():
+                out.append((OTHER, line))
     return out
 
 
@@ -131,6 +177,7 @@ class StreamModerator:
         self.choices: dict[int, _Choice] = {}
         self.pending: deque[_Pending] = deque()
         self.buffer = b""
+        self.started = False  # the first event was read (a leading byte-order mark dropped)
         self.finished = False
         self.identity: dict[str, Any] = {}  # id, created, model of the upstream's chunks (for the cut chunk)
         self.checks = 0
@@ -176,23 +223,29 @@ class StreamModerator:
         return self._release()
 
     def _take(self, event: bytes) -> None:
+        if not self.started:  # a byte-order mark before the first event: clients drop it, so do we
+            self.started = True
+            event = event.removeprefix(b"\xef\xbb\xbf")
         data = event_data(event)
         if data is not None and data.strip() == DONE:
             self.finished = True
             self.pending.append(_Pending(event, {}))
             return
+        if data is None:
+            self.pending.append(_Pending(event, {}))
+            return
         try:
-            chunk = json.loads(data) if data is not None else None
+            chunk = json.loads(data)
         except ValueError:
             chunk = None
         if isinstance(chunk, dict):
-            for key in ("id", "created", "model", "system_fingerprint"):
-                if key in chunk and key not in self.identity:
+            for key in IDENTITY_KEYS:
+                if key in chunk and key not in self.identity and isinstance(chunk[key], (str, int)):
                     self.identity[key] = chunk[key]
         needs = {}
-        for index, content in chunk_contents(chunk):
+        for index, text in event_texts(data):
             choice = self.choices.setdefault(index, _Choice())
-            choice.append(content)
+            choice.append(text)
             needs[index] = choice.length
         self.pending.append(_Pending(event, needs))
 
@@ -233,7 +286,7 @@ class StreamModerator:
         return out
 
     def _cut_event(self, judgement: Judgement) -> bytes:
-        indices = sorted(self.choices) or [0]
+        indices = sorted(i for i in self.choices if i != OTHER) or [0]
         chunk: dict[str, Any] = {
             "id": self.identity.get("id") or "chatcmpl-uniguard",
             "object": "chat.completion.chunk",

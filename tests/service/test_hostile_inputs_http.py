@@ -8,6 +8,8 @@ whatever is judged is unsafe) or by window counts and scores compared with the p
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.service.sidecar import UNSAFE, model_with_thresholds, servers
+from tests.service.sidecar import SAFE, UNSAFE, chat, model_with_thresholds, post_json, servers
 from tests.service.test_http import Server, assert_error
 from tests.upstream_server import UpstreamServer
 
@@ -36,6 +38,8 @@ def srv(
 ) -> Iterator[dict[str, Server]]:
     tmp = tmp_path_factory.mktemp("hostile")
     unsafe = str(model_with_thresholds(tiny_model_dir, tmp / "unsafe", {}, default=UNSAFE))
+    # input (prompt_injection) always passes, output (toxicity) never does
+    output_unsafe = str(model_with_thresholds(tiny_model_dir, tmp / "out", {"prompt_injection": SAFE}, default=UNSAFE))
     up = {"UNIGUARD_UPSTREAM_BASE_URL": upstream.base_url, "UNIGUARD_MAX_WAIT_MS": "1"}
     specs = {
         # plain API with room for 1 MB bodies and five policies; a short deadline
@@ -46,11 +50,13 @@ def srv(
             "UNIGUARD_MAX_PROMPT_CHARS": "400000",
             "UNIGUARD_REQUEST_TIMEOUT_S": "5",
         },
-        # every judged text is unsafe, input and output, streamed or not
-        "guard": {
+        # every judged input text is unsafe (user messages, LiteLLM texts); answers are not moderated
+        "input": {**up, "UNIGUARD_MODEL_DIR": unsafe, "UNIGUARD_GUARD_POLICIES": "toxicity"},
+        # input always passes; every judged answer text is unsafe, streamed or not
+        "output": {
             **up,
-            "UNIGUARD_MODEL_DIR": unsafe,
-            "UNIGUARD_GUARD_POLICIES": "toxicity",
+            "UNIGUARD_MODEL_DIR": output_unsafe,
+            "UNIGUARD_GUARD_POLICIES": "prompt_injection",
             "UNIGUARD_MODERATE_OUTPUT": "true",
             "UNIGUARD_MODERATE_STREAM": "true",
             "UNIGUARD_OUTPUT_POLICIES": '["toxicity"]',
@@ -98,3 +104,119 @@ def test_nfkc_expansion_is_refused_before_tokenising(srv: dict[str, Server]) -> 
     details = assert_error(r, 413, "prompt_too_long")["details"]
     assert details["limit"] == "normalized"  # refused on the normalised length, before any token existed
     assert _rss_mib(api) - before < 150  # was +1.1 GB for one request
+
+
+# -- output moderation fails closed ------------------------------------------------------
+
+SECRET = "zebra-unsafe-answer"
+
+
+def _raw_answer(server: Server, payload: bytes, content_type: str, **body: object) -> httpx.Response:
+    headers = {"x-upstream-raw": base64.b64encode(payload).decode(), "x-upstream-content-type": content_type}
+    return post_json(
+        httpx.Client(base_url=server.url, timeout=30), "/v1/chat/completions", chat(**body), headers=headers
+    )
+
+
+def _assert_cut(r: httpx.Response) -> None:
+    assert r.status_code == 200, r.text
+    assert SECRET.encode() not in r.content  # the unjudged answer never reaches the client
+    assert r.headers["x-uniguard-action"] == "blocked" or b'"content_filter"' in r.content
+
+
+def _sse(*chunks: object) -> bytes:
+    return b"".join(b"data: " + (c if isinstance(c, bytes) else json.dumps(c).encode()) + b"\n\n" for c in chunks)
+
+
+def test_a_truthy_stream_flag_is_moderated_as_the_stream_it_gets(srv: dict[str, Server]) -> None:
+    for flag in (1, "true"):
+        r = post_json(
+            httpx.Client(base_url=srv["output"].url, timeout=30),
+            "/v1/chat/completions",
+            {**chat(), "stream": flag},
+            headers={"x-upstream-answer": SECRET},
+        )
+        _assert_cut(r)
+
+
+@pytest.mark.parametrize(
+    ("payload", "content_type"),
+    [
+        (_sse({"choices": [{"index": 0, "delta": {"content": SECRET}}]}, b"[DONE]"), "Text/Event-Stream"),
+        (_sse({"choices": [{"index": 0, "delta": {"content": SECRET}}]}, b"[DONE]"), "-"),
+        (b'{"choices":[{"index":0,"message":{"content":"' + SECRET.encode() + b' \xff\xfe"}}]}', "application/json"),
+        (
+            b'{"n":' + b"9" * 5000 + b',"choices":[{"index":0,"message":{"content":"' + SECRET.encode() + b'"}}]}',
+            "application/json",
+        ),
+        (
+            json.dumps(
+                {"choices": [{"index": 0, "message": {"content": [{"type": "output_text", "text": SECRET}]}}]}
+            ).encode(),
+            "application/json",
+        ),
+    ],
+    ids=["mixed-case-event-stream", "no-content-type", "invalid-utf8", "5000-digit-number", "content-parts"],
+)
+def test_answers_the_proxy_cannot_read_are_judged_not_relayed(
+    srv: dict[str, Server], payload: bytes, content_type: str
+) -> None:
+    _assert_cut(_raw_answer(srv["output"], payload, content_type))
+
+
+def _delta(**delta: object) -> dict:
+    return {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _sse({"choices": [{"index": 0.0, "delta": {"content": SECRET}}]}),
+        _sse({"choices": [{"index": "0", "delta": {"content": SECRET}}]}),
+        _sse(_delta(content=[{"type": "text", "text": SECRET}])),
+        b"data: "
+        + json.dumps(_delta(content="hi")).encode()
+        + b"\ndata: "
+        + json.dumps(_delta(content=SECRET)).encode()
+        + b"\n\n",
+        b"\xef\xbb\xbf" + _sse(_delta(content=SECRET)),
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi","content":"' + SECRET.encode() + b'"}}]}\n\n',
+        _sse(_delta(reasoning_content=SECRET)),
+        _sse({"choices": [{"index": 0, "message": {"role": "assistant", "content": SECRET}}]}),
+    ],
+    ids=[
+        "index-float",
+        "index-string",
+        "content-parts",
+        "two-data-lines",
+        "bom",
+        "duplicate-key",
+        "reasoning",
+        "message",
+    ],
+)
+def test_malformed_events_are_judged_not_relayed(srv: dict[str, Server], payload: bytes) -> None:
+    _assert_cut(_raw_answer(srv["output"], payload + b"data: [DONE]\n\n", "text/event-stream", stream=True))
+
+
+def test_non_finite_numbers_in_an_unsafe_answer_do_not_break_the_refusal(srv: dict[str, Server]) -> None:
+    payload = (
+        b'{"id":"x","created":NaN,"choices":[{"index":0,"message":{"role":"assistant","content":"'
+        + SECRET.encode()
+        + b'"}}],"usage":{"prompt_tokens":NaN,"completion_tokens":Infinity,"total_tokens":1}}'
+    )
+    r = _raw_answer(srv["output"], payload, "application/json")
+    _assert_cut(r)
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "content_filter"
+    assert isinstance(body["created"], int) and body["usage"]["completion_tokens"] == 0
+
+
+def test_a_client_that_leaves_cancels_the_upstream_call(srv: dict[str, Server], upstream: UpstreamServer) -> None:
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=srv["output"].url, timeout=0.5) as client:
+        post_json(client, "/v1/chat/completions", chat(), headers={"x-upstream-delay": "6"})
+    assert upstream.wait_for(lambda: bool(upstream.records), 3)
+    record = upstream.records[-1]
+    # the upstream saw the call closed long before its 6 s answer (it used to run on to the end)
+    assert upstream.wait_for(lambda: record.disconnected_at is not None, 3)
+    assert not record.completed

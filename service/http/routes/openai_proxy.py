@@ -1,8 +1,8 @@
 """POST /v1/chat/completions: an OpenAI-compatible guard in front of an upstream LLM.
 
-1. The messages whose role is in ``guard_roles`` (default: user) are judged against
-   ``guard_policies``: string content, or the ``{"type": "text"}`` parts of a content list
-   (images, audio and files are not judged).
+1. The messages whose role is in ``guard_roles`` (default: user), or whose role is unknown,
+   are judged against ``guard_policies``: every text they carry, whatever its shape
+   (``service.gateway.chat_text``; images, audio and binary files are not judged).
 2. Unsafe: an OpenAI-shaped refusal (``refusal_message``, ``finish_reason:
    "content_filter"``, the violations in the extra top-level field ``uniguard``), as a
    ``chat.completion`` or, for ``stream: true``, as ``chat.completion.chunk`` SSE events
@@ -10,12 +10,18 @@
 3. Safe: the request body goes to ``upstream_base_url + /chat/completions`` byte for byte
    and the upstream's status, headers and body come back unchanged, streamed chunk by
    chunk (see ``service.gateway.upstream``).
-4. ``moderate_output`` (non-streamed calls): a 200 answer's message contents are judged
-   against ``output_policies``; an unsafe answer is replaced by the refusal.
-5. ``moderate_stream`` (``stream: true``): a 200 event stream is judged while it is relayed,
+4. ``moderate_output`` (non-streamed calls): a 2xx answer's texts (every text of every
+   choice: content strings and parts, reasoning, refusals) are judged against
+   ``output_policies``; an unsafe answer is replaced by the refusal. An answer that cannot
+   be read as JSON is judged as text, never relayed unjudged.
+5. ``moderate_stream`` (``stream: true``): a 2xx event stream is judged while it is relayed,
    text held back until judged, and cut with a ``content_filter`` chunk and ``[DONE]`` when
-   unsafe (``service.gateway.stream_moderation``); an upstream that answers a stream request with a
-   complete JSON answer gets it judged whole, as in 4.
+   unsafe (``service.gateway.stream_moderation``). What the upstream sends decides how it is
+   moderated (``text/event-stream``, compared without case, is a stream; anything else is
+   judged whole, as in 4); an answer of another kind than the request asked for (``"stream":
+   1`` read as true upstream) is moderated when either setting is on.
+6. A client that disconnects before the answer's head cancels the upstream call (and any
+   judging) at once.
 
 Every answer carries ``x-uniguard-action``: ``allowed``, ``blocked`` or ``unguarded``.
 When the model cannot score, the service fails closed with the error (503 ``not_ready``,
@@ -29,10 +35,14 @@ its own deadline (504) is never forwarded. More than ``max_messages_per_chat`` m
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import httpx
@@ -42,9 +52,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from service.config import Settings
 from service.core.errors import ApiError, ErrorCode
 from service.core.metrics import Metrics
-from service.gateway.chat_text import guarded_texts, message_text
+from service.gateway.chat_text import guarded_texts
 from service.gateway.judge import EngineSource, GuardText, Judgement, check_count, judge
-from service.gateway.stream_moderation import ModeratedStreamResponse, StreamModerator
+from service.gateway.stream_moderation import (
+    ModeratedStreamResponse,
+    StreamModerator,
+    chunk_texts,
+    event_data,
+    event_texts,
+    split_events,
+)
 from service.gateway.upstream import ProxiedResponse, Upstream, forward_headers, response_headers
 from service.http.auth import AUTH_HEADER_STATE_KEY
 from service.http.deps import EngineSourceDep, MetricsDep, SettingsDep, add_access_log_fields, log_prompt
@@ -88,12 +105,13 @@ def refusal_completion(
 ) -> dict[str, Any]:
     """A ``chat.completion`` whose every choice is the refusal. ``base``: an upstream answer whose
     id, created, model and usage are kept (output moderation)."""
-    base = base or {}
+    base = {k: v for k, v in (base or {}).items() if json_safe(v)}  # NaN, inf: JSON cannot carry them
     model = base.get("model") or body.get("model")
+    created = base.get("created")
     return {
-        "id": base.get("id") or f"chatcmpl-uniguard-{uuid.uuid4().hex}",
+        "id": base.get("id") if isinstance(base.get("id"), str) else f"chatcmpl-uniguard-{uuid.uuid4().hex}",
         "object": "chat.completion",
-        "created": base.get("created") or int(time.time()),
+        "created": created if isinstance(created, int) and not isinstance(created, bool) else int(time.time()),
         "model": model if isinstance(model, str) else "uniguard",
         "choices": [
             {
@@ -108,6 +126,15 @@ def refusal_completion(
         "system_fingerprint": None,
         "uniguard": summary,
     }
+
+
+def json_safe(value: Any) -> bool:
+    """Whether ``value`` can go out as strict JSON (upstream answers may hold NaN or infinity)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def refusal_events(settings: Settings, body: dict[str, Any], summary: dict[str, Any]) -> Iterator[bytes]:
@@ -160,19 +187,65 @@ def refusal_response(
     return JSONResponse(refusal_completion(settings, body, summary, base), headers=headers)
 
 
-def answer_texts(answer: Any) -> list[GuardText]:
-    """The assistant contents of a chat.completion (string or text parts)."""
-    if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
-        return []
-    out = []
-    for i, choice in enumerate(answer["choices"]):
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict):
-            try:
-                out.append(GuardText(i, message_text(message, i), "assistant"))
-            except ApiError:
-                continue
-    return out
+_NOT_JSON = object()
+_SSE_DATA = re.compile(rb"^(?:\xef\xbb\xbf)?data:", re.M)
+
+
+def answer_texts(content: bytes) -> tuple[list[GuardText], Any]:
+    """What a client could display of a complete answer, per choice, and the parsed answer.
+
+    A ``chat.completion``: every text of each choice (``service.gateway.stream_moderation.chunk_texts``:
+    content as a string or parts, reasoning, refusal...) and any text outside the choices. An
+    answer that is not JSON (invalid UTF-8, numbers Python will not read, server-sent events
+    under another content type) is judged as text: its events' texts if it holds ``data:``
+    lines, else the whole body decoded. Never nothing for a body that holds text."""
+    try:
+        answer: Any = json.loads(content)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        answer = _NOT_JSON
+    if answer is not _NOT_JSON:
+        pairs = chunk_texts(answer)
+    elif _SSE_DATA.search(content):
+        events, rest = split_events(content.removeprefix(b"\xef\xbb\xbf"))
+        pairs = []
+        for event in [*events, rest]:
+            data = event_data(event)
+            pairs += event_texts(data) if data is not None else []
+    else:
+        pairs = [(-1, content.decode("utf-8", errors="replace"))]
+    joined: dict[int, list[str]] = defaultdict(list)
+    for index, text in pairs:
+        joined[index].append(text)
+    texts = [GuardText(i, "".join(parts), "assistant") for i, parts in joined.items()]
+    return texts, (answer if answer is not _NOT_JSON else None)
+
+
+def is_event_stream(resp: httpx.Response) -> bool:
+    """Whether the upstream answered server-sent events (the media type, compared without case)."""
+    return resp.headers.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream"
+
+
+async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """``work``'s response, or a bare 499 once the client has gone away: the upstream call (and
+    any judging) is cancelled then, not run on for nobody."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    add_access_log_fields(request, client_gone=True)
+    return Response(status_code=499)
 
 
 # The request body as the proxy reads it: only what it checks is constrained, the rest goes
@@ -194,9 +267,9 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "role": {"type": "string"},
                     "content": {
-                        "description": "For roles in UNIGUARD_GUARD_ROLES: a string, null, or a list of part "
-                        'objects whose {"type": "text"} parts carry a string "text" (422 otherwise). Other roles '
-                        "are forwarded unread."
+                        "description": "For roles in UNIGUARD_GUARD_ROLES and unknown roles: a string, null, or "
+                        "a list of parts, every text of which is judged whatever its type (422 for other shapes). "
+                        "Other known roles are forwarded unread."
                     },
                 },
             },
@@ -270,19 +343,46 @@ async def chat_completions(
     if judgement.unsafe:
         return refusal_response(settings, body, judgement, "input")
 
+    return await until_disconnect(
+        request, forward(request, settings, get_engine, metrics, upstream, raw, body, judgement)
+    )
+
+
+async def forward(
+    request: Request,
+    settings: Settings,
+    get_engine: EngineSource,
+    metrics: Metrics,
+    upstream: Upstream,
+    raw: bytes,
+    body: dict[str, Any],
+    judgement: Judgement,
+) -> Response:
+    """Send the judged request upstream and relay the answer, moderated as configured.
+
+    The answer is moderated by what it is, not by what the request asked for: server-sent
+    events (by the content type, without case) go through the stream moderator, anything
+    else is judged whole. The setting for what the client asked (``moderate_stream`` for
+    ``"stream": true``, else ``moderate_output``) decides; an answer of the other kind than
+    asked (``"stream": 1`` read as true upstream) is moderated when either setting is on."""
+    asked_stream = body.get("stream") is True
+    either = settings.moderate_stream or settings.moderate_output
     # Headers that carried UniGuard's own key are never forwarded.
     drop = list(getattr(request.state, AUTH_HEADER_STATE_KEY, ()))
-    moderating = settings.moderate_stream if stream else settings.moderate_output
-    if moderating:  # the answer must be read here: ask for it uncompressed
+    if either:  # the answer may have to be read here: ask for it uncompressed
         drop.append("accept-encoding")
     headers = forward_headers(request.headers.raw, drop=drop, api_key=upstream.api_key)
-    if moderating:
+    if either:
         headers.append(("accept-encoding", "identity"))
     resp = await upstream.send("POST", UPSTREAM_PATH, headers, raw)
     add_access_log_fields(request, upstream_status=resp.status_code)
-    if not (moderating and resp.status_code == 200):
+    sse = is_event_stream(resp)
+    moderating = (settings.moderate_stream if asked_stream else settings.moderate_output) or (
+        sse != asked_stream and either
+    )
+    if not (moderating and 200 <= resp.status_code < 300):
         return ProxiedResponse(resp, [(ACTION_HEADER, judgement.outcome)])
-    if stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
+    if sse:
         return moderated_stream(request, settings, get_engine, metrics, resp, judgement)
     # A complete answer (also when the upstream ignored "stream": true): judged whole.
     return await moderate(request, settings, get_engine, metrics, upstream, body, resp, judgement)
@@ -331,17 +431,14 @@ async def moderate(
 ) -> Response:
     """Judge a complete (non-streamed) answer; relay it (decoded) or replace it with the refusal."""
     content = await upstream.read(resp)
-    try:
-        answer = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
-        answer = None
+    texts, answer = answer_texts(content)
     policies = settings.output_policies or settings.guard_policies
     judgement = await judge(
-        get_engine, metrics, answer_texts(answer), policies, route=PATH, from_config=True, fail_open=settings.fail_open
+        get_engine, metrics, texts, policies, route=PATH, from_config=True, fail_open=settings.fail_open
     )
     add_access_log_fields(request, output_guard=judgement.outcome)
     if judgement.unsafe:
-        return refusal_response(settings, body, judgement, "output", base=answer)
+        return refusal_response(settings, body, judgement, "output", base=answer if isinstance(answer, dict) else None)
     outcome = "unguarded" if "unguarded" in (input_judgement.outcome, judgement.outcome) else "allowed"
     out = Response(content=content, status_code=resp.status_code)
     # httpx decoded the body: relay every header but the encoding and length (recomputed).
