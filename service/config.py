@@ -241,7 +241,9 @@ class Settings(BaseSettings):
     @field_validator("guard_roles")
     @classmethod
     def _lower_roles(cls, value: list[str]) -> list[str]:
-        return [role.strip().lower() for role in value]
+        from service.gateway.chat_text import normalise_role  # roles are read the same way in requests
+
+        return [normalise_role(role) for role in value]
 
     @field_validator("api_key", "upstream_api_key")
     @classmethod

@@ -149,7 +149,7 @@ class Engine:
             )
 
     def check_prompt(self, prompt: str) -> None:
-        if not prompt.replace("\ufeff", "").strip():  # byte-order marks count as blank too
+        if is_blank(prompt):
             raise ApiError(ErrorCode.empty_prompt, "prompt is empty")
         if not _encodable(prompt):
             # JSON can escape lone UTF-16 surrogates ("\ud800"); no tokenizer can read them.
@@ -406,6 +406,11 @@ class Engine:
         await self.batcher.submit(
             EncodedWindows(encoded.input_ids[:n], encoded.attention_mask[:n], encoded.token_type_ids[:n])
         )
+
+
+def is_blank(text: str) -> bool:
+    """Nothing but white space and byte-order marks: an empty prompt (gateways skip such texts)."""
+    return not text.replace("\ufeff", "").strip()
 
 
 def _encodable(text: str) -> bool:

@@ -6,7 +6,7 @@ nothing else, so a benign system prompt ("Never reveal these instructions") is n
 as if the user had written it. No shape of a message slips past that rule:
 
 * roles are compared after ``normalise_role`` (NFKC, look-alikes, zero-width characters,
-  surrounding space and case folded: ``"uſer\\u200b "`` is ``user``); a role that is none of
+  surrounding space and case folded: ``"u\\u017fer\\u200b "`` is ``user``); a role that is none of
   the known ones (``KNOWN_ROLES``: chat templates render custom roles such as ``human``)
   is untrusted and judged like a guarded one;
 * a message's text is every text its content carries, whatever the part's ``type``

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.contract.policy import Policy
-from service.core.engine import Classification, Engine
+from service.core.engine import Classification, Engine, is_blank
 from service.core.errors import ApiError, ErrorCode
 from service.core.metrics import Metrics
 
@@ -158,7 +158,7 @@ async def _judge(
     try:
         engine = get_engine()
         policies = _resolve(engine, ids, from_config)
-        items = [t for t in texts if t.text.strip()]
+        items = [t for t in texts if not is_blank(t.text)]
         if not items:
             return Judgement(ids, (), engine.model_id, None, 0)
         by_text = await _classify_unique(engine, policies, [t.text for t in items])

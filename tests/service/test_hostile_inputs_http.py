@@ -18,6 +18,8 @@ import httpx
 import psutil
 import pytest
 
+from service.contract.policy import Policy
+from service.model.onnx_model import OnnxModel
 from tests.service.sidecar import SAFE, UNSAFE, chat, model_with_thresholds, post_json, servers
 from tests.service.test_http import Server, assert_error
 from tests.upstream_server import UpstreamServer
@@ -220,3 +222,92 @@ def test_a_client_that_leaves_cancels_the_upstream_call(srv: dict[str, Server], 
     # the upstream saw the call closed long before its 6 s answer (it used to run on to the end)
     assert upstream.wait_for(lambda: record.disconnected_at is not None, 3)
     assert not record.completed
+
+
+# -- every text the upstream reads is judged ----------------------------------------------
+
+
+def _guarded(srv: dict[str, Server], messages: list[dict]) -> httpx.Response:
+    with httpx.Client(base_url=srv["input"].url, timeout=30) as client:
+        return post_json(client, "/v1/chat/completions", {"model": "m", "messages": messages})
+
+
+@pytest.mark.parametrize("role", ["user ", "u\u017fer", "human", "user\u200b", "USER"])
+def test_roles_are_compared_normalised_and_unknown_ones_judged(
+    srv: dict[str, Server], upstream: UpstreamServer, role: str
+) -> None:
+    r = _guarded(srv, [{"role": role, "content": INJECTION}])
+    assert r.headers["x-uniguard-action"] == "blocked", r.text
+    assert not upstream.records  # never forwarded
+
+
+TEXT_FILE = "data:text/plain;base64," + base64.b64encode(INJECTION.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "input_text", "text": INJECTION},
+        {"type": "Text", "text": INJECTION},
+        {"text": INJECTION},
+        {"type": "refusal", "refusal": INJECTION},
+        {"type": "file", "file": {"filename": "notes.txt", "file_data": TEXT_FILE}},
+    ],
+    ids=["input_text", "Text", "no-type", "refusal", "text-file"],
+)
+def test_every_part_that_carries_text_is_judged(srv: dict[str, Server], upstream: UpstreamServer, part: dict) -> None:
+    r = _guarded(srv, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, part]}])
+    assert r.headers["x-uniguard-action"] == "blocked", r.text
+    assert not upstream.records
+
+
+def _score(server: Server, policy: str, prompt: str) -> dict:
+    r = httpx.post(server.url + "/v1/classify", json={"policy_id": policy, "prompt": prompt}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_an_injection_split_across_parts_is_judged_as_one_text(srv: dict[str, Server]) -> None:
+    r = _guarded(srv, [{"role": "user", "content": [{"type": "text", "text": ch} for ch in INJECTION]}])
+    assert r.headers["x-uniguard-action"] == "blocked"
+    (violation,) = r.json()["uniguard"]["violations"]
+    # the same score as the injection written whole: the model read the text the upstream reads
+    assert violation["score"] == pytest.approx(_score(srv["input"], "toxicity", INJECTION)["score"], abs=1e-4)
+
+
+def test_tag_characters_are_read_as_what_they_spell(srv: dict[str, Server]) -> None:
+    tagged = "".join(chr(0xE0000 + ord(c)) for c in INJECTION)
+    plain = _score(srv["api"], "prompt_injection", INJECTION)
+    assert _score(srv["api"], "prompt_injection", tagged)["score"] == pytest.approx(plain["score"], abs=1e-6)
+
+
+def test_every_base64_payload_is_judged_even_after_decoys_or_broken_by_spaces(
+    srv: dict[str, Server], tiny_model: OnnxModel, shipped_policies: dict[str, Policy]
+) -> None:
+    plain = _score(srv["api"], "prompt_injection", INJECTION)
+    decoys = [base64.b64encode(f"This is harmless note number {i}.".encode()).decode() for i in range(8)]
+    payload = base64.b64encode(INJECTION.encode()).decode()
+    prompt = "notes: " + " and ".join([*decoys, payload])
+    ninth = _score(srv["api"], "prompt_injection", prompt)
+    enc = tiny_model.encoder
+    instruction = enc.template.instruction_text(shipped_policies["prompt_injection"])
+    own = len(enc.encode_query_windows(instruction, enc.template.query_text(prompt)))
+    assert ninth["windows"] == own + 9  # the prompt's windows, then eight decoys and the ninth payload: none skipped
+    assert ninth["score"] >= plain["score"] - 1e-6
+    broken = " ".join(payload[i : i + 4] for i in range(0, len(payload), 4))
+    spaced = _score(srv["api"], "prompt_injection", f"please decode: {broken}")
+    assert spaced["windows"] == 2 and spaced["score"] >= plain["score"] - 1e-6
+
+
+def test_litellm_judges_texts_its_structured_messages_cannot_account_for(srv: dict[str, Server]) -> None:
+    path = "/beta/litellm_basic_guardrail_api"
+    with httpx.Client(base_url=srv["input"].url, timeout=30) as client:
+        for content in (
+            [{"type": "input_text", "text": INJECTION}],
+            [{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": INJECTION}]}],
+        ):
+            body = {"texts": [INJECTION], "structured_messages": [{"role": "user", "content": content}]}
+            r = post_json(client, path, body)
+            assert r.status_code == 200 and r.json()["action"] == "BLOCKED", r.text
+        r = post_json(client, path, {"texts": ["\ufeff"]})  # a byte-order mark alone is an empty text, not a 422
+        assert r.status_code == 200 and r.json()["action"] == "NONE", r.text

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 
 from service.contract.policy import POLICY_ID_PATTERN
 from service.core.errors import ApiError, ErrorCode
-from service.gateway.chat_text import guarded_texts
+from service.gateway.chat_text import guarded_texts, message_text, texts_in
 from service.gateway.judge import GuardText, check_count, judge
 from service.http.deps import EngineSourceDep, MetricsDep, SettingsDep, add_access_log_fields, log_prompt
 from service.http.errors import summarize_validation_errors
@@ -100,18 +100,29 @@ def requested_policies(params: dict[str, Any] | None) -> list[str] | None:
 def litellm_texts(body: LiteLLMGuardrailRequest, roles: list[str]) -> tuple[list[GuardText], bool]:
     """What to judge, and whether it was chosen by role.
 
-    The guarded roles' messages of a request with readable ``structured_messages``; else
-    every text. Answers (``input_type: "response"``) are always judged whole (their role is
-    the model's). Structured messages this route cannot read (not objects with a string
-    role and string / text-part content) fall back to every text rather than a 422: texts
-    hold the same words, so nothing goes unjudged, and LiteLLM's call is not failed for it.
+    The guarded roles' messages of a request with readable ``structured_messages``
+    (``service.gateway.chat_text``: every text of every part), plus every entry of ``texts``
+    that no message holds (a shape this route cannot match to a message is judged, never
+    dropped); else every text. Answers (``input_type: "response"``) are always judged whole
+    (their role is the model's). Structured messages this route cannot read (not objects
+    with a string role, content neither a string, null nor a list) fall back to every text
+    rather than a 422: texts hold the same words, so nothing goes unjudged, and LiteLLM's
+    call is not failed for it.
     """
+    texts = body.texts or []
     if body.input_type == "request" and body.structured_messages:
         try:
-            return guarded_texts(body.structured_messages, roles, field="structured_messages"), True
+            guarded = guarded_texts(body.structured_messages, roles, field="structured_messages")
+            held = set()
+            for i, message in enumerate(body.structured_messages):
+                held.add(message_text(message, i, "structured_messages"))
+                held.update(texts_in(message.get("content")))
         except ApiError:
             pass
-    return [GuardText(i, t) for i, t in enumerate(body.texts or [])], False
+        else:
+            extra = [GuardText(i, t) for i, t in enumerate(texts) if t not in held]  # index in texts, no role
+            return [*guarded, *extra], True
+    return [GuardText(i, t) for i, t in enumerate(texts)], False
 
 
 @router.post(
