@@ -1,5 +1,5 @@
 # Two commands a new user needs: `make serve` and `make test`. `make model` rebuilds the default model;
-# `make lint` runs ruff (rules and formatting) and mypy as CI does.
+# `make lint` runs ruff (rules and formatting), mypy and the import contracts as CI does.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -40,11 +40,13 @@ test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 ## Lint and type-check (pinned tools from the lint extra): ruff's rules and formatting over the
-## tree, mypy on the paths [tool.mypy] files names (strict: service/, bench/, deploy/; and their tests).
+## tree, mypy on the paths [tool.mypy] files names (strict: service/, bench/, deploy/; and their tests),
+## and the import contracts of [tool.importlinter] (the service's and training's layers).
 lint: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 $(E2E_VENV)/.installed:
 	$(PYTHON) -m venv $(E2E_VENV)

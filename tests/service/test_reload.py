@@ -30,7 +30,7 @@ from service.http.app import create_app
 from service.model.onnx_model import OnnxModel
 from tests.service.test_http import Server, assert_error, serve
 from tests.tiny import build_tiny_model_folder
-from training.export import atomic_replace_dir
+from training.io import atomic_replace_dir
 
 PROMPTS = [
     "hello there",

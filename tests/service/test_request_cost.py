@@ -1,4 +1,4 @@
-"""No request can freeze the worker or make its own fail-open (issue 16, items 1 and 2).
+"""No request can freeze the worker or make its own fail-open.
 
 Real HTTP against ``python -m service`` under uvicorn (tiny model) and a recording upstream:
 
