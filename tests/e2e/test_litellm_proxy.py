@@ -4,7 +4,7 @@ servers below:
 
     OpenAI SDK -> LiteLLM :P (guardrail uniguard: pre_call + post_call)
                    |-- guardrail calls --> UniGuard (python -m service, models/default)
-                   '-- the model --------> scripted upstream (tests/upstream_server.py)
+                   '-- the model --------> scripted upstream (tests/harness/upstream.py)
 
 Checks what a new user pasting the README gets: a benign chat with a normal system prompt
 passes, an injection is blocked before the upstream is called, an unsafe streamed answer is
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -28,9 +27,9 @@ import openai
 import pytest
 import yaml
 
-from tests.service.test_http import REPO, Server, serve, stop_process
+from tests.harness.live_server import REPO, Server, free_port, serve, stop_process
+from tests.harness.upstream import UpstreamServer
 from tests.test_default_model import DEFAULT_DIR
-from tests.upstream_server import UpstreamServer
 
 LITELLM = REPO / ".venv-e2e" / "bin" / "litellm"
 LITELLM_VERSION = "1.108.7"
@@ -54,12 +53,6 @@ def readme_config() -> dict[str, Any]:
     return config
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[UpstreamServer]:
     # LiteLLM does not forward the scripting headers: streams echo the last message word by word.
@@ -78,7 +71,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) ->
     config = readme_config()
     (model,) = config["model_list"]
     (guardrail,) = config["guardrails"]
-    port = _free_port()
+    port = free_port()
     with serve(
         tmp / "uniguard.log",
         UNIGUARD_MODEL_DIR=str(DEFAULT_DIR),

@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.harness.live_server import Server, assert_error, metric
+from tests.harness.upstream import UpstreamServer
 from tests.service.sidecar import MIXED, chat, model_with_thresholds, post_json, servers
-from tests.service.test_http import Server, assert_error, metric
-from tests.upstream_server import UpstreamServer
 
 LITELLM = "/beta/litellm_basic_guardrail_api"
 CHAT = "/v1/chat/completions"
