@@ -22,7 +22,7 @@ How a batch is formed:
   run concurrently on ``run_shared``, a session of one intra-op thread each: no thread
   waits at onnxruntime's parallel-section barriers for a sibling that the event loop has
   just preempted (on the 2-core box: 86 % of raw onnxruntime's best at 64 clients, against
-  65-82 % for one session of 2 threads; README "Thread layout"). While a lone batch runs on
+  65-82 % for one session of 2 threads; docs/performance.md "Thread layout"). While a lone batch runs on
   all cores the other workers wait for it (at most one batch).
 * **Which windows.** The fair queue (``service.core.fair_queue``) picks each batch: a new
   request's first windows run in the next batch, a long request keeps at least every other
@@ -166,7 +166,7 @@ class MicroBatcher:
         self,
         run: RunFn,
         *,
-        max_batch_size: int = 8,  # the CPU default of Settings.max_batch_size (README "Thread layout")
+        max_batch_size: int = 8,  # the CPU default of Settings.max_batch_size (docs/performance.md "Thread layout")
         max_batch_tokens: int | None = None,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,

@@ -355,7 +355,7 @@ class Engine:
         )
 
     def check_budget(self, windows: EncodedWindows, remaining_s: float) -> None:
-        """Refuse at admission what cannot be scored before its deadline (README, "Limits").
+        """Refuse at admission what cannot be scored before its deadline (docs/operations.md, "Limits").
 
         budget = max(min_window_budget x max_length, remaining_s x throughput x window_budget_factor)
         tokens, where throughput is the batcher's measured padded tokens per second of model

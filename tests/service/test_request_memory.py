@@ -1,4 +1,4 @@
-"""A request's memory is freed when it is answered (issue 16, item 1), without HTTP.
+"""A request's memory is freed when it is answered, without HTTP.
 
 The live-server figure (RSS back down after a big request) is in ``test_request_cost``;
 these pin the two causes found: a finished request's token rows were still referenced by
