@@ -33,8 +33,9 @@ How a batch is formed:
   its wait and its windows that have not run yet are dropped.
 * **Throughput.** ``throughput`` is the padded tokens per second of busy model time over
   the last ``RATE_BATCHES`` batches (overlapping calls of several workers counted once),
-  and ``work_ahead`` what the fair schedule runs before a new job finishes: the engine's
-  admission budget (``service.core.engine``) is built from the two.
+  ``work_ahead`` what the fair schedule runs before a new job finishes and ``backlog`` each
+  queued job's remaining work and deadline: the engine's admission budget
+  (``service.core.engine``) is built from them.
 
 Results go back to the event loop with ``call_soon_threadsafe``; every asyncio future is
 touched on the loop only.
@@ -46,6 +47,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -115,12 +117,13 @@ class Submission(Job):
     """A queued job and how it is answered: its future, its probabilities as they come, where
     its time went."""
 
-    __slots__ = ("done", "future", "inference_spans", "probs", "queue_s")
+    __slots__ = ("deadline", "done", "future", "inference_spans", "probs", "queue_s")
 
     future: asyncio.Future[BatchResult]  # set by submit, on the event loop
 
     def __init__(self, windows: EncodedWindows, key: int, seq: Iterator[int]) -> None:
         super().__init__(windows, key, seq)
+        self.deadline = math.inf  # time.perf_counter() by which it must be answered (admission)
         self.done = 0  # windows with a probability (event loop only)
         self.probs = np.empty(self.n, dtype=np.float32)
         self.queue_s: float | None = None  # set by an inference thread at the first batch
@@ -225,6 +228,13 @@ class MicroBatcher:
         """Padded tokens the model computed per second of busy time over the last
         ``RATE_BATCHES`` batches; None before the first batch."""
         return self._rate
+
+    def backlog(self) -> tuple[int, list[tuple[int, float]]]:
+        """(padded tokens in flight, (pending tokens, deadline) of each queued job): what the
+        admission rule weighs a new job against (``math.inf``: a job without a deadline)."""
+        with self._cond:
+            inflight = sum(t for _, t in self._inflight.values())
+            return inflight, [(job.pending_tokens, getattr(job, "deadline", math.inf)) for job in self._queue.jobs()]
 
     def work_ahead(self, tokens: int) -> int:
         """Tokens the fair schedule runs before a new job of ``tokens`` tokens is done: each

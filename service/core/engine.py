@@ -11,6 +11,7 @@ an ``OnnxModel`` driven through the batcher).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -275,6 +276,7 @@ class Engine:
                 self._check_queue(job.n, len(prompts), exact=True)
                 # No await between the budget check and submit: what it counted is what is queued.
                 self.check_budget(job.windows, self.settings.request_timeout_s - (time.perf_counter() - started))
+                job.deadline = started + self.settings.request_timeout_s
                 result = await self.batcher.submit(job)
         except TimeoutError as exc:
             raise ApiError(
@@ -362,7 +364,13 @@ class Engine:
         time (first measured on the warm-up batch). A request whose own tokens exceed it can
         never be scored in time: 413 prompt_too_long, ``details.limit = "window_budget"``. One
         that fits alone but not behind the work the fair schedule runs before it finishes
-        (``MicroBatcher.work_ahead``): 429 queue_full, ``details.reason = "window_budget"``.
+        (``MicroBatcher.backlog``), or that would make a queued request miss its deadline:
+        429 queue_full, ``details.reason = "window_budget"``, with Retry-After. The rule
+        (docs/hardening.md) models the fair schedule as processor sharing: a job of p tokens
+        is done once the model has run its own p and up to p of every other job (plus the
+        batches in flight); the new job is admitted when that fits its budget for itself and
+        for every queued job (each of which the new one delays by up to min(tokens, p)) in
+        ``window_budget_factor`` x its time left. The job carries its deadline into the queue.
         """
         factor = self.settings.window_budget_factor
         rate = self.batcher.throughput
@@ -387,13 +395,16 @@ class Engine:
                 f"about {details['budget']} full windows within the {self.settings.request_timeout_s} s deadline",
                 {"limit": "window_budget", **details},
             )
-        ahead = self.batcher.work_ahead(tokens)
-        if tokens + ahead > budget:
+        inflight, queued = self.batcher.backlog()
+        late = _first_late(tokens, inflight, queued, time.perf_counter(), rate * factor, budget)
+        if late is not None:
+            ahead = inflight + sum(min(p, tokens) for p, _ in queued)
             raise ApiError(
                 ErrorCode.queue_full,
-                "server is overloaded: this request would not be scored within its deadline behind the queued work; "
-                "retry shortly",
-                {"reason": "window_budget", "ahead_tokens": ahead, **details},
+                "server is overloaded: this request would not be scored within its deadline behind the queued work, "
+                "or would make queued work miss its own; retry shortly",
+                {"reason": "window_budget", "ahead_tokens": ahead, "protects": late, **details},
+                headers={"Retry-After": str(max(1, math.ceil(ahead / rate)))},
             )
 
     async def warm_up(self) -> None:
@@ -406,6 +417,34 @@ class Engine:
         await self.batcher.submit(
             EncodedWindows(encoded.input_ids[:n], encoded.attention_mask[:n], encoded.token_type_ids[:n])
         )
+
+
+def _first_late(
+    tokens: int,
+    inflight: int,
+    queued: Sequence[tuple[int, float]],
+    now: float,
+    rate: float,
+    own_budget: float,
+) -> str | None:
+    """Which job would miss its deadline if a job of ``tokens`` joined the queue: "own",
+    "queued", or None (``Engine.check_budget``; ``rate`` already scaled by the budget factor).
+
+    Under round-robin a job of p pending tokens finishes after inflight + sum(min(p_k, p))
+    tokens (its own included): sorted ascending, that is the prefix of smaller jobs plus p
+    times the rest. A queued job that would be late anyway does not hold others back: only
+    one the new job would make late counts. O(jobs log jobs)."""
+    if inflight + sum(min(p, tokens) for p, _ in queued) + tokens > own_budget:
+        return "own"
+    jobs = sorted(queued)
+    smaller = 0
+    for i, (p, deadline) in enumerate(jobs):
+        without = inflight + smaller + p * (len(jobs) - i)
+        slack = rate * max(deadline - now, 0.0)
+        if without <= slack < without + min(tokens, p):  # on time without it, late with it
+            return "queued"
+        smaller += p
+    return None
 
 
 def is_blank(text: str) -> bool:

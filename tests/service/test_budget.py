@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from service.contract.policy import Policy
-from service.core.engine import Engine
+from service.core.engine import Engine, _first_late
 from service.core.errors import ApiError, ErrorCode
 from service.model.onnx_model import OnnxModel
 from tests.service.conftest import Gate, running_engine
@@ -94,3 +94,20 @@ def test_budget_off_and_before_any_measurement(tiny_model: OnnxModel, shipped_po
             assert c.verdicts[0].windows == 3
 
     asyncio.run(main())
+
+
+def test_admission_protects_queued_deadlines_not_only_its_own() -> None:
+    """The processor-sharing rule (docs/hardening.md): rate 1,000 tokens/s, a job of 100 tokens."""
+    now = 100.0
+    # alone: own budget 150 tokens holds 100
+    assert _first_late(100, 0, [], now, 1000.0, 150.0) is None
+    # behind 2 jobs of 30 tokens: it waits for their 60 as well -> 160 > 150
+    assert _first_late(100, 0, [(30, now + 5), (30, now + 5)], now, 1000.0, 150.0) == "own"
+    # a queued job of 500 tokens due in 0.55 s: 500 + min(100, 500) = 600 > 550 -> it would be made late
+    assert _first_late(100, 0, [(500, now + 0.55)], now, 1000.0, 10_000.0) == "queued"
+    # due in 0.65 s: 600 fits
+    assert _first_late(100, 0, [(500, now + 0.65)], now, 1000.0, 10_000.0) is None
+    # a queued job already late without the new one does not hold everything back
+    assert _first_late(100, 0, [(500, now + 0.1)], now, 1000.0, 10_000.0) is None
+    # batches in flight delay everyone
+    assert _first_late(100, 100, [(500, now + 0.65)], now, 1000.0, 10_000.0) == "queued"
