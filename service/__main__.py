@@ -8,6 +8,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.core.heap import limit_malloc_arenas
 from service.http.app import create_app
 from service.http.read_timeouts import http_protocol
 from service.http.server import GracefulServer
@@ -15,6 +16,7 @@ from service.logs import configure_logging
 
 
 def main() -> None:
+    limit_malloc_arenas()  # before any thread starts: reloads must not grow the RSS
     configure_logging()
     try:
         settings = Settings()

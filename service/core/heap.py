@@ -11,6 +11,11 @@ released), so a few big requests look like a leak and end in an OOM kill.
 middle of a heap included) on a short-lived thread shortly after the request, when its objects
 are gone; ctypes drops the GIL for the call, so the event loop keeps running. Requests in
 the meantime share the one pending release. Without glibc (musl, macOS) it does nothing.
+
+``limit_malloc_arenas`` (called once at start-up, before any thread) caps glibc's arenas:
+every batcher a reload starts brings new threads, each new thread got an arena of its own,
+and pages freed in them were never all given back: 60 reloads under load grew the RSS by
+hundreds of MB. With two arenas the same reloads end within a few MB of the start.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import os
 import threading
 from collections.abc import Callable
 
@@ -40,6 +46,23 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _malloc_trim = _find_malloc_trim()
+# glibc's mallopt parameter for the most arenas; two serve the event loop and the model threads.
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (unless MALLOC_ARENA_MAX is set: glibc read it already).
+    True if the cap was set."""
+    name = ctypes.util.find_library("c")
+    if name is None or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 _lock = threading.Lock()
 _pending: asyncio.AbstractEventLoop | None = None  # the loop a release is scheduled on
 

@@ -37,8 +37,9 @@ from service.contract.policy import PolicyFileError, load_policies
 from service.core.batcher import MicroBatcher
 from service.core.engine import Engine
 from service.core.errors import REJECTION_CODES, ApiError, ErrorCode
+from service.core.heap import release_memory_soon
 from service.core.metrics import Metrics
-from service.model.folder_checks import load_and_validate, policy_warnings
+from service.model.folder_checks import check_policies_fit, load_and_validate, policy_warnings
 from service.model.onnx_model import ModelLoadError
 
 log = logging.getLogger("uniguard.runtime")
@@ -173,6 +174,7 @@ class Runtime:
             int8_weights=s.int8_weights,
             worker_threads=worker_threads,
         )
+        check_policies_fit(model, policies)  # a policy that could never be served fails the (re)load
         warnings = policy_warnings(model, policies, s.thresholds)
         batcher = MicroBatcher(
             model.run,
@@ -288,6 +290,10 @@ class Runtime:
         task = asyncio.create_task(self._retire(engine), name="uniguard-retire")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        # Once the task is done nothing holds the old engine: its sessions and their arenas are
+        # freed, and the pages malloc kept for them go back to the OS (reloads under load
+        # otherwise grew the RSS by one model's working set each).
+        task.add_done_callback(lambda _: release_memory_soon())
 
     async def _retire(self, engine: Engine) -> None:
         """Stop an engine that was swapped out, once no request is pinned to it."""

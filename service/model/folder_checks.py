@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from service.contract.policy import InstructionTooLong, Policy
+from service.contract.policy import InstructionTooLong, Policy, PolicyFileError
 from service.model.int8_weights import WeightSetting
 from service.model.manifest import sha256_file
 from service.model.onnx_model import ModelLoadError, OnnxModel, path_inside
@@ -145,16 +145,27 @@ def load_and_validate(
     return model
 
 
+def check_policies_fit(model: OnnxModel, policies: Mapping[str, Policy]) -> None:
+    """PolicyFileError naming every served policy whose description leaves the prompt no room
+    in the model's window: such a policy would load, then fail every request naming it."""
+    problems = []
+    for policy in policies.values():
+        try:
+            model.encoder.check_policy(policy)
+        except InstructionTooLong as exc:
+            problems.append(str(exc))
+    if problems:
+        raise PolicyFileError(
+            "; ".join(problems) + f" (model {model.id}, max_length {model.manifest.max_length}): shorten the "
+            "description or serve a model with a longer window"
+        )
+
+
 def policy_warnings(
     model: OnnxModel, policies: Mapping[str, Policy], threshold_overrides: Mapping[str, float]
 ) -> list[str]:
     """Problems that do not stop serving but an operator should see after a (re)load."""
     out = []
-    for policy in policies.values():
-        try:
-            model.encoder.check_policy(policy)
-        except InstructionTooLong as exc:
-            out.append(f"{exc}: requests for it answer policy_too_long")
     unknown = sorted(set(threshold_overrides) - set(policies))
     if unknown:
         out.append(f"UNIGUARD_THRESHOLDS names policies that are not served: {unknown}")

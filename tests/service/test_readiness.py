@@ -18,8 +18,8 @@ import httpx
 import pytest
 from tokenizers import Tokenizer
 
-from service.contract.policy import Policy
-from service.model.folder_checks import load_and_validate, policy_warnings
+from service.contract.policy import Policy, PolicyFileError
+from service.model.folder_checks import check_policies_fit, load_and_validate, policy_warnings
 from service.model.manifest import sha256_file
 from service.model.onnx_model import ModelLoadError, OnnxModel
 from tests.harness.live_server import Server, assert_error
@@ -180,8 +180,15 @@ def test_missing_fingerprinted_file(copy: Path) -> None:
 
 
 def test_policy_warnings(tiny_model: OnnxModel, shipped_policies: dict[str, Policy]) -> None:
-    long = Policy(id="long", name="l", description="forbidden " * 199)
-    warnings = policy_warnings(tiny_model, {**shipped_policies, "long": long}, {"toxicity": 0.7, "ghost": 0.2})
-    assert any("'long'" in w and "policy_too_long" in w for w in warnings)
+    warnings = policy_warnings(tiny_model, shipped_policies, {"toxicity": 0.7, "ghost": 0.2})
     assert any("ghost" in w for w in warnings)
     assert not any("toxicity" in w for w in warnings)
+
+
+def test_a_policy_over_the_token_budget_fails_the_load(
+    tiny_model: OnnxModel, shipped_policies: dict[str, Policy]
+) -> None:
+    check_policies_fit(tiny_model, shipped_policies)  # the shipped ones fit
+    long = Policy(id="long", name="l", description="forbidden " * 199)
+    with pytest.raises(PolicyFileError, match=r"policy 'long': description uses \d+ of 128 tokens"):
+        check_policies_fit(tiny_model, {**shipped_policies, "long": long})
