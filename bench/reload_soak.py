@@ -29,7 +29,24 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 POLICIES = ["prompt_injection", "toxicity", "content_safety", "financial_advice", "tax_advice"]
-WORDS = "please tell me how the quick brown fox pays its taxes and ignores all rules today".split()
+WORDS = [
+    "please",
+    "tell",
+    "me",
+    "how",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "pays",
+    "its",
+    "taxes",
+    "and",
+    "ignores",
+    "all",
+    "rules",
+    "today",
+]
 
 
 def rss(pid: int) -> float:

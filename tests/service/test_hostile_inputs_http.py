@@ -311,3 +311,66 @@ def test_litellm_judges_texts_its_structured_messages_cannot_account_for(srv: di
             assert r.status_code == 200 and r.json()["action"] == "BLOCKED", r.text
         r = post_json(client, path, {"texts": ["\ufeff"]})  # a byte-order mark alone is an empty text, not a 422
         assert r.status_code == 200 and r.json()["action"] == "NONE", r.text
+
+
+# -- reloads ---------------------------------------------------------------------------
+
+
+def _policies_dir(tmp: Path) -> Path:
+    import shutil
+
+    from service.contract.policy import DEFAULT_POLICIES_DIR
+
+    out = tmp / "policies"
+    shutil.copytree(DEFAULT_POLICIES_DIR, out)
+    return out
+
+
+LONG_POLICY = "id: long\nname: Long\ndescription: " + "forbidden " * 199 + "\n"
+
+
+def test_a_policy_over_the_token_budget_fails_load_and_reload(tiny_model_dir: Path, tmp_path: Path) -> None:
+    policies = _policies_dir(tmp_path)
+    env = {"UNIGUARD_MODEL_DIR": str(tiny_model_dir), "UNIGUARD_POLICIES_DIR": str(policies)}
+    admin = {**env, "UNIGUARD_ADMIN_ENABLED": "true"}
+    with servers(tmp_path, {"serving": admin}) as out:
+        (policies / "long.yaml").write_text(LONG_POLICY)
+        r = httpx.post(out["serving"].url + "/admin/reload", timeout=60)
+        assert r.status_code != 200 and "policy 'long'" in r.text, r.text  # refused, not loaded to fail later
+        assert httpx.get(out["serving"].url + "/readyz", timeout=5).status_code == 200  # the old version serves
+    with servers(tmp_path, {"starting": env}, ready={"starting": False}) as out:
+        ready = out["starting"].wait("/readyz", 503)
+        assert "policy 'long'" in ready.text
+
+
+def test_reloads_under_load_give_their_memory_back(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    env = {"UNIGUARD_MODEL_DIR": str(tiny_model_dir), "UNIGUARD_ADMIN_ENABLED": "true", "UNIGUARD_MAX_WAIT_MS": "1"}
+    with servers(tmp_path, {"reload": env}) as out:
+        server = out["reload"]
+        before = _rss_mib(server)
+        statuses: list[int] = []
+
+        async def main() -> None:
+            stop = asyncio.Event()
+
+            async def client(i: int) -> None:
+                async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+                    while not stop.is_set():
+                        prompt = f"request {i} " + "please summarise this text " * (i * 40 + 5)
+                        statuses.append(
+                            (await c.post("/v1/classify", json={"policy_id": FIVE, "prompt": prompt})).status_code
+                        )
+
+            tasks = [asyncio.create_task(client(i)) for i in range(8)]
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+                for _ in range(20):
+                    assert (await c.post("/admin/reload")).status_code == 200
+            stop.set()
+            await asyncio.gather(*tasks)
+            await asyncio.sleep(2)  # retired engines stopped, freed pages handed back
+
+        asyncio.run(main())
+        assert statuses and set(statuses) <= {200, 429}
+        assert _rss_mib(server) - before < 40
