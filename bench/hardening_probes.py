@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -110,10 +110,8 @@ def probe(url: str, pid: int, prompt: str) -> dict[str, object]:
     slowest = 0.0
     while worker.is_alive():
         started = time.perf_counter()
-        try:
+        with suppress(httpx.TimeoutException):
             httpx.get(url + "/healthz", timeout=60)
-        except httpx.TimeoutException:
-            pass
         slowest = max(slowest, time.perf_counter() - started)
         peak.append(rss(pid))
         time.sleep(0.05)
