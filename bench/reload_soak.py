@@ -98,6 +98,7 @@ async def run(url: str, pid: int, clients: int, reloads: int, seconds: float) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", type=Path, default=REPO, help="checkout to run the service from")
     parser.add_argument("--model-dir", default=str(REPO / "models" / "default"))
     parser.add_argument("--reloads", type=int, default=60)
     parser.add_argument("--clients", type=int, default=64)
@@ -113,7 +114,7 @@ def main() -> None:
         UNIGUARD_ADMIN_ENABLED="true",
         UNIGUARD_SHUTDOWN_DRAIN_S="0",
     )
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=args.repo, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{args.port}"
     try:
         deadline = time.monotonic() + 120

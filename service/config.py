@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.contract.policy import DEFAULT_POLICIES_DIR, POLICY_ID_PATTERN
+from service.contract.textnorm import normalize_text
 
 PolicyIdSetting = Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]
 
@@ -241,9 +242,8 @@ class Settings(BaseSettings):
     @field_validator("guard_roles")
     @classmethod
     def _lower_roles(cls, value: list[str]) -> list[str]:
-        from service.gateway.chat_text import normalise_role  # roles are read the same way in requests
-
-        return [normalise_role(role) for role in value]
+        # As service.gateway.chat_text.normalise_role reads a request's roles (config sits below the gateway).
+        return [normalize_text(role).strip().casefold() for role in value]
 
     @field_validator("api_key", "upstream_api_key")
     @classmethod
