@@ -207,10 +207,10 @@ def default(
     threshold_target: Annotated[
         str,
         typer.Option(
-            help="Per-policy threshold target: best-f1, or max-fpr:<rate> (best F1 with at most that FPR on each "
-            "held-out benign source)."
+            help="Per-policy thresholds: levels (strict / balanced / permissive, each the best held-out balanced "
+            "score under its benign FPR caps), max-fpr:<rate> (one level at that pooled held-out FPR), or best-f1."
         ),
-    ] = "max-fpr:0.05",
+    ] = "levels",
     min_parity: Annotated[
         float,
         typer.Option(
