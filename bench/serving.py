@@ -41,8 +41,8 @@ import numpy as np
 
 from bench.httpclient import Connection, encode_get, encode_post
 from bench.workload import MIXES, build_requests
-from service.inference import OnnxModel
-from service.policy import DEFAULT_POLICIES_DIR, EncodedWindows, load_policies
+from service.contract.policy import DEFAULT_POLICIES_DIR, EncodedWindows, load_policies
+from service.model.onnx_model import OnnxModel
 
 REPO = Path(__file__).resolve().parents[1]
 RAW_BATCHES = (1, 2, 4, 8, 16, 32, 64)

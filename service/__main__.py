@@ -8,10 +8,10 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.http_timeouts import http_protocol
+from service.http.app import create_app
+from service.http.read_timeouts import http_protocol
+from service.http.server import GracefulServer
 from service.logs import configure_logging
-from service.main import create_app
-from service.server import GracefulServer
 
 
 def main() -> None:

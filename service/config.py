@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.policy import DEFAULT_POLICIES_DIR, POLICY_ID_PATTERN
+from service.contract.policy import DEFAULT_POLICIES_DIR, POLICY_ID_PATTERN
 
 PolicyIdSetting = Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]
 
@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         "auto",
         description="Integer GEMM weights as loaded: signed (u8 x s8, fast and exact with VNNI), unsigned (u8 x u8, "
         "exact on every x86 CPU, 2.4x slower with VNNI), auto (signed where the CPU has VNNI or is not x86). "
-        "Scores are bit-identical either way (service/int8_weights.py).",
+        "Scores are bit-identical either way (service/model/int8_weights.py).",
     )
     spinning: bool = Field(
         True,

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.inference import OnnxModel
-from service.manifest import read_manifest
-from service.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
+from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
+from service.model.manifest import read_manifest
+from service.model.onnx_model import OnnxModel
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
 

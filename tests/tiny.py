@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.policy import DEFAULT_POLICIES_DIR, load_policies
+from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies
 
 
 def base_tokenizer_dir() -> Path:

@@ -14,7 +14,7 @@ def app_status(tmp_path: Path, paths: list[str]) -> dict[str, int]:
     """GET each path on the real app (no model loaded): 404 means no such route."""
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from service.http.app import create_app
 
     client = TestClient(create_app(Settings(model_dir=tmp_path, threads=1)))  # no lifespan: nothing loads
     return {path: client.get(path).status_code for path in paths}

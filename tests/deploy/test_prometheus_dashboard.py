@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from service.metrics import Metrics
+from service.core.metrics import Metrics
 from tests.deploy.helpers import DEPLOY
 from tests.service.test_http import serve, stop_process
 

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batching import MicroBatcher
 from service.config import Settings
-from service.engine import Engine
-from service.inference import OnnxModel
-from service.metrics import Metrics
-from service.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
+from service.contract.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
+from service.core.batching import MicroBatcher
+from service.core.engine import Engine
+from service.core.metrics import Metrics
+from service.model.onnx_model import OnnxModel
 from tests.upstream_server import UpstreamServer
 
 

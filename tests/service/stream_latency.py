@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from service.stream_moderation import split_events
+from service.gateway.stream_moderation import split_events
 from tests.service.test_http import serve
 from tests.upstream_server import UpstreamServer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 
 from service.config import Settings
-from service.main import create_app
+from service.http.app import create_app
 
 
 def test_unexpected_exception_is_a_clean_500(tmp_path: Path) -> None:

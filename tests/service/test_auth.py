@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.auth import ApiKeyMiddleware, open_paths
 from service.config import Settings
+from service.http.auth import ApiKeyMiddleware, open_paths
 from tests.service.sidecar import MIXED, chat, model_with_thresholds, post_json, servers
 from tests.service.test_http import Server, assert_error
 from tests.upstream_server import UpstreamServer

@@ -7,9 +7,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.batching import BatcherClosed, MicroBatcher, QueueFull
-from service.inference import OnnxModel
-from service.policy import EncodedWindows, Policy
+from service.contract.policy import EncodedWindows, Policy
+from service.core.batching import BatcherClosed, MicroBatcher, QueueFull
+from service.model.onnx_model import OnnxModel
 from tests.service.conftest import Gate
 
 

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from service.batching import MicroBatcher, _Job, _Window, select_batch
-from service.engine import THREADED_TOKENIZE_CHARS
-from service.inference import OnnxModel
-from service.policy import EncodedWindows, Policy
+from service.contract.policy import EncodedWindows, Policy
+from service.core.batching import MicroBatcher, _Job, _Window, select_batch
+from service.core.engine import THREADED_TOKENIZE_CHARS
+from service.model.onnx_model import OnnxModel
 from tests.service.conftest import Gate, running_engine
 
 

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from service.engine import Engine
-from service.errors import ApiError, ErrorCode
-from service.inference import OnnxModel
-from service.policy import Policy
+from service.contract.policy import Policy
+from service.core.engine import Engine
+from service.core.errors import ApiError, ErrorCode
+from service.model.onnx_model import OnnxModel
 from tests.service.conftest import Gate, running_engine
 
 # A factor this small leaves the floor as the whole budget: deterministic whatever the CPU.

@@ -11,11 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from service.calibration import Calibration, apply_calibration, logit, sigmoid
 from service.config import Settings
-from service.inference import ModelLoadError, OnnxModel
-from service.main import create_app
-from service.policy import Policy, pad_batch
+from service.contract.policy import Policy, pad_batch
+from service.http.app import create_app
+from service.model.calibration import Calibration, apply_calibration, logit, sigmoid
+from service.model.onnx_model import ModelLoadError, OnnxModel
 from tests.service.conftest import running_engine
 
 

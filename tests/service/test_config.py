@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.policy import DEFAULT_POLICIES_DIR
+from service.contract.policy import DEFAULT_POLICIES_DIR
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

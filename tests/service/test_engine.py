@@ -8,11 +8,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from service.batching import BatchResult
-from service.engine import Classification, Engine
-from service.errors import ApiError, ErrorCode
-from service.inference import OnnxModel
-from service.policy import Policy
+from service.contract.policy import Policy
+from service.core.batching import BatchResult
+from service.core.engine import Classification, Engine
+from service.core.errors import ApiError, ErrorCode
+from service.model.onnx_model import OnnxModel
 from tests.service.conftest import running_engine
 
 T = TypeVar("T")

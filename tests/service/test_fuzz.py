@@ -32,9 +32,9 @@ from schemathesis.core.failures import AcceptedNegativeData
 from schemathesis.openapi.checks import RejectedPositiveData
 
 from service.config import Settings
-from service.inference import OnnxModel
-from service.main import create_app
-from service.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
+from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
+from service.http.app import create_app
+from service.model.onnx_model import OnnxModel
 from tests.service.test_http import Server, assert_error, assert_verdict, serve
 from tests.upstream_server import UpstreamServer
 

@@ -1,4 +1,4 @@
-"""service.guard without HTTP: the engine and metrics are arguments, not pulled from a request."""
+"""service.gateway.judge without HTTP: the engine and metrics are arguments, not pulled from a request."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from service.engine import Engine
-from service.errors import ApiError, ErrorCode
-from service.guard import GuardText, Judgement, judge
-from service.metrics import Metrics
+from service.core.engine import Engine
+from service.core.errors import ApiError, ErrorCode
+from service.core.metrics import Metrics
+from service.gateway.judge import GuardText, Judgement, judge
 
 ROUTE = "/beta/litellm_basic_guardrail_api"
 

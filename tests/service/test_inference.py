@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.inference import ModelLoadError, OnnxModel
-from service.manifest import sha256_file
-from service.policy import Policy, pad_batch
+from service.contract.policy import Policy, pad_batch
+from service.model.manifest import sha256_file
+from service.model.onnx_model import ModelLoadError, OnnxModel
 
 
 def _windows(model: OnnxModel, policy: Policy, prompts: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -112,7 +112,7 @@ def test_invalid_manifest(model_copy: Path) -> None:
 def test_int8_weights_either_sign_score_alike(tmp_path: Path, shipped_policies: dict[str, Policy]) -> None:
     """UNIGUARD_INT8_WEIGHTS: the loader gives the int8 GEMMs signed (u8 x s8) or unsigned
     (u8 x u8) weights holding the same integers; the scores do not depend on the choice."""
-    from service.int8_weights import best_weight_sign
+    from service.model.int8_weights import best_weight_sign
     from tests.tiny import build_tiny_model_folder
 
     # weights spread wide enough that scores vary from prompt to prompt

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.inference import OnnxModel
-from service.policy import Policy
+from service.contract.policy import Policy
+from service.model.onnx_model import OnnxModel
 from tests.service.test_http import Server, assert_error, metric, serve
 
 LONG_POLICIES = ["content_safety", "financial_advice", "prompt_injection", "tax_advice", "toxicity"]

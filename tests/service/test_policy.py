@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from service.inference import OnnxModel
-from service.policy import InstructionTooLong, Policy, PolicyFileError, load_policies
+from service.contract.policy import InstructionTooLong, Policy, PolicyFileError, load_policies
+from service.model.onnx_model import OnnxModel
 
 GOOD = "id: p1\nname: One\ndescription: Block cats.\n"
 

@@ -11,9 +11,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.inference import CPU, CUDA, ModelLoadError, OnnxModel, select_provider
-from service.manifest import Manifest, ModelFile, read_manifest, sha256_file
-from service.policy import Policy, pad_batch
+from service.contract.policy import Policy, pad_batch
+from service.model.manifest import Manifest, ModelFile, read_manifest, sha256_file
+from service.model.onnx_model import CPU, CUDA, ModelLoadError, OnnxModel, select_provider
 from training.export import FP16_FILE, convert_fp16
 
 HAS_CUDA = CUDA in ort.get_available_providers()

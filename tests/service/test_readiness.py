@@ -3,7 +3,7 @@
 Each broken folder is served by the real service (all servers start in parallel): the
 process stays up, /readyz stays 503 with a message naming the file and the problem, and
 /v1/classify answers 503 not_ready instead of a wrong verdict. The checks themselves are
-also exercised in-process (``service.validation``) where a server adds nothing.
+also exercised in-process (``service.model.folder_checks``) where a server adds nothing.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import httpx
 import pytest
 from tokenizers import Tokenizer
 
-from service.inference import ModelLoadError, OnnxModel
-from service.manifest import sha256_file
-from service.policy import Policy
-from service.validation import load_and_validate, policy_warnings
+from service.contract.policy import Policy
+from service.model.folder_checks import load_and_validate, policy_warnings
+from service.model.manifest import sha256_file
+from service.model.onnx_model import ModelLoadError, OnnxModel
 from tests.service.sidecar import servers
 from tests.service.test_http import Server, assert_error
 

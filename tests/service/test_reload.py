@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 
 from service.config import Settings
-from service.inference import OnnxModel
-from service.main import create_app
-from service.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
-from service.runtime import EngineLease, Runtime
+from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
+from service.core.runtime import EngineLease, Runtime
+from service.http.app import create_app
+from service.model.onnx_model import OnnxModel
 from tests.service.test_http import Server, assert_error, serve
 from tests.tiny import build_tiny_model_folder
 from training.export import atomic_replace_dir

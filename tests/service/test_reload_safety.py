@@ -16,12 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-import service.policy
-from service import runtime as runtime_module
+import service.contract.policy
 from service.config import Settings
-from service.main import create_app
-from service.policy import DEFAULT_POLICIES_DIR
-from service.runtime import Runtime
+from service.contract.policy import DEFAULT_POLICIES_DIR
+from service.core import runtime as runtime_module
+from service.core.runtime import Runtime
+from service.http.app import create_app
 from tests.service.test_http import Server, assert_error, serve
 
 RELOAD_TIMEOUT_S = 2.0
@@ -99,7 +99,7 @@ def test_a_reload_that_cannot_finish_times_out_and_releases_the_lock(
     model, policies = folders
     stuck = threading.Event()  # set: the loader is stuck; release: let it return
     release = threading.Event()
-    real_load = service.policy.load_policies
+    real_load = service.contract.policy.load_policies
 
     def load_policies(directory: Path) -> dict:
         if (Path(directory) / "STUCK").exists():

@@ -3,7 +3,7 @@
 The live-server figure (RSS back down after a big request) is in ``test_request_cost``;
 these pin the two causes found: a finished request's token rows were still referenced by
 the inference thread until the next batch, and glibc kept the freed pages (now
-``malloc_trim`` after a big request, ``service.memory``).
+``malloc_trim`` after a big request, ``service.core.heap``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from service import engine as engine_module
-from service import memory
-from service.batching import MicroBatcher
-from service.errors import ApiError, ErrorCode
-from service.inference import OnnxModel
-from service.policy import Policy
+from service.contract.policy import Policy
+from service.core import engine as engine_module
+from service.core import heap as memory
+from service.core.batching import MicroBatcher
+from service.core.errors import ApiError, ErrorCode
+from service.model.onnx_model import OnnxModel
 from tests.service.conftest import running_engine
 
 TEXTS = [f"text number {i}" for i in range(40)]

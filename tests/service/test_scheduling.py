@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batching import BatcherClosed, MicroBatcher, busy_rate, busy_time
 from service.config import Settings
-from service.inference import OnnxModel
-from service.policy import EncodedWindows, Policy
-from service.runtime import Runtime
+from service.contract.policy import EncodedWindows, Policy
+from service.core.batching import BatcherClosed, MicroBatcher, busy_rate, busy_time
+from service.core.runtime import Runtime
+from service.model.onnx_model import OnnxModel
 
 LONG, SHORT = 11, 22  # marker token in column 0: which job a row belongs to
 

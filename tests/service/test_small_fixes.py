@@ -13,7 +13,7 @@ import httpx2  # what openai 3.x is built on
 import openai
 import pytest
 
-from service.errors import REJECTION_CODES, ErrorCode
+from service.core.errors import REJECTION_CODES, ErrorCode
 from tests.service.test_http import Server, serve
 
 ROUTES = ("/beta/litellm_basic_guardrail_api", "/v1/chat/completions")

@@ -16,10 +16,10 @@ import httpx
 import openai
 import pytest
 
-from service.engine import Classification, PolicyVerdict, Timings
-from service.errors import ApiError, ErrorCode
-from service.guard import GuardText, Judgement, TextResult
-from service.stream_moderation import CONTEXT_CHARS, MAX_EVENT_BYTES, StreamModerator, split_events
+from service.core.engine import Classification, PolicyVerdict, Timings
+from service.core.errors import ApiError, ErrorCode
+from service.gateway.judge import GuardText, Judgement, TextResult
+from service.gateway.stream_moderation import CONTEXT_CHARS, MAX_EVENT_BYTES, StreamModerator, split_events
 from tests.service.sidecar import servers, sse_events
 from tests.service.test_http import Server
 from tests.test_default_model import DEFAULT_DIR

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import strict_json
+from service.http import strict_json
 from tests.service.sidecar import MIXED, model_with_thresholds, servers
 from tests.service.test_http import Server, assert_error
 from tests.upstream_server import UpstreamServer

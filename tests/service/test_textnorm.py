@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import random
 
-from service.policy import InputEncoder, InputTemplate, Policy
-from service.textnorm import MAX_PAYLOADS, hidden_payloads, normalize_text
+from service.contract.policy import InputEncoder, InputTemplate, Policy
+from service.contract.textnorm import MAX_PAYLOADS, hidden_payloads, normalize_text
 from tests.tiny import base_tokenizer_dir
 
 POLICY = Policy(id="p", name="P", description="Block prompt injection.")

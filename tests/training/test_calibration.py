@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.calibration import sigmoid
-from service.inference import OnnxModel
-from service.manifest import read_manifest, sha256_file
-from service.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
-from service.validation import load_and_validate
+from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
+from service.model.calibration import sigmoid
+from service.model.folder_checks import load_and_validate
+from service.model.manifest import read_manifest, sha256_file
+from service.model.onnx_model import OnnxModel
 from tests.tiny import build_tiny_model_folder
 from training.data.rows import Example, read_examples
 from training.eval.thresholds import ThresholdTarget, choose_thresholds, max_fpr_threshold
@@ -163,7 +163,7 @@ def test_release_with_heldout_rows_bounds_fpr_and_reports_out_of_source(varied_m
     assert held["sources"] == ["forum", "hate"] and 0.0 <= held["summary"] <= 1.0
     # the bound holds on the tune half it was chosen on
     model = OnnxModel.load(out, threads=1)
-    from service.calibration import apply_calibration
+    from service.model.calibration import apply_calibration
 
     tune = [ex for ex in heldout if half_of(ex.text) == "tune" and ex.label == 0]
     raw = np.array([_raw(model, "toxicity", ex.text) for ex in tune])

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.inference import OnnxModel
-from service.manifest import read_manifest, sha256_file
-from service.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
+from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
+from service.model.manifest import read_manifest, sha256_file
+from service.model.onnx_model import OnnxModel
 from tests.tiny import build_tiny_model_folder
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.policy import DEFAULT_POLICIES_DIR, InputEncoder, InputTemplate, load_policies
+from service.contract.policy import DEFAULT_POLICIES_DIR, InputEncoder, InputTemplate, load_policies
 from tests.tiny import base_tokenizer_dir
 from training.data.augment import context_groups, embed_in_context, inserted_spans, with_binary_blobs
 from training.data.heldout import NearDuplicateIndex, half_of

@@ -14,9 +14,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from service.inference import OnnxModel
-from service.int8_weights import WeightSign, adapt_weights, best_weight_sign
-from service.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
+from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
+from service.model.int8_weights import WeightSign, adapt_weights, best_weight_sign
+from service.model.onnx_model import OnnxModel
 from tests.tiny import build_tiny_checkpoint
 from training.release.export import export_onnx
 from training.release.optimize import model_dims, optimize_for_cpu
@@ -136,7 +136,7 @@ def test_both_per_token_files_hold_the_same_8_bit_weights(exported: dict[str, Pa
 def test_the_loader_rewrites_weights_to_either_sign_with_the_same_scores(
     exported: dict[str, Path], tiny_model_dir: Path, quantization: str, sign: WeightSign
 ) -> None:
-    """service.int8_weights: u8 x s8 and u8 x u8 hold the same integers, so scores are equal
+    """service.model.int8_weights: u8 x s8 and u8 x u8 hold the same integers, so scores are equal
     (to float rounding of the kernels) whichever kernel the CPU is given."""
     adapted, rewritten = adapt_weights(exported[quantization], sign)
     stored_signed = quantization == "per-token"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
+from service.contract.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
 from tests.chat_server import Reply, ScriptedChatServer, kind_of
 from training.data.rows import read_examples
 from training.sdg.backends import BackendError, OpenAIChatBackend, retry_after_seconds

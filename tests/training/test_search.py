@@ -149,7 +149,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """runs/<name>/ as the training stage leaves it: a base, 3 fine-tunes of it (2 steps each), checkpoints.json."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from service.policy import DEFAULT_POLICIES_DIR, InputEncoder, InputTemplate, load_policies
+    from service.contract.policy import DEFAULT_POLICIES_DIR, InputEncoder, InputTemplate, load_policies
     from tests.tiny import build_tiny_checkpoint
     from training.data.rows import Example
     from training.model.batches import Encoded
@@ -205,8 +205,8 @@ def invoke(args: list[str]):
 
 
 def test_merge_search_end_to_end_resumes_and_exports(tiny_run: Path, tmp_path: Path) -> None:
-    from service.inference import OnnxModel
-    from service.manifest import read_manifest
+    from service.model.manifest import read_manifest
+    from service.model.onnx_model import OnnxModel
 
     run_dir, out = tmp_path / "merge-run", tmp_path / "models" / "tiny-uniguard"
     common = [
@@ -260,7 +260,7 @@ def test_merge_search_end_to_end_resumes_and_exports(tiny_run: Path, tmp_path: P
 
 
 def test_validation_windows_are_cached_and_capped(tiny_run: Path) -> None:
-    from service.policy import DEFAULT_POLICIES_DIR, InputTemplate, load_policies
+    from service.contract.policy import DEFAULT_POLICIES_DIR, InputTemplate, load_policies
     from training.data.rows import Example
 
     long_row = Example(text="please " * 400, label=0, policy_id="toxicity", source="safe")
@@ -278,8 +278,8 @@ def test_validation_windows_are_cached_and_capped(tiny_run: Path) -> None:
 
 def test_merge_winner_is_released_calibrated(tiny_run: Path, tmp_path: Path) -> None:
     """The winner goes through the one release step: temperature, thresholds for the target, card, diagram."""
-    from service.manifest import read_manifest
-    from service.validation import load_and_validate
+    from service.model.folder_checks import load_and_validate
+    from service.model.manifest import read_manifest
 
     out = tmp_path / "models" / "tiny-calibrated"
     invoke(
@@ -336,7 +336,7 @@ def heldout_rows() -> list:
 def test_the_out_of_source_reward_is_the_tune_half_summary_at_bounded_thresholds() -> None:
     """The reward the merge search optimises for issue 15: thresholds chosen as the release
     chooses them (FPR <= 5 % on every held-out benign source), summary on the tune rows only."""
-    from service.policy import DEFAULT_POLICIES_DIR, load_policies
+    from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies
     from tests.tiny import base_tokenizer_dir
     from training.data.heldout import half_of
     from training.data.rows import Example
@@ -368,7 +368,7 @@ def test_the_out_of_source_reward_is_the_tune_half_summary_at_bounded_thresholds
 
 
 def test_a_search_with_held_out_rows_is_rewarded_and_logged_out_of_source(tiny_run: Path, tmp_path: Path) -> None:
-    from service.policy import DEFAULT_POLICIES_DIR
+    from service.contract.policy import DEFAULT_POLICIES_DIR
     from training.merging.checkpoints import resolve_sources
     from training.merging.subsets import load_subsets
     from training.search.objective import OutOfSourceSet
@@ -460,7 +460,7 @@ def test_zero_shot_rows_score_a_checkpoint_and_a_served_folder_per_held_out_poli
 ) -> None:
     """The recipe's in-run check (torch checkpoint, 0.5) and evaluate's (served folder, its default
     threshold) count the same hand-written rows of the same policies."""
-    from service.manifest import read_manifest
+    from service.model.manifest import read_manifest
     from training.data.heldout import zero_shot_rows
     from training.eval.robustness import zero_shot, zero_shot_of
 

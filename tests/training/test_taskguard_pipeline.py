@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from service.policy import DEFAULT_POLICIES_DIR, InputEncoder, load_policies  # noqa: E402
+from service.contract.policy import DEFAULT_POLICIES_DIR, InputEncoder, load_policies  # noqa: E402
 from training.data.rows import Example, read_test_rows  # noqa: E402
 from training.eval.metrics import metrics_by_policy  # noqa: E402
 from training.eval.report import closing_table, evaluate_path  # noqa: E402
@@ -229,7 +229,7 @@ def test_evaluate_checkpoint_and_onnx_on_known_answers(base: Path, tmp_path: Pat
         app, ["export", str(ckpt), str(tmp_path / "onnx"), "--no-quantize", "--validation", str(validation)]
     )
     assert export.exit_code == 0, export.output
-    from service.manifest import read_manifest
+    from service.model.manifest import read_manifest
 
     released = read_manifest(tmp_path / "onnx")  # through the one release step: calibrated, card, diagram
     assert released.calibration is not None and released.threshold_target == {"kind": "best_f1"}
@@ -241,7 +241,7 @@ def test_evaluate_checkpoint_and_onnx_on_known_answers(base: Path, tmp_path: Pat
     res = runner.invoke(app, ["evaluate", str(tmp_path / "onnx"), str(data), "--policy", "toxicity", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
-    assert report["kind"] == "onnx"  # scored through service.inference.OnnxModel
+    assert report["kind"] == "onnx"  # scored through service.model.onnx_model.OnnxModel
     assert {k: report["policies"]["toxicity"][k] for k in expected} == expected
     assert "| toxicity |" in (out / "report.md").read_text()
 
@@ -381,7 +381,7 @@ def test_default_model_is_a_preset_of_the_loop_and_goes_through_the_release_step
     """`make model` end to end on tiny data and a tiny encoder: split, one loop, export, release, promote."""
     from dataclasses import replace
 
-    from service.manifest import read_manifest
+    from service.model.manifest import read_manifest
     from training.stages import default as default_stage
 
     args = _data_cli_args(tmp_path, monkeypatch)

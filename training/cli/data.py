@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from service.manifest import sha256_file
-from service.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
+from service.contract.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
+from service.model.manifest import sha256_file
 from training import paths
 from training.cli.common import RUN_HELP, DataDirOption, record
 from training.data.rows import summary_rows

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from service.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
+from service.contract.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
 from training import paths
 from training.cli.common import RUN_HELP, DataDirOption
 from training.data.rows import read_test_rows

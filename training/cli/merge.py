@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from service.policy import DEFAULT_POLICIES_DIR
+from service.contract.policy import DEFAULT_POLICIES_DIR
 from training import paths
 from training.cli.common import PoliciesDirOption, command_line
 from training.cli.common import csv as _split

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from service.policy import DEFAULT_POLICIES_DIR, load_policies
+from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies
 from training import paths
 from training.cli.common import QUANTIZATION_HELP, PoliciesDirOption, command_line, parse_quantization
 from training.data.rows import read_examples

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from service.policy import DEFAULT_POLICIES_DIR, load_policies
+from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies
 from training import paths
 from training.cli.common import PoliciesDirOption
 from training.data.rows import read_jsonl

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from service.policy import DEFAULT_POLICIES_DIR
+from service.contract.policy import DEFAULT_POLICIES_DIR
 from training import paths
 from training.cli.common import (
     QUANTIZATION_HELP,

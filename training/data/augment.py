@@ -14,7 +14,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from service.textnorm import normalize_text
+from service.contract.textnorm import normalize_text
 from training.data.rows import Example, normalise
 
 MAX_EMBEDDED_CHARS = 280  # unsafe texts short enough to sit inside one window whole

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.policy import Policy
+from service.contract.policy import Policy
 from training.io import write_text_atomic
 
 

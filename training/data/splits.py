@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sklearn.model_selection import train_test_split
 
-from service.manifest import sha256_file
+from service.model.manifest import sha256_file
 from training.data.build import Budget, build_dataset
 from training.data.rows import Example, normalise, read_examples, summary_rows, write_examples
 from training.io import staged_dir, write_json_atomic

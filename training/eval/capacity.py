@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from service.calibration import logit, sigmoid
-from service.policy import InputEncoder, InputTemplate, Policy
+from service.contract.policy import InputEncoder, InputTemplate, Policy
+from service.model.calibration import logit, sigmoid
 from training.data.rows import Example
 from training.data.splits import subsample
 from training.eval.heldout import MAX_FPR, bounded_thresholds, capped_heldout, halves, heldout_result

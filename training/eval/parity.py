@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from service.policy import Policy
+from service.contract.policy import Policy
 from training.data.rows import Example
 from training.eval.scoring import Scorer, score
 

@@ -25,10 +25,10 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from service.calibration import apply_calibration
-from service.int8_weights import adapt_weights, best_weight_sign
-from service.manifest import read_manifest
-from service.policy import InputEncoder, Policy, pad_batch
+from service.contract.policy import InputEncoder, Policy, pad_batch
+from service.model.calibration import apply_calibration
+from service.model.int8_weights import adapt_weights, best_weight_sign
+from service.model.manifest import read_manifest
 from training.release.optimize import QUANTIZATIONS, count_nodes, optimize_for_cpu, save_rewritten
 
 Row = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # policy id, ids, mask, type ids

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.policy import Policy
+from service.contract.policy import Policy
 from training.data.rows import Example
 from training.eval.metrics import metrics_by_policy
 from training.eval.scoring import Progress, load_scorer, score

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from service.calibration import apply_calibration
-from service.manifest import read_manifest
-from service.policy import Policy, load_policies
+from service.contract.policy import Policy, load_policies
+from service.model.calibration import apply_calibration
+from service.model.manifest import read_manifest
 from training.data.heldout import ZERO_SHOT_POLICIES, half_of, zero_shot_rows
 from training.data.rows import Example
 from training.eval.heldout import binary

@@ -1,7 +1,7 @@
 """The one scorer: a prompt's score is its most unsafe window, windows built by the service.
 
 Every number the project reports goes through here: an exported folder through the
-service's own loader (``service.inference.OnnxModel``: manifest, hash, template), a
+service's own loader (``service.model.onnx_model.OnnxModel``: manifest, hash, template), a
 checkpoint or an in-memory model with torch, both fed by the service's ``InputEncoder``
 (windows, max over windows). So a score printed by training is what a client of the
 service would see. Scores are raw model probabilities: the release step fits its
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.inference import OnnxModel
-from service.manifest import MANIFEST_FILE
-from service.policy import InputEncoder, InputTemplate, Policy, pad_batch
+from service.contract.policy import InputEncoder, InputTemplate, Policy, pad_batch
+from service.model.manifest import MANIFEST_FILE
+from service.model.onnx_model import OnnxModel
 from training.data.rows import Example
 from training.model.checkpoints import read_meta, template_of
 from training.model.modeling import feeds_for, load_classifier

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from service.policy import InputTemplate
+from service.contract.policy import InputTemplate
 from training.model.checkpoints import read_meta
 from training.model.modeling import MTG_TEMPLATE, NotABinaryClassifier, load_classifier
 

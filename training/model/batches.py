@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.policy import InputEncoder, Policy
+from service.contract.policy import InputEncoder, Policy
 from training.data.rows import Example
 
 

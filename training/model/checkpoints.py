@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, PreTrainedModel
 
-from service.policy import InputTemplate
+from service.contract.policy import InputTemplate
 from training.io import atomic_replace_dir, temp_sibling, write_json_atomic, write_text_atomic
 from training.model.modeling import MTG_TEMPLATE
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 from transformers.utils import logging as hf_logging
 
-from service.policy import InputTemplate
+from service.contract.policy import InputTemplate
 from training.model.batches import set_seed
 
 MLM_HEAD_FILE = "mlm_head.safetensors"

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
 
-from service.calibration import Calibration, logit, sigmoid
+from service.model.calibration import Calibration, logit, sigmoid
 from training.data.rows import Example
 from training.eval.metrics import rows_by_policy
 from training.eval.thresholds import ThresholdTarget

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.manifest import Manifest
+from service.model.manifest import Manifest
 from training.ui import cell as _f
 
 

@@ -24,8 +24,8 @@ from onnxruntime.transformers.optimizer import optimize_model
 from optimum.exporters.onnx import main_export
 from tokenizers import Tokenizer
 
-from service.manifest import MANIFEST_FILE, Manifest, ModelFile, read_manifest, sha256_file
-from service.policy import InputTemplate
+from service.contract.policy import InputTemplate
+from service.model.manifest import MANIFEST_FILE, Manifest, ModelFile, read_manifest, sha256_file
 from training.io import atomic_replace_dir, temp_sibling, write_json_atomic, write_text_atomic
 from training.release.optimize import (
     DEFAULT_QUANTIZATION,

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from service.calibration import Calibration, apply_calibration
-from service.manifest import MANIFEST_FILE, Manifest, PolicyEntry, read_manifest, sha256_file
-from service.policy import Policy
+from service.contract.policy import Policy
+from service.model.calibration import Calibration, apply_calibration
+from service.model.manifest import MANIFEST_FILE, Manifest, PolicyEntry, read_manifest, sha256_file
 from training.data.rows import Example
 from training.eval.heldout import (
     DEFAULT_LEVEL,

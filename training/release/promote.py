@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from service.manifest import MANIFEST_FILE, Manifest, read_manifest
+from service.model.manifest import MANIFEST_FILE, Manifest, read_manifest
 from training.io import copy_tree_atomic
 
 

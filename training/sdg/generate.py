@@ -23,7 +23,7 @@ from typing import Literal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.policy import Policy
+from service.contract.policy import Policy
 from training.data.rows import read_jsonl
 from training.sdg.backends import BackendError, ChatBackend, ask_json
 from training.sdg.dedup import Embedder, NearDuplicateIndex, cosine_pairs

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from service.policy import Policy
+from service.contract.policy import Policy
 
 Message = dict[str, str]
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from service.policy import Policy
+from service.contract.policy import Policy
 from training.sdg.backends import ChatBackend, ask_json
 from training.sdg.prompts import (
     PROPOSAL_SCHEMA,

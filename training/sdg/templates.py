@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 
-from service.policy import Policy
+from service.contract.policy import Policy
 from training.sdg.store import Candidate
 
 WH = r"(?:which|what|how|whether|when|where|who|why|if)"

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.policy import InputEncoder, InputTemplate, Policy
+from service.contract.policy import InputEncoder, InputTemplate, Policy
 from training.data.rows import Example
 from training.eval.heldout import MAX_FPR, bounded_thresholds, heldout_result
 from training.eval.metrics import f1_at, rows_by_policy, source_groups, source_weights

@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.manifest import sha256_file
-from service.policy import InputTemplate, Policy, load_policies
+from service.contract.policy import InputTemplate, Policy, load_policies
+from service.model.manifest import sha256_file
 from training.data.heldout import half_of
 from training.data.rows import Example, read_examples
 from training.eval.heldout import capped_heldout

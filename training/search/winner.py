@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from service.policy import Policy
+from service.contract.policy import Policy
 from training.data.rows import Example
 from training.io import atomic_replace_dir, temp_sibling
 from training.merging.params import MergeParams

@@ -14,8 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
-from service.manifest import sha256_file
-from service.policy import InputEncoder, InputTemplate, Policy, load_policies
+from service.contract.policy import InputEncoder, InputTemplate, Policy, load_policies
+from service.model.manifest import sha256_file
 from training.data.build import build_dataset
 from training.data.rows import Example, read_examples, summary_rows, write_examples
 from training.eval.heldout import HEADER, POLICY_HEADER, cells_table, policy_table

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.manifest import sha256_file
-from service.policy import InputEncoder, InputTemplate, Policy
+from service.contract.policy import InputEncoder, InputTemplate, Policy
+from service.model.manifest import sha256_file
 from training.data.rows import Example
 from training.data.splits import for_policy, subsample
 from training.eval.metrics import metrics_by_policy

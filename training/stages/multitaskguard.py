@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from service.policy import InputEncoder, Policy
+from service.contract.policy import InputEncoder, Policy
 from training.data.rows import Example
 from training.data.splits import subsample, without_policy
 from training.model.batches import encode_rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from service.policy import Policy
+from service.contract.policy import Policy
 from training.data.rows import Example
 from training.model.head import HeadConfig
 from training.model.loop import LoopConfig

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from service.manifest import read_manifest, sha256_file
-from service.policy import Policy, load_policies
+from service.contract.policy import Policy, load_policies
+from service.model.manifest import read_manifest, sha256_file
 from training.data.heldout import half_of
 from training.data.rows import Example, summary_rows
 from training.eval.heldout import HEADER, HeldoutResult, capped_heldout, cells_table, heldout_result

@@ -1,0 +1,32 @@
+"""GET /v1/policies: what the service can judge, with each policy's threshold."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.core.errors import ErrorCode
+from service.http.deps import EngineDep
+from service.http.openapi import error_responses
+from service.http.schemas import PoliciesResponse, PolicyOut
+
+router = APIRouter(tags=["policies"])
+
+
+@router.get("/v1/policies", responses=error_responses(ErrorCode.not_ready))
+async def list_policies(engine: EngineDep) -> PoliciesResponse:
+    out = []
+    for policy in engine.policies.values():
+        threshold, trained, source = engine.threshold_info(policy)
+        out.append(
+            PolicyOut(
+                id=policy.id,
+                name=policy.name,
+                description=policy.description,
+                allowed=policy.allowed,
+                disallowed=policy.disallowed,
+                threshold=threshold,
+                trained=trained,
+                threshold_source=source,
+            )
+        )
+    return PoliciesResponse(model=engine.model_id, policies=out)
