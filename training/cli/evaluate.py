@@ -103,9 +103,9 @@ def out_of_source(
     """The out-of-source protocol of ``evaluate`` (see its help)."""
     from training.data.build import build_dataset
     from training.data.rows import read_examples
-    from training.eval.heldout import HEADER, cells_table
+    from training.eval.heldout import HEADER, POLICY_HEADER, cells_table, policy_table
     from training.eval.robustness import PREFIX_CHARS, prefix_sweep, zero_shot
-    from training.release.finalize import heldout_of_folder
+    from training.release.finalize import heldout_of_folder, levels_of_folder
 
     if not (model / "manifest.json").exists():
         raise typer.BadParameter("the out-of-source protocol scores an exported folder", param_hint="MODEL")
@@ -118,6 +118,11 @@ def out_of_source(
         raise typer.BadParameter(f"{model} serves none of the policies", param_hint="MODEL")
     held = result.as_dict()
     print_table(f"{model.name}: out of source (summary {held['summary']:.4f})", HEADER, cells_table(held))
+    print_table(f"{model.name}: per policy at its served thresholds", POLICY_HEADER, policy_table(held))
+    levels = levels_of_folder(model, rows, policies) or {}
+    for name, level in levels.items():
+        d = level.as_dict()
+        print_table(f"{model.name} at {name} (summary {d['summary']:.4f})", POLICY_HEADER, policy_table(d))
     sweep = prefix_sweep(model, rows, policies)
     cols = [f"recall@{c}" for c in PREFIX_CHARS]
     sweep_rows = [[r["policy"], r["n"], *(r[c] for c in cols), r["drop"]] for r in sweep]
@@ -130,7 +135,15 @@ def out_of_source(
                 [[r["policy"], r["threshold"], *(r.get(c) for c in zcols)] for r in zs])  # fmt: skip
     target = out or paths.RUNS / "eval" / f"{model.resolve().name}-heldout"
     target.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(target / "heldout.json", {"heldout": held, "prefix_sweep": sweep, "zero_shot": zs})
+    write_json_atomic(
+        target / "heldout.json",
+        {
+            "heldout": held,
+            "levels": {name: level.as_dict()["policies"] for name, level in levels.items()},
+            "prefix_sweep": sweep,
+            "zero_shot": zs,
+        },
+    )
     typer.echo(f"wrote {target}/heldout.json")
 
 

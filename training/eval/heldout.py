@@ -32,6 +32,7 @@ import numpy as np
 
 from sklearn.metrics import roc_auc_score
 
+from service.model.manifest import DEFAULT_SENSITIVITY, SENSITIVITY_LEVELS
 from training.data.heldout import half_of
 from training.data.rows import Example
 from training.data.sources import NON_BINDING_SOURCES
@@ -57,7 +58,8 @@ LEVELS: dict[str, LevelCap] = {
     "balanced": LevelCap(pooled=0.03, per_source=0.10),
     "permissive": LevelCap(pooled=0.01, per_source=0.05),
 }
-DEFAULT_LEVEL = "balanced"
+DEFAULT_LEVEL: str = DEFAULT_SENSITIVITY
+assert tuple(LEVELS) == SENSITIVITY_LEVELS  # the levels the service serves, in its order
 MAX_FPR = LEVELS[DEFAULT_LEVEL].pooled
 
 

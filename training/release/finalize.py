@@ -240,6 +240,28 @@ def heldout_of_folder(
     return heldout_result(rows, scores, thresholds)
 
 
+def levels_of_folder(
+    folder: Path, heldout: list[Example], policies: dict[str, Policy], threads: int = 0
+) -> dict[str, HeldoutResult] | None:
+    """A released folder on the held-out test half at every sensitivity level: the levels its
+    manifest records, or, for a folder released before levels existed, levels chosen now on the
+    tune half by the same rule (so two models are compared at the same operating points)."""
+    manifest = read_manifest(folder)
+    served = {pid: p for pid, p in policies.items() if pid in manifest.policies}
+    if not served:
+        return None
+    tune_rows = [ex for ex in heldout if halves([ex])[0] and ex.policy_id in served]
+    rows, scores = score_heldout(folder, tune_rows + heldout_test_rows(heldout), served, manifest.calibration, threads)
+    n = len(tune_rows)
+    recorded = all(manifest.policies[pid].sensitivity for pid in served)
+    if recorded:
+        chosen = {lv: {pid: manifest.policies[pid].threshold_at(lv) for pid in served} for lv in LEVELS}
+    else:
+        fallback = {pid: manifest.policies[pid].threshold for pid in served}
+        chosen = sensitivity_thresholds([], np.array([]), rows[:n], scores[:n], fallback)
+    return {lv: heldout_result(rows[n:], scores[n:], t) for lv, t in chosen.items()}
+
+
 def heldout_test_rows(heldout: list[Example]) -> list[Example]:
     """The test half plus its benign-prefix sweep: the rows every out-of-source figure is reported on."""
     test = [ex for ex in heldout if halves([ex])[1]]
