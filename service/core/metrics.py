@@ -52,7 +52,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    """All service metrics; implements ``service.core.batching.BatchObserver``."""
+    """All service metrics; implements ``service.core.batcher.BatchObserver``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
