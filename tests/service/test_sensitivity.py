@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from service.model.manifest import MANIFEST_FILE
-from tests.service.test_http import Server, assert_error, serve
+from tests.harness.live_server import Server, assert_error, serve
 
 # strict flags every prompt, permissive none: each level's verdict is known whatever the tiny model scores.
 LEVELS = {"strict": 0.0, "balanced": 0.5, "permissive": 1.0}

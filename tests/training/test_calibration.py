@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from training.eval.heldout import PREFIX_SOURCE
-
 import json
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from service.model.manifest import read_manifest, sha256_file
 from service.model.onnx_model import OnnxModel
 from tests.tiny import build_tiny_model_folder
 from training.data.rows import Example, read_examples
+from training.eval.heldout import PREFIX_SOURCE
 from training.eval.thresholds import ThresholdTarget, choose_thresholds, max_fpr_threshold
 from training.release.calibrate import ece, fit_calibration, fit_temperature
 from training.release.finalize import ReleaseOptions, finalize
@@ -189,8 +188,8 @@ def test_release_records_ordered_sensitivity_levels(varied_model: Path, tmp_path
     heldout = [Example(f"chat {i} " + " ".join(rng.choice(words, 6)), 0, "toxicity", "chats") for i in range(120)]
     heldout += [Example(f"attack {i} " + " ".join(rng.choice(words, 6)), 1, "toxicity", "hate") for i in range(60)]
     out = tmp_path / "levels"
-    release = finalize(varied_model, out, validation, policies, ReleaseOptions(ThresholdTarget.parse("levels"), threads=1),
-                       heldout=heldout)  # fmt: skip
+    options = ReleaseOptions(ThresholdTarget.parse("levels"), threads=1)
+    release = finalize(varied_model, out, validation, policies, options, heldout=heldout)
     entry = read_manifest(out).policies["toxicity"]
     assert set(entry.sensitivity) == {"strict", "balanced", "permissive"}
     assert entry.sensitivity["strict"] <= entry.sensitivity["balanced"] <= entry.sensitivity["permissive"]

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from sklearn.metrics import roc_auc_score
 
 from service.model.manifest import DEFAULT_SENSITIVITY, SENSITIVITY_LEVELS
@@ -106,7 +105,11 @@ def balanced_score(recalls: list[float], fprs: list[float]) -> float:
 
 
 def _level_threshold(
-    unsafe: list[np.ndarray], benign: list[np.ndarray], extra_unsafe: np.ndarray, extra_benign: np.ndarray, cap: LevelCap
+    unsafe: list[np.ndarray],
+    benign: list[np.ndarray],
+    extra_unsafe: np.ndarray,
+    extra_benign: np.ndarray,
+    cap: LevelCap,
 ) -> float:
     """Best balanced score under ``cap`` over the grid; the middle of the best plateau (margin both ways)."""
     best, plateau = -1.0, []
@@ -114,7 +117,9 @@ def _level_threshold(
         fprs = [float((b >= t).mean()) for b in benign]
         if fprs and (float(np.mean(fprs)) > cap.pooled or max(fprs) > cap.per_source):
             continue
-        recalls = [float((u >= t).mean()) for u in unsafe] + ([float((extra_unsafe >= t).mean())] if extra_unsafe.size else [])
+        recalls = [float((u >= t).mean()) for u in unsafe] + (
+            [float((extra_unsafe >= t).mean())] if extra_unsafe.size else []
+        )
         spec_fprs = fprs + ([float((extra_benign >= t).mean())] if extra_benign.size else [])
         value = round(balanced_score(recalls, spec_fprs), 9)
         if value > best:

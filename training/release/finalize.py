@@ -32,8 +32,8 @@ from training.eval.heldout import (
     HEADER,
     LEVELS,
     POLICY_HEADER,
-    LevelCap,
     HeldoutResult,
+    LevelCap,
     cells_table,
     halves,
     heldout_result,
@@ -187,7 +187,9 @@ def _parity(
 
 
 def _md(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    )
 
 
 def heldout_section(result: dict[str, Any], levels: dict[str, dict[str, Any]] | None = None) -> str:
@@ -201,7 +203,11 @@ def heldout_section(result: dict[str, Any], levels: dict[str, dict[str, Any]] | 
     )
     for name, res in (levels or {DEFAULT_LEVEL: result}).items():
         cap = LEVELS.get(name)
-        caps = f" (tune half: pooled benign FPR ≤ {100 * cap.pooled:g} %, each source ≤ {100 * cap.per_source:g} %)" if cap else ""
+        caps = (
+            f" (tune half: pooled benign FPR ≤ {100 * cap.pooled:g} %, each source ≤ {100 * cap.per_source:g} %)"
+            if cap
+            else ""
+        )
         out += f"\n### `{name}`{caps}: summary {res['summary']:.4f}\n\n" + _md(POLICY_HEADER, policy_table(res)) + "\n"
     out += (
         "\n'rows within 0.01': the share of the policy's held-out rows whose score lies within 0.01 of the "
