@@ -253,3 +253,35 @@ def capacity_study(
     table = markdown(records)
     write_text_atomic(work / "table.md", table)
     typer.echo(table)
+
+
+def precision_study(
+    data_dir: DataDirOption = paths.DEFAULT_DATA,
+    policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
+    work: Annotated[Path, typer.Option(help="Work folder; a rerun resumes from it.")] = paths.RUNS / "precision",
+    split_dir: Annotated[
+        Path | None, typer.Option(help="A run folder whose split to reuse (default: built into the work folder).")
+    ] = None,
+    train_per_policy: Annotated[int, typer.Option(help="Training rows per policy (both runs).")] = 600,
+    steps: Annotated[int, typer.Option(help="Steps of 32 windows (both runs).")] = 150,
+    per_cell: Annotated[int, typer.Option(help="Held-out rows per policy x source x class x half.")] = 40,
+    threads: Annotated[int, typer.Option(help="torch threads (0: all cores).")] = 0,
+) -> None:
+    """fp32 against bf16 autocast: the same training run in each, held-out figures and step time."""
+    from dataclasses import replace
+
+    from training.stages.default import DEFAULT_LOOP, prepare_split
+    from training.studies.capacity import Budget
+    from training.studies.precision import markdown, precision_study
+
+    policies = load_policies(policies_dir)
+    split = prepare_split(data_dir, sorted(paths.EXAMPLES.glob("*.jsonl")), set(policies), split_dir or work,
+                          DEFAULT_LOOP.seed)  # fmt: skip
+    budget = Budget(train_per_policy=train_per_policy, steps=steps, per_cell=per_cell)
+    study = precision_study(
+        paths.base_model_path(), split, policies, work, budget, replace(DEFAULT_LOOP, threads=threads), Reporter()
+    )
+    write_json_atomic(work / "results.json", study)
+    table = markdown(study)
+    write_text_atomic(work / "table.md", table)
+    typer.echo(table)

@@ -131,6 +131,8 @@ def train_loop(
     every 10 steps (running loss, learning rate, each loss term).
     """
 
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
     if cfg.lambda_mlm and (head is None or masker is None):
         raise ValueError("λ_mlm > 0 needs an MLM head and a masker")
     set_seed(cfg.seed)
@@ -166,8 +168,6 @@ def train_loop(
         step, log, running = int(state["step"]), list(state["log"]), state.get("running")
     for module in modules:
         module.train()
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
     device_type = "cuda" if str(cfg.device).startswith("cuda") else "cpu"
     for batch_idx in batches[step:]:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
