@@ -107,15 +107,16 @@ class Engine:
     def model_id(self) -> str:
         return self.model.id
 
-    def threshold(self, policy: Policy) -> tuple[float, bool]:
+    def threshold(self, policy: Policy, sensitivity: str | None = None) -> tuple[float, bool]:
         """(threshold, trained): calibrated only if the model saw this exact description."""
-        threshold, trained, _ = self.threshold_info(policy)
+        threshold, trained, _ = self.threshold_info(policy, sensitivity)
         return threshold, trained
 
-    def threshold_info(self, policy: Policy) -> tuple[float, bool, ThresholdSource]:
+    def threshold_info(self, policy: Policy, sensitivity: str | None = None) -> tuple[float, bool, ThresholdSource]:
         """(threshold, trained, source): source is ``config`` (UNIGUARD_THRESHOLDS, served
-        policies only), ``manifest`` (chosen on validation for this exact description) or
-        ``default`` (zero-shot: the manifest's default threshold)."""
+        policies only: one threshold at every level), ``manifest`` (the sensitivity level's
+        threshold, chosen on held-out rows for this exact description; None: UNIGUARD_SENSITIVITY)
+        or ``default`` (zero-shot: the manifest's default threshold)."""
         manifest = self.model.manifest
         entry = manifest.policies.get(policy.id)
         trained = entry is not None and entry.description_sha256 == policy.description_sha256()
@@ -124,7 +125,7 @@ class Engine:
             return override, trained, "config"
         if trained:
             assert entry is not None
-            return entry.threshold, True, "manifest"
+            return entry.threshold_at(sensitivity or self.settings.sensitivity), True, "manifest"
         return manifest.default_threshold, False, "default"
 
     def resolve(self, policy_ids: str | Sequence[str]) -> list[Policy]:
@@ -222,18 +223,25 @@ class Engine:
         if not task.cancelled() and task.exception() is None:
             self.batcher.discard(task.result()[1])
 
-    async def classify(self, policies: Sequence[Policy], prompt: str, *, inline: bool = False) -> Classification:
+    async def classify(
+        self, policies: Sequence[Policy], prompt: str, *, inline: bool = False, sensitivity: str | None = None
+    ) -> Classification:
         """Verdict of ``prompt`` under each policy; ``inline`` marks request-supplied policies.
 
         Raises ApiError: empty_prompt, prompt_too_long (also over the window budget),
         too_many_policies, policy_too_long, queue_full (also: would miss its deadline behind the
         queue), not_ready (stopping), deadline_exceeded.
         """
-        (result,) = await self.classify_many(policies, [prompt], inline=inline)
+        (result,) = await self.classify_many(policies, [prompt], inline=inline, sensitivity=sensitivity)
         return result
 
     async def classify_many(
-        self, policies: Sequence[Policy], prompts: Sequence[str], *, inline: bool = False
+        self,
+        policies: Sequence[Policy],
+        prompts: Sequence[str],
+        *,
+        inline: bool = False,
+        sensitivity: str | None = None,
     ) -> list[Classification]:
         """Verdicts of each prompt under each policy, scored as ONE submission to the batcher.
 
@@ -260,14 +268,19 @@ class Engine:
         # Every (prompt, policy) pair needs a window at least: refuse before tokenising anything.
         self._check_queue(len(prompts) * len(policies), len(prompts), exact=False)
         try:
-            return await self._classify_many(policies, prompts, inline, started)
+            return await self._classify_many(policies, prompts, inline, started, sensitivity)
         finally:
             if len(prompts) * len(policies) >= RELEASE_MEMORY_WINDOWS:
                 # Answered or refused, the request's token rows are freed now: hand the pages back.
                 release_memory_soon()
 
     async def _classify_many(
-        self, policies: Sequence[Policy], prompts: Sequence[str], inline: bool, started: float
+        self,
+        policies: Sequence[Policy],
+        prompts: Sequence[str],
+        inline: bool,
+        started: float,
+        sensitivity: str | None = None,
     ) -> list[Classification]:
         job: PreparedWork | None = None
         try:
@@ -291,7 +304,7 @@ class Engine:
                 self.batcher.discard(job)  # refused before it was queued: free its rows now, not at the next gc
         total_windows = job.n
         del job  # its token rows: not kept while the answer is built
-        args = (policies, counts, result, tokenize_s, started, inline)
+        args = (policies, counts, result, tokenize_s, started, inline, sensitivity)
         if total_windows > THREADED_VERDICT_WINDOWS:  # tens of thousands of verdicts: not on the event loop
             return await asyncio.to_thread(self._classifications, *args)
         return self._classifications(*args)
@@ -304,9 +317,10 @@ class Engine:
         tokenize_s: float,
         started: float,
         inline: bool,
+        sensitivity: str | None = None,
     ) -> list[Classification]:
         """The verdicts of a scored request, counted in the metrics (thread-safe: may run off the loop)."""
-        verdicts = self._verdicts(policies, counts, result.probabilities)
+        verdicts = self._verdicts(policies, counts, result.probabilities, sensitivity)
         total_s = time.perf_counter() - started
         timings = Timings(result.queue_s * 1e3, tokenize_s * 1e3, result.inference_s * 1e3, total_s * 1e3)
         if self.metrics is not None:
@@ -320,7 +334,11 @@ class Engine:
         return [Classification(row, self.model_id, timings) for row in verdicts]
 
     def _verdicts(
-        self, policies: Sequence[Policy], counts: Sequence[int], probabilities: np.ndarray
+        self,
+        policies: Sequence[Policy],
+        counts: Sequence[int],
+        probabilities: np.ndarray,
+        sensitivity: str | None = None,
     ) -> list[tuple[PolicyVerdict, ...]]:
         """Per prompt, per policy (``counts`` prompt-major): the most unsafe window's calibrated
         score against the threshold (calibration is increasing, so the most unsafe window stays
@@ -330,7 +348,7 @@ class Engine:
         starts = np.concatenate(([0], np.cumsum(flat)[:-1]))
         maxima = np.maximum.reduceat(probabilities, starts)
         scores = apply_calibration(self.model.manifest.calibration, maxima).tolist()
-        info = [(p.id, *self.threshold(p)) for p in policies]
+        info = [(p.id, *self.threshold(p, sensitivity)) for p in policies]
         width = len(policies)
         return [
             tuple(
