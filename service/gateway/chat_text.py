@@ -63,6 +63,7 @@ NON_TEXT_KEYS = frozenset(
         "tool_call_id",
         "file_id",
         "signature",
+        "obfuscation",  # random padding OpenAI adds to stream chunks
     }
 )
 # Keys whose string is file data: decoded when it is text, left out when it is binary.
