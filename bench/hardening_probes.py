@@ -66,7 +66,7 @@ def service(repo: Path, port: int, **env: str) -> Iterator[tuple[str, int]]:
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=repo, env=full, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # a busy machine loads slowly
         while time.monotonic() < deadline:
             try:
                 if httpx.get(url + "/readyz", timeout=2).status_code == 200:
@@ -86,7 +86,8 @@ def service(repo: Path, port: int, **env: str) -> Iterator[tuple[str, int]]:
 
 
 def rss(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / MIB
+    value: int = psutil.Process(pid).memory_info().rss  # psutil ships no types
+    return value / MIB
 
 
 def probe(url: str, pid: int, prompt: str) -> dict[str, object]:

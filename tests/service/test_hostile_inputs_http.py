@@ -115,9 +115,8 @@ SECRET = "zebra-unsafe-answer"
 
 def _raw_answer(server: Server, payload: bytes, content_type: str, **body: object) -> httpx.Response:
     headers = {"x-upstream-raw": base64.b64encode(payload).decode(), "x-upstream-content-type": content_type}
-    return post_json(
-        httpx.Client(base_url=server.url, timeout=30), "/v1/chat/completions", chat(**body), headers=headers
-    )
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        return post_json(client, "/v1/chat/completions", chat(**body), headers=headers)
 
 
 def _assert_cut(r: httpx.Response) -> None:
@@ -131,14 +130,10 @@ def _sse(*chunks: object) -> bytes:
 
 
 def test_a_truthy_stream_flag_is_moderated_as_the_stream_it_gets(srv: dict[str, Server]) -> None:
-    for flag in (1, "true"):
-        r = post_json(
-            httpx.Client(base_url=srv["output"].url, timeout=30),
-            "/v1/chat/completions",
-            {**chat(), "stream": flag},
-            headers={"x-upstream-answer": SECRET},
-        )
-        _assert_cut(r)
+    with httpx.Client(base_url=srv["output"].url, timeout=30) as client:
+        for flag in (1, "true"):
+            body = {**chat(), "stream": flag}
+            _assert_cut(post_json(client, "/v1/chat/completions", body, headers={"x-upstream-answer": SECRET}))
 
 
 @pytest.mark.parametrize(
