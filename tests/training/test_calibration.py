@@ -197,3 +197,4 @@ def test_release_records_ordered_sensitivity_levels(varied_model: Path, tmp_path
     assert release.levels is not None and set(release.levels) == {"strict", "balanced", "permissive"}
     card = (out / "CARD.md").read_text()
     assert all(f"### `{level}`" in card for level in ("strict", "balanced", "permissive"))
+    assert "| strict % | balanced % | permissive % |" in card  # each level's per-source figures

@@ -311,6 +311,21 @@ def cells_table(result: dict[str, Any]) -> list[list[str]]:
 HEADER = ["policy", "held-out source", "class", "n", "recall %", "FPR %", "F1 (source)", "ROC-AUC"]
 
 
+def levels_cells_table(levels: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: every held-out cell's recall (unsafe) or FPR (benign) at each level, side by side."""
+    names = list(levels)
+    first = levels[names[0]]["cells"]
+    header = ["policy", "held-out source", "class", "n", *(f"{n} %" for n in names)]
+    rows = []
+    for i, c in enumerate(first):
+        key = "recall" if c["label"] else "fpr"
+        values = [levels[n]["cells"][i].get(key) for n in names]
+        source = c["source"] + ("" if c.get("binding", True) else " (not binding)")
+        rows.append([c["policy"], source, "unsafe" if c["label"] else "benign", str(c["n"]),
+                     *("–" if v is None else f"{100 * v:.1f}" for v in values)])  # fmt: skip
+    return header, rows
+
+
 def binary(rows: list[Example], scores: np.ndarray, t: float) -> dict[str, Any]:
     """Figures of one group of rows at one threshold (for sweeps and zero-shot tables)."""
     return binary_scores(np.array([ex.label for ex in rows]), scores, t)

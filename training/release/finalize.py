@@ -37,6 +37,7 @@ from training.eval.heldout import (
     cells_table,
     halves,
     heldout_result,
+    levels_cells_table,
     policy_table,
     prefixed_rows,
     sensitivity_thresholds,
@@ -212,8 +213,12 @@ def heldout_section(result: dict[str, Any], levels: dict[str, dict[str, Any]] | 
     out += (
         "\n'rows within 0.01': the share of the policy's held-out rows whose score lies within 0.01 of the "
         "threshold; where it is small, no verdict turns on the third decimal.\n"
-        f"\n### Every held-out cell at `{DEFAULT_LEVEL}`\n\n" + _md(HEADER, cells_table(result)) + "\n"
     )
+    if levels and len(levels) > 1:
+        header, rows = levels_cells_table(levels)
+        out += "\n### What each level implies per held-out source (recall on unsafe, FPR on benign)\n\n"
+        out += _md(header, rows) + "\n"
+    out += f"\n### Every held-out cell at `{DEFAULT_LEVEL}`\n\n" + _md(HEADER, cells_table(result)) + "\n"
     return out
 
 
