@@ -142,6 +142,9 @@ def message_text(message: dict[str, Any], index: int, field: str = "messages") -
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
+        for k, part in enumerate(content):
+            if not isinstance(part, (dict, str)):  # no client sends these: malformed, not "no text"
+                raise _invalid("each content part must be an object or a string", ["body", field, index, "content", k])
         return "".join(texts_in(content))
     raise _invalid("content must be a string, a list of parts or null", ["body", field, index, "content"])
 

@@ -158,6 +158,10 @@ def srv(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) -> I
         "UNIGUARD_UPSTREAM_BASE_URL": upstream.base_url,
         "UNIGUARD_MODERATE_STREAM": "true",
         "UNIGUARD_OUTPUT_POLICIES": "toxicity",
+        # The cutting mechanism is under test, not the model's recall: the strict level flags the
+        # insult below with a clear margin (the shipped model's balanced toxicity threshold misses
+        # some second-person insults: docs/measurements/2026-12-06-quality-rebuild.md).
+        "UNIGUARD_SENSITIVITY": "strict",
         "UNIGUARD_STREAM_CHECK_EVERY_CHARS": str(CHECK_EVERY),
         "UNIGUARD_STREAM_HOLDBACK_CHARS": str(HOLDBACK),
     }

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -203,7 +203,7 @@ class HeldoutResult:
     summary: float
     sources: list[str]
     rows: int
-    policies: dict[str, dict[str, Any]]
+    policies: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         binding_cells = [c for c in self.cells if c.get("binding", True)]
