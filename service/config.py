@@ -133,6 +133,19 @@ class Settings(BaseSettings):
         False, description="Put prompt text in access logs (off: prompts may hold personal data)."
     )
 
+    verdict_cache_entries: int = Field(
+        200_000,
+        ge=0,
+        description="Verdict cache: most (model, policy, text) scores kept, least recently used out first "
+        "(0: off). Keys are digests only, no text is kept; emptied on reload (service/core/verdict_cache.py).",
+    )
+    verdict_cache_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Verdict cache: most memory its entries take (240 bytes each, measured); the tighter of the two "
+        "bounds applies (0: off).",
+    )
+
     # -- operations: thresholds, reloads, shutdown ---------------------------------------
     thresholds: dict[PolicyIdSetting, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=dict,

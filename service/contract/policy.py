@@ -219,11 +219,20 @@ class InputEncoder:
 
         A payload's windows count like the prompt's (admission, budget): the max over all
         windows is the verdict, so an instruction hidden in base64 is judged decoded."""
+        return self.encode_queries(policy, self.query_texts(prompt))
+
+    def query_texts(self, prompt: str) -> list[str]:
+        """The query side of every text ``encode`` scores for ``prompt`` (the prompt, then each
+        readable base64 payload), normalised: what the model sees of the prompt, whatever the policy."""
+        return [self.template.query_text(text) for text in [prompt, *hidden_payloads(prompt)]]
+
+    def encode_queries(self, policy: Policy, queries: list[str]) -> EncodedWindows:
+        """``encode`` for query texts already built by ``query_texts`` (once per prompt, not per policy)."""
         self.check_policy(policy)
         instruction = self.template.instruction_text(policy)
         windows = []
-        for text in [prompt, *hidden_payloads(prompt)]:
-            first = self._tokenizer.encode(instruction, self.template.query_text(text))
+        for query in queries:
+            first = self._tokenizer.encode(instruction, query)
             windows += [first, *first.overflowing]
         return EncodedWindows(
             input_ids=[np.asarray(w.ids, dtype=np.int64) for w in windows],
