@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.contract.policy import DEFAULT_POLICIES_DIR, POLICY_ID_PATTERN
 
 PolicyIdSetting = Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]
+# A policy id, or "@guard" / "@output" for the guard / output policies (service/gateway/roles.py).
+RolePolicyEntry = Annotated[str, StringConstraints(pattern=r"^(@guard|@output|[a-z0-9][a-z0-9_\-]{0,63})$")]
 
 
 def _default_threads() -> int:
@@ -188,10 +190,19 @@ class Settings(BaseSettings):
         None,
         description="Policies for model answers (LiteLLM input_type=response, moderate_output); None: guard_policies.",
     )
-    guard_roles: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["user"],
+    role_policies: dict[str, list[RolePolicyEntry]] = Field(
+        default_factory=dict,
+        description="Which policies judge a chat message by its role, on the proxy and the LiteLLM route (JSON). "
+        'Entries replace the defaults\' for the roles they name: user ["@guard"], tool and function '
+        '["prompt_injection"], retrieved (messages marked by x-uniguard-retrieved) ["prompt_injection"], system and '
+        'developer [] (not judged), assistant ["@output"], "*" (any other role) ["@guard"]. "@guard" is '
+        'guard_policies, "@output" output_policies (service/gateway/roles.py).',
+    )
+    guard_roles: Annotated[list[str] | None, NoDecode] = Field(
+        None,
         min_length=1,
-        description="Chat roles whose messages the proxy classifies (e.g. user,system,developer,tool).",
+        description="Older form of role_policies, still honoured: each role listed (e.g. user,system,tool) is judged "
+        "under guard_policies.",
     )
     upstream_base_url: str | None = Field(
         None,
@@ -253,8 +264,16 @@ class Settings(BaseSettings):
 
     @field_validator("guard_roles")
     @classmethod
-    def _lower_roles(cls, value: list[str]) -> list[str]:
-        return [role.strip().lower() for role in value]
+    def _lower_roles(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [role.strip().lower() for role in value]
+
+    @field_validator("role_policies")
+    @classmethod
+    def _lower_role_keys(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        out = {role.strip().lower(): ids for role, ids in value.items()}
+        if any(not role for role in out):
+            raise ValueError("a role name must not be blank")
+        return out
 
     @field_validator("api_key", "upstream_api_key")
     @classmethod

@@ -1,8 +1,12 @@
 """POST /v1/chat/completions: an OpenAI-compatible guard in front of an upstream LLM.
 
-1. The messages whose role is in ``guard_roles`` (default: user) are judged against
-   ``guard_policies``: string content, or the ``{"type": "text"}`` parts of a content list
-   (images, audio and files are not judged).
+1. Each message is judged under the policies its role maps to (``service.gateway.roles``;
+   default: user under ``guard_policies``, tool and function results under
+   ``prompt_injection``, system and developer not judged, assistant under the output
+   policies; ``role_policies`` changes it): string content, or the ``{"type": "text"}``
+   parts of a content list (images, audio and files are not judged). The header
+   ``x-uniguard-retrieved: 2,5`` marks messages (by index) as retrieved documents: they are
+   judged under the ``retrieved`` entry (``prompt_injection``) too. The header is not forwarded.
 2. Unsafe: an OpenAI-shaped refusal (``refusal_message``, ``finish_reason:
    "content_filter"``, the violations in the extra top-level field ``uniguard``), as a
    ``chat.completion`` or, for ``stream: true``, as ``chat.completion.chunk`` SSE events
@@ -17,7 +21,9 @@
    unsafe (``service.gateway.stream_moderation``); an upstream that answers a stream request with a
    complete JSON answer gets it judged whole, as in 4.
 
-Every answer carries ``x-uniguard-action``: ``allowed``, ``blocked`` or ``unguarded``.
+Every answer carries ``x-uniguard-action``: ``allowed``, ``blocked`` or ``unguarded``, and
+``x-uniguard-cache``: ``hit`` when every verdict on the request came from the verdict cache,
+``partial``, or ``miss``.
 When the model cannot score, the service fails closed with the error (503 ``not_ready``,
 429 ``queue_full``, 504 ``deadline_exceeded``: OpenAI clients retry these); with
 ``fail_open`` the request is forwarded unguarded instead, but only for ``not_ready`` and
@@ -44,11 +50,13 @@ from service.core.errors import ApiError, ErrorCode
 from service.core.metrics import Metrics
 from service.gateway.chat_text import guarded_texts, message_text
 from service.gateway.judge import EngineSource, GuardText, Judgement, check_count, judge
+from service.gateway.roles import RolePolicies, parse_retrieved
 from service.gateway.stream_moderation import ModeratedStreamResponse, StreamModerator
 from service.gateway.upstream import ProxiedResponse, Upstream, forward_headers, response_headers
 from service.http.auth import AUTH_HEADER_STATE_KEY
 from service.http.deps import EngineSourceDep, MetricsDep, SettingsDep, add_access_log_fields, log_prompt
 from service.http.openapi import error_responses
+from service.http.routes.classify import CACHE_HEADER
 from service.http.strict_body import parse_json
 
 router = APIRouter(tags=["openai-proxy"])
@@ -56,6 +64,7 @@ router = APIRouter(tags=["openai-proxy"])
 PATH = "/v1/chat/completions"
 UPSTREAM_PATH = "/chat/completions"
 ACTION_HEADER = "x-uniguard-action"
+RETRIEVED_HEADER = "x-uniguard-retrieved"
 MAX_CHOICES = 16
 
 
@@ -151,7 +160,7 @@ def refusal_response(
     settings: Settings, body: dict[str, Any], judgement: Judgement, stage: str, base: dict[str, Any] | None = None
 ) -> Response:
     summary = judgement.summary(stage)
-    headers = {ACTION_HEADER: "blocked"}
+    headers = {ACTION_HEADER: "blocked", CACHE_HEADER: judgement.cache}
     if body.get("stream") is True:
         headers["cache-control"] = "no-cache"
         return StreamingResponse(
@@ -194,8 +203,9 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "role": {"type": "string"},
                     "content": {
-                        "description": "For roles in UNIGUARD_GUARD_ROLES: a string, null, or a list of part "
-                        'objects whose {"type": "text"} parts carry a string "text" (422 otherwise). Other roles '
+                        "description": "For roles judged (UNIGUARD_ROLE_POLICIES: user, tool, function, assistant "
+                        'and unknown roles by default): a string, null, or a list of part objects whose {"type": '
+                        '"text"} parts carry a string "text" (422 otherwise). Roles not judged (system, developer) '
                         "are forwarded unread."
                     },
                 },
@@ -253,7 +263,11 @@ async def chat_completions(
     body = parse_body(raw)
     check_count(len(body["messages"]), settings.max_messages_per_chat, "messages")
     stream = body.get("stream") is True
-    texts = guarded_texts(body["messages"], settings.guard_roles)
+    try:
+        retrieved = parse_retrieved(request.headers.get(RETRIEVED_HEADER))
+    except ValueError as exc:
+        raise _invalid(f"{RETRIEVED_HEADER} must list message indexes separated by commas: {exc}") from exc
+    texts = guarded_texts(body["messages"], RolePolicies.of(settings), retrieved=retrieved)
     add_access_log_fields(
         request,
         policies=list(dict.fromkeys(settings.guard_policies)),
@@ -271,7 +285,7 @@ async def chat_completions(
         return refusal_response(settings, body, judgement, "input")
 
     # Headers that carried UniGuard's own key are never forwarded.
-    drop = list(getattr(request.state, AUTH_HEADER_STATE_KEY, ()))
+    drop = [*getattr(request.state, AUTH_HEADER_STATE_KEY, ()), RETRIEVED_HEADER]
     moderating = settings.moderate_stream if stream else settings.moderate_output
     if moderating:  # the answer must be read here: ask for it uncompressed
         drop.append("accept-encoding")
@@ -281,7 +295,7 @@ async def chat_completions(
     resp = await upstream.send("POST", UPSTREAM_PATH, headers, raw)
     add_access_log_fields(request, upstream_status=resp.status_code)
     if not (moderating and resp.status_code == 200):
-        return ProxiedResponse(resp, [(ACTION_HEADER, judgement.outcome)])
+        return ProxiedResponse(resp, [(ACTION_HEADER, judgement.outcome), (CACHE_HEADER, judgement.cache)])
     if stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
         return moderated_stream(request, settings, get_engine, metrics, resp, judgement)
     # A complete answer (also when the upstream ignored "stream": true): judged whole.
@@ -315,6 +329,7 @@ def moderated_stream(
     headers = [
         *response_headers(resp, drop=["content-encoding"]),
         (ACTION_HEADER.encode(), input_judgement.outcome.encode()),
+        (CACHE_HEADER.encode(), input_judgement.cache.encode()),
     ]
     return ModeratedStreamResponse(resp, moderator, headers, on_end)
 
@@ -346,5 +361,9 @@ async def moderate(
     out = Response(content=content, status_code=resp.status_code)
     # httpx decoded the body: relay every header but the encoding and length (recomputed).
     out.raw_headers = [h for h in out.raw_headers if h[0] == b"content-length"]
-    out.raw_headers += [*response_headers(resp, drop=["content-encoding"]), (ACTION_HEADER.encode(), outcome.encode())]
+    out.raw_headers += [
+        *response_headers(resp, drop=["content-encoding"]),
+        (ACTION_HEADER.encode(), outcome.encode()),
+        (CACHE_HEADER.encode(), input_judgement.cache.encode()),
+    ]
     return out
