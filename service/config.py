@@ -198,6 +198,11 @@ class Settings(BaseSettings):
         'developer [] (not judged), assistant ["@output"], "*" (any other role) ["@guard"]. "@guard" is '
         'guard_policies, "@output" output_policies (service/gateway/roles.py).',
     )
+    moderation_policies: Annotated[list[PolicyIdSetting] | None, NoDecode] = Field(
+        None,
+        description="Policies POST /v1/moderations judges under when its model field names none (absent, uniguard, "
+        "omni-moderation-latest, ...); None: every served policy.",
+    )
     guard_roles: Annotated[list[str] | None, NoDecode] = Field(
         None,
         min_length=1,
@@ -252,7 +257,7 @@ class Settings(BaseSettings):
         adaptive = workers > 1 and self.worker_threads != self.threads
         return workers, self.worker_threads if adaptive else None
 
-    @field_validator("guard_policies", "output_policies", "guard_roles", mode="before")
+    @field_validator("guard_policies", "output_policies", "moderation_policies", "guard_roles", mode="before")
     @classmethod
     def _env_list(cls, value: Any) -> Any:
         if isinstance(value, str):

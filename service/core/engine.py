@@ -180,7 +180,7 @@ class Engine:
             )
 
     def check_prompt(self, prompt: str) -> None:
-        if not prompt.replace("\ufeff", "").strip():  # byte-order marks count as blank too
+        if is_blank(prompt):
             raise ApiError(ErrorCode.empty_prompt, "prompt is empty")
         if not _encodable(prompt):
             # JSON can escape lone UTF-16 surrogates ("\ud800"); no tokenizer can read them.
@@ -496,6 +496,11 @@ class Engine:
         await self.batcher.submit(
             EncodedWindows(encoded.input_ids[:n], encoded.attention_mask[:n], encoded.token_type_ids[:n])
         )
+
+
+def is_blank(text: str) -> bool:
+    """No character but whitespace and byte-order marks: nothing to judge (``empty_prompt`` on /v1/classify)."""
+    return not text.replace("\ufeff", "").strip()
 
 
 def _encodable(text: str) -> bool:
