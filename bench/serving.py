@@ -187,7 +187,7 @@ def machine_info(threads: int) -> Machine:
     busy = []
     try:
         out = subprocess.run(
-            ["pgrep", "-af", "training.cli|pytest|locust"], capture_output=True, text=True, timeout=5
+            ["pgrep", "-af", "python.* -m training|pytest|locust"], capture_output=True, text=True, timeout=5
         ).stdout
         busy = [line for line in out.splitlines() if str(os.getpid()) not in line.split()[:1]]
     except (OSError, subprocess.SubprocessError):

@@ -40,8 +40,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         8,
         ge=1,
-        description="Most windows run in one model call. 8 on CPU (measured, README 'Thread layout': +15 % windows/s "
-        "at 64 clients over 32 on 2 cores with VNNI); a GPU wants more (32-64).",
+        description="Most windows run in one model call. 8 on CPU (measured, docs/performance.md 'Thread layout': "
+        "+15 % windows/s at 64 clients over 32 on 2 cores with VNNI); a GPU wants more (32-64).",
     )
     max_batch_tokens: int = Field(
         4096, ge=1, description="Most padded tokens (windows x longest window) in one model call."
@@ -73,9 +73,9 @@ class Settings(BaseSettings):
     )
     spinning: bool = Field(
         True,
-        description="onnxruntime intra-op threads busy-wait between work. On (measured, README 'Thread layout'): "
-        "-3 ms at one client on the default model, the same throughput at 64 clients; off leaves idle cores to "
-        "other processes.",
+        description="onnxruntime intra-op threads busy-wait between work. On (measured, docs/performance.md "
+        "'Thread layout'): -3 ms at one client on the default model, the same throughput at 64 clients; "
+        "off leaves idle cores to other processes.",
     )
     inference_workers: int | None = Field(
         None,
@@ -83,7 +83,7 @@ class Settings(BaseSettings):
         le=64,
         description="Inference threads taking batches in turn and calling the model concurrently; default "
         "threads // worker_threads (2 on 2 cores). With several: a lone batch runs on `threads` intra-op threads, "
-        "concurrent batches on `worker_threads` each (README 'Thread layout').",
+        "concurrent batches on `worker_threads` each (docs/performance.md 'Thread layout').",
     )
     worker_threads: int = Field(
         1,

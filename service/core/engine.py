@@ -21,7 +21,7 @@ import numpy as np
 
 from service.config import Settings
 from service.contract.policy import EncodedWindows, InstructionTooLong, Policy
-from service.core.batching import BatcherClosed, BatchResult, MicroBatcher, PreparedWork, QueueFull
+from service.core.batcher import BatcherClosed, BatchResult, MicroBatcher, PreparedWork, QueueFull
 from service.core.errors import ApiError, ErrorCode
 from service.core.heap import release_memory_soon
 from service.core.metrics import INLINE_POLICY_LABEL, Metrics
@@ -446,7 +446,7 @@ class Engine:
         )
 
     def check_budget(self, windows: EncodedWindows, remaining_s: float) -> None:
-        """Refuse at admission what cannot be scored before its deadline (README, "Limits").
+        """Refuse at admission what cannot be scored before its deadline (docs/operations.md, "Limits").
 
         budget = max(min_window_budget x max_length, remaining_s x throughput x window_budget_factor)
         tokens, where throughput is the batcher's measured padded tokens per second of model

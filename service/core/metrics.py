@@ -52,7 +52,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    """All service metrics; implements ``service.core.batching.BatchObserver`` and
+    """All service metrics; implements ``service.core.batcher.BatchObserver`` and
     ``service.core.verdict_cache.CacheObserver``."""
 
     def __init__(self) -> None:

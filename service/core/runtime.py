@@ -10,7 +10,7 @@ Hot reload (``POST /admin/reload`` or SIGHUP): policies and model are loaded, va
 only then is ``self.engine`` swapped, in one assignment. If anything fails, or the whole
 load takes longer than ``reload_timeout_s`` (a read that never returns), the old engine
 keeps serving, the reload lock is released and the outcome says why. Every request pins the engine it first uses
-(``EngineLease``, installed by ``EngineLeaseMiddleware``), so a request that started on the
+(``EngineLease``, installed by ``service.http.middleware.EngineLeaseMiddleware``), so a request that started on the
 old version finishes on it, and its ``model`` field names that version; the old engine's
 batcher is stopped once no request holds it any more.
 
@@ -32,11 +32,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
 from service.config import Settings
 from service.contract.policy import PolicyFileError, load_policies
-from service.core.batching import MicroBatcher
+from service.core.batcher import MicroBatcher
 from service.core.engine import Engine
 from service.core.errors import REJECTION_CODES, ApiError, ErrorCode
 from service.core.metrics import Metrics
@@ -370,24 +368,3 @@ def _announce(metrics: Metrics, engine: Engine) -> None:
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1e3, 1)
-
-
-class EngineLeaseMiddleware:
-    """Gives each HTTP request an ``EngineLease`` (released when the request ends, streamed
-    responses included), so the engine it first used stays alive and keeps answering it
-    across a reload. Innermost: only requests that passed auth and the body limit hold one."""
-
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
-        self.app = app
-        self.runtime = runtime
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        lease = EngineLease(self.runtime)
-        scope.setdefault("state", {})[LEASE_STATE_KEY] = lease
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            lease.release()

@@ -13,11 +13,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.config import Settings
-from service.core.errors import REJECTION_CODES, ErrorCode, install_error_handlers
-from service.core.runtime import EngineLeaseMiddleware, Runtime
+from service.core.errors import REJECTION_CODES, ErrorCode
+from service.core.runtime import Runtime
 from service.gateway.upstream import Upstream
 from service.http.auth import ApiKeyMiddleware, open_paths
-from service.http.middleware import BodyLimitMiddleware, JsonBodyMiddleware, RequestContextMiddleware
+from service.http.errors import install_error_handlers
+from service.http.middleware import (
+    BodyLimitMiddleware,
+    EngineLeaseMiddleware,
+    JsonBodyMiddleware,
+    RequestContextMiddleware,
+)
 from service.http.openapi import install_openapi
 from service.http.read_timeouts import BodyTimeoutMiddleware
 from service.http.routes import admin, classify, health, litellm, metrics, moderations, openai_proxy, policies

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.core.errors import ErrorCode, error_response
+from service.core.errors import ErrorCode
+from service.http.errors import error_response
 
 # Always open: orchestrator probes carry no credentials.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})

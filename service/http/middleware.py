@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware: request ids + access logs + last-resort 500s, and the body limit.
+"""Pure-ASGI middleware: request ids + access logs + last-resort 500s, the body limit, and
+the engine lease each request holds across a reload.
 
 Pure ASGI (not BaseHTTPMiddleware) so the body limit sees the raw byte stream, chunked
 bodies included, and nothing buffers responses.
@@ -16,7 +17,9 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core.errors import ErrorCode, error_response
+from service.core.errors import ErrorCode
+from service.core.runtime import LEASE_STATE_KEY, EngineLease, Runtime
+from service.http.errors import error_response
 
 access_log = logging.getLogger("uniguard.access")
 log = logging.getLogger("uniguard.errors")
@@ -203,3 +206,24 @@ class JsonBodyMiddleware:
             if kind in _JSON_LIKE:
                 scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
         await self.app(scope, receive, send)
+
+
+class EngineLeaseMiddleware:
+    """Gives each HTTP request an ``EngineLease`` (released when the request ends, streamed
+    responses included), so the engine it first used stays alive and keeps answering it
+    across a reload. Innermost: only requests that passed auth and the body limit hold one."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        lease = EngineLease(self.runtime)
+        scope.setdefault("state", {})[LEASE_STATE_KEY] = lease
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            lease.release()

@@ -26,7 +26,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.core.errors import ErrorCode, error_body, error_response
+from service.core.errors import ErrorCode, error_body
+from service.http.errors import error_response
 from service.http.middleware import OnError
 
 log = logging.getLogger("uniguard.http")

@@ -157,7 +157,7 @@ class OnnxModel:
         sharing the machine: the service turns it off); ``int8_weights``: the integer GEMM
         weights' signedness on CPU (``service.model.int8_weights``: the same scores, the kernel's speed);
         ``worker_threads``: also a session of that many intra-op threads for ``run_shared`` (CPU,
-        when it differs from ``threads``: the adaptive layout of ``service.core.batching``)."""
+        when it differs from ``threads``: the adaptive layout of ``service.core.batcher``)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"model folder {folder} does not exist (set UNIGUARD_MODEL_DIR)")

@@ -12,7 +12,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -25,7 +24,7 @@ import yaml
 
 from service.core.metrics import Metrics
 from tests.deploy.helpers import DEPLOY
-from tests.service.test_http import serve, stop_process
+from tests.harness.live_server import free_port, serve, stop_process
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "uniguard.json"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -72,12 +71,6 @@ def test_dashboard_covers_the_issue_and_names_real_metrics() -> None:
             assert name in known, f"{title}: {name} is not a metric the service exports"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def templated_config(target: str, out: Path) -> Path:
     """The shipped config with its compose DNS discovery swapped for the loopback target."""
     config = yaml.safe_load(SCRAPE_CONFIG.read_text())
@@ -116,7 +109,7 @@ def stack(
                 [promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60
             )
             assert check.returncode == 0, check.stdout + check.stderr
-        port = _free_port()
+        port = free_port()
         with open(tmp / "prometheus.log", "wb") as log:
             proc = subprocess.Popen(
                 [

@@ -1,12 +1,12 @@
 """A real LiteLLM proxy (pinned, from .venv-e2e: ``make install-e2e``) in front of the live
-service, with the README's ``config.yaml`` as pasted, its two ``api_base``s pointed at the
+service, with ``deploy/litellm/config.yaml`` as shipped, its two ``api_base``s pointed at the
 servers below:
 
     OpenAI SDK -> LiteLLM :P (guardrail uniguard: pre_call + post_call)
                    |-- guardrail calls --> UniGuard (python -m service, models/default)
-                   '-- the model --------> scripted upstream (tests/upstream_server.py)
+                   '-- the model --------> scripted upstream (tests/harness/upstream.py)
 
-Checks what a new user pasting the README gets: a benign chat with a normal system prompt
+Checks what a new user copying that file gets: a benign chat with a normal system prompt
 passes, an injection is blocked before the upstream is called, an unsafe streamed answer is
 cut (by LiteLLM's post-call streaming hook, which asks UniGuard's LiteLLM route about the
 answer) and nothing of it reaches the client. ``make test`` skips this module when
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import socket
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -28,11 +26,12 @@ import openai
 import pytest
 import yaml
 
-from tests.service.test_http import REPO, Server, serve, stop_process
+from tests.harness.live_server import REPO, Server, free_port, serve, stop_process
+from tests.harness.upstream import UpstreamServer
 from tests.test_default_model import DEFAULT_DIR
-from tests.upstream_server import UpstreamServer
 
 LITELLM = REPO / ".venv-e2e" / "bin" / "litellm"
+CONFIG = REPO / "deploy" / "litellm" / "config.yaml"
 LITELLM_VERSION = "1.108.7"
 STARTUP_S = 180  # LiteLLM imports a lot: ~15 s on a quiet 2-core box, far more on a busy one
 
@@ -45,19 +44,10 @@ TOXIC = "You are a worthless idiot and everyone hates you."
 TAIL = "Zebratail words come after."
 
 
-def readme_config() -> dict[str, Any]:
-    """The README's LiteLLM config.yaml block, parsed."""
-    readme = (REPO / "README.md").read_text()
-    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "generic_guardrail_api" in b]
-    assert len(blocks) == 1, "the README must hold exactly one LiteLLM config block"
-    config: dict[str, Any] = yaml.safe_load(blocks[0])
+def shipped_config() -> dict[str, Any]:
+    """deploy/litellm/config.yaml, the file users copy, parsed."""
+    config: dict[str, Any] = yaml.safe_load(CONFIG.read_text())
     return config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +65,10 @@ def _fresh_records(upstream: UpstreamServer) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) -> Iterator[dict[str, str]]:
     tmp = tmp_path_factory.mktemp("e2e")
-    config = readme_config()
+    config = shipped_config()
     (model,) = config["model_list"]
     (guardrail,) = config["guardrails"]
-    port = _free_port()
+    port = free_port()
     with serve(
         tmp / "uniguard.log",
         UNIGUARD_MODEL_DIR=str(DEFAULT_DIR),
@@ -113,7 +103,7 @@ def sdk(stack: dict[str, str]) -> openai.OpenAI:
     return openai.OpenAI(base_url=stack["litellm"] + "/v1", api_key=stack["key"], max_retries=0, timeout=60)
 
 
-def test_the_pinned_litellm_runs_the_readme_config(stack: dict[str, str]) -> None:
+def test_the_pinned_litellm_runs_the_shipped_config(stack: dict[str, str]) -> None:
     version = subprocess.run(
         [str(LITELLM.parent / "python"), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
         capture_output=True,
@@ -148,7 +138,7 @@ def test_an_injection_is_blocked_before_the_upstream_is_called(stack: dict[str, 
 def test_an_unsafe_streamed_answer_is_cut(stack: dict[str, str], upstream: UpstreamServer) -> None:
     """The prompt passes prompt_injection; the upstream's answer echoes it and breaks toxicity.
 
-    With the README's ``streaming_buffer_until_moderated: true`` LiteLLM holds the stream,
+    With the shipped config's ``streaming_buffer_until_moderated: true`` LiteLLM holds the stream,
     asks UniGuard (input_type response) at its end, and answers the block before the first
     byte: the SDK raises, and nothing of the answer reaches the client.
     """

@@ -1,4 +1,5 @@
-"""Service test helpers: a loaded tiny model and an engine running on its own batcher."""
+"""Service test helpers: a loaded tiny model, an engine running on its own batcher, and the
+live service on the tiny model for a test module (``server``, ``client``)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
 from service.config import Settings
 from service.contract.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
-from service.core.batching import MicroBatcher
+from service.core.batcher import MicroBatcher
 from service.core.engine import Engine
 from service.core.metrics import Metrics
 from service.model.onnx_model import OnnxModel
-from tests.upstream_server import UpstreamServer
+from tests.harness.live_server import MAX_BODY, MAX_POLICIES, MAX_PROMPT_CHARS, Server, serve
+from tests.harness.upstream import UpstreamServer
 
 
 class Gate:
@@ -70,3 +73,24 @@ async def running_engine(model: OnnxModel, policies: dict[str, Policy], **overri
         yield Engine(model, batcher, policies, settings, metrics)
     finally:
         await batcher.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with serve(
+        log,
+        UNIGUARD_MODEL_DIR=str(tiny_model_dir),
+        UNIGUARD_MAX_WAIT_MS="10",
+        UNIGUARD_MAX_BODY_BYTES=str(MAX_BODY),
+        UNIGUARD_MAX_POLICIES_PER_REQUEST=str(MAX_POLICIES),
+        UNIGUARD_MAX_PROMPT_CHARS=str(MAX_PROMPT_CHARS),
+    ) as s:
+        s.wait("/readyz", 200)
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from tests.service.test_http import Server, serve
+from tests.harness.live_server import Server, serve
 
 UNSAFE, SAFE = 0.0, 1.0
 # prompt_injection always safe, toxicity always unsafe, every other policy safe.

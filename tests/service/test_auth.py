@@ -17,9 +17,9 @@ from starlette.routing import Route
 
 from service.config import Settings
 from service.http.auth import ApiKeyMiddleware, open_paths
+from tests.harness.live_server import Server, assert_error
+from tests.harness.upstream import UpstreamServer
 from tests.service.sidecar import MIXED, chat, model_with_thresholds, post_json, servers
-from tests.service.test_http import Server, assert_error
-from tests.upstream_server import UpstreamServer
 
 KEY = "guard-key-3f9a"
 UPSTREAM_KEY = "upstream-key-77c1"

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.test_http import Server, assert_error, serve
+from tests.harness.live_server import Server, assert_error, serve
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.contract.policy import EncodedWindows, Policy
-from service.core.batching import BatcherClosed, MicroBatcher, QueueFull
+from service.core.batcher import BatcherClosed, MicroBatcher, QueueFull
 from service.model.onnx_model import OnnxModel
 from tests.service.conftest import Gate
 

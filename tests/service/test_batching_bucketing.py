@@ -1,5 +1,6 @@
-"""Batch forming: length bucketing, the token bound, continuous batching, and tokenisation
-that does not wait behind inference (real tiny model, no HTTP)."""
+"""Batch forming through the batcher: length bucketing, the token bound, continuous batching,
+and tokenisation that does not wait behind inference (real tiny model, no HTTP). The
+queue's policy on its own: tests/service/test_fair_queue.py."""
 
 from __future__ import annotations
 
@@ -11,48 +12,10 @@ import numpy as np
 import pytest
 
 from service.contract.policy import EncodedWindows, Policy
-from service.core.batching import MicroBatcher, _Job, _Window, select_batch
+from service.core.batcher import MicroBatcher
 from service.core.engine import THREADED_TOKENIZE_CHARS
 from service.model.onnx_model import OnnxModel
 from tests.service.conftest import Gate, running_engine
-
-
-def fake_windows(lengths: list[int]) -> list[_Window]:
-    out = []
-    for seq, n in enumerate(lengths):
-        job = _Job.__new__(_Job)  # select_batch reads lengths and arrival order only
-        out.append(_Window(job, 0, n, seq))
-    return out
-
-
-def padding(batch: list[_Window]) -> float:
-    longest = max(w.length for w in batch)
-    return 1 - sum(w.length for w in batch) / (longest * len(batch))
-
-
-def test_select_batch_takes_the_oldest_and_its_nearest_lengths() -> None:
-    lengths = [60, 128, 20, 62, 127, 21, 59, 126, 22, 61]
-    live = fake_windows(lengths)
-    batch = select_batch(live, max_size=4, max_tokens=10_000, max_padding=0.2)
-    assert live[0] in batch  # the oldest always goes
-    assert sorted(w.length for w in batch) == [59, 60, 61, 62]
-    assert padding(batch) <= 0.2
-    # Oldest is long: its mates are the long ones.
-    batch = select_batch(live[1:], max_size=8, max_tokens=10_000, max_padding=0.2)
-    assert sorted(w.length for w in batch) == [126, 127, 128]
-
-
-def test_select_batch_respects_size_tokens_and_padding() -> None:
-    live = fake_windows([100] * 10)
-    assert len(select_batch(live, max_size=8, max_tokens=10_000, max_padding=0.2)) == 8
-    assert len(select_batch(live, max_size=8, max_tokens=350, max_padding=0.2)) == 3
-    # A window over the token bound still runs, alone.
-    assert len(select_batch(fake_windows([500, 500]), max_size=8, max_tokens=100, max_padding=0.2)) == 1
-    # No bucketing (max_padding=1): everything fits in one batch whatever the lengths.
-    mixed = fake_windows([10, 128, 10, 128])
-    assert len(select_batch(mixed, max_size=8, max_tokens=10_000, max_padding=1.0)) == 4
-    assert sorted(w.length for w in select_batch(fake_windows([60, 128, 126, 127, 59]), 8, 10_000, 0.2)) == [59, 60]
-    assert sorted(w.length for w in select_batch(mixed, max_size=8, max_tokens=10_000, max_padding=0.2)) == [10, 10]
 
 
 def mixed_submissions(model: OnnxModel, policies: dict[str, Policy]) -> list[EncodedWindows]:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import pytest
 
 from service.contract.policy import Policy
-from service.core.batching import BatchResult
+from service.core.batcher import BatchResult
 from service.core.engine import Classification, Engine
 from service.core.errors import ApiError, ErrorCode
 from service.model.onnx_model import OnnxModel

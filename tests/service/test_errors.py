@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from service.core.errors import ApiError, ErrorCode, error_body, summarize_validation_errors
+from service.core.errors import ApiError, ErrorCode, error_body
+from service.http.errors import summarize_validation_errors
 
 EXPECTED = {
     "unknown_policy": 404,

@@ -35,8 +35,8 @@ from service.config import Settings
 from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies, pad_batch
 from service.http.app import create_app
 from service.model.onnx_model import OnnxModel
-from tests.service.test_http import Server, assert_error, assert_verdict, serve
-from tests.upstream_server import UpstreamServer
+from tests.harness.live_server import Server, assert_error, assert_verdict, serve
+from tests.harness.upstream import UpstreamServer
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "60"))
 TIMEOUT_S = 15.0  # "no hang": any answer slower than this fails the test

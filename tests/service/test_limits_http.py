@@ -14,7 +14,7 @@ import pytest
 
 from service.contract.policy import Policy
 from service.model.onnx_model import OnnxModel
-from tests.service.test_http import Server, assert_error, metric, serve
+from tests.harness.live_server import Server, assert_error, metric, serve
 
 LONG_POLICIES = ["content_safety", "financial_advice", "prompt_injection", "tax_advice", "toxicity"]
 

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.harness.live_server import MARKER, Server, assert_error
 from tests.service.sidecar import MIXED, chat, model_with_thresholds, post_json, servers
-from tests.service.test_http import MARKER, Server, assert_error
 
 PATH = "/beta/litellm_basic_guardrail_api"
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
 from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies
+from tests.harness.live_server import Server, assert_error, metric
 from tests.service.sidecar import MIXED, model_with_thresholds, servers
-from tests.service.test_http import Server, assert_error, metric
 
 SERVED = sorted(load_policies(DEFAULT_POLICIES_DIR))
 KEY = "sk-moderation-test"
@@ -46,7 +47,8 @@ def test_the_sdk_gets_one_result_per_string_with_every_served_policy(srv: dict[s
     assert r.id.startswith("modr-") and r.model.startswith("tiny")
     (result,) = r.results
     assert result.flagged is True  # toxicity is unsafe for every prompt with this model
-    categories, scores = result.categories.to_dict(), result.category_scores.to_dict()
+    categories: dict[str, Any] = result.categories.to_dict()
+    scores: dict[str, Any] = result.category_scores.to_dict()
     assert sorted(categories) == sorted(scores) == SERVED
     assert categories == {pid: pid == "toxicity" for pid in SERVED}
     assert all(0.0 <= s <= 1.0 for s in scores.values())
@@ -73,18 +75,12 @@ def test_lists_and_multimodal_parts(srv: dict[str, Server]) -> None:
     blank = r.results[1]
     assert blank.category_scores.to_dict() == {"toxicity": 0.0}
     assert blank.category_applied_input_types.to_dict() == {"toxicity": []}
+    image: Any = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
     parts = client.moderations.create(
-        input=[
-            {"type": "text", "text": "look at this"},
-            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
-            {"type": "text", "text": "and this"},
-        ],
-        model="toxicity",
+        input=[{"type": "text", "text": "look at this"}, image, {"type": "text", "text": "and this"}], model="toxicity"
     )
     assert len(parts.results) == 1 and parts.results[0].flagged is True
-    only_image = client.moderations.create(
-        input=[{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}], model="toxicity"
-    )
+    only_image = client.moderations.create(input=[image], model="toxicity")
     assert only_image.results[0].flagged is False  # nothing the model can read
 
 

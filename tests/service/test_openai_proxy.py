@@ -4,7 +4,6 @@ a real (scripted) upstream on a loopback port."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,18 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.harness.live_server import MARKER, Server, assert_error, free_port
+from tests.harness.upstream import UpstreamServer
 from tests.service.sidecar import MIXED, chat, model_with_thresholds, post_json, servers, sse_events
-from tests.service.test_http import MARKER, Server, assert_error
-from tests.upstream_server import UpstreamServer
 
 REFUSAL = "Blocked by UniGuard test policy."
 UPSTREAM_TIMEOUT_S = 2
-
-
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed again: nothing listens there
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +46,7 @@ def srv(
         },
         "closed": {**up, "UNIGUARD_MODEL_DIR": missing},
         "open": {**up, "UNIGUARD_MODEL_DIR": missing, "UNIGUARD_FAIL_OPEN": "true", "UNIGUARD_MODERATE_OUTPUT": "true"},
-        "down": {"UNIGUARD_MODEL_DIR": mixed, "UNIGUARD_UPSTREAM_BASE_URL": f"http://127.0.0.1:{_dead_port()}/v1"},
+        "down": {"UNIGUARD_MODEL_DIR": mixed, "UNIGUARD_UPSTREAM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"},
     }
     with servers(tmp, specs, ready={"closed": False, "open": False}) as out:
         yield out

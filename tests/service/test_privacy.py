@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.harness.live_server import Server
+from tests.harness.upstream import UpstreamServer
 from tests.service.sidecar import servers
-from tests.service.test_http import Server
-from tests.upstream_server import UpstreamServer
 
 MARKER = "okapi-privacy-marker-4471"
 KEY = "privacy-key-1"

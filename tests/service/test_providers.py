@@ -14,7 +14,7 @@ import pytest
 from service.contract.policy import Policy, pad_batch
 from service.model.manifest import Manifest, ModelFile, read_manifest, sha256_file
 from service.model.onnx_model import CPU, CUDA, ModelLoadError, OnnxModel, select_provider
-from training.export import FP16_FILE, convert_fp16
+from training.release.export import FP16_FILE, convert_fp16
 
 HAS_CUDA = CUDA in ort.get_available_providers()
 
@@ -132,7 +132,7 @@ def test_auto_falls_back_to_cpu_when_cuda_cannot_start(fp16_folder: Path, monkey
 
 def test_export_writes_fp16_file_in_manifest(tiny_model_dir: Path, tmp_path: Path) -> None:
     """export_model_folder(fp16=True) and add_fp16_file list the CUDA file after the CPU one."""
-    from training.export import add_fp16_file, export_model_folder
+    from training.release.export import add_fp16_file, export_model_folder
 
     ckpt = tiny_model_dir.with_name(tiny_model_dir.name + "-ckpt")  # tests.tiny keeps the checkpoint beside the folder
     m = export_model_folder(

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.test_http import Server, serve
+from tests.harness.live_server import Server, serve
 
 HEADER_TIMEOUT_S = 0.5
 BODY_TIMEOUT_S = 1.0

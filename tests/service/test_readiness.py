@@ -22,8 +22,8 @@ from service.contract.policy import Policy
 from service.model.folder_checks import load_and_validate, policy_warnings
 from service.model.manifest import sha256_file
 from service.model.onnx_model import ModelLoadError, OnnxModel
+from tests.harness.live_server import Server, assert_error
 from tests.service.sidecar import servers
-from tests.service.test_http import Server, assert_error
 
 
 def _edit_config(folder: Path, **changes: object) -> None:

@@ -28,9 +28,9 @@ from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies, pad_bat
 from service.core.runtime import EngineLease, Runtime
 from service.http.app import create_app
 from service.model.onnx_model import OnnxModel
-from tests.service.test_http import Server, assert_error, serve
+from tests.harness.live_server import Server, assert_error, serve
 from tests.tiny import build_tiny_model_folder
-from training.export import atomic_replace_dir
+from training.io import atomic_replace_dir
 
 PROMPTS = [
     "hello there",

@@ -22,7 +22,7 @@ from service.contract.policy import DEFAULT_POLICIES_DIR
 from service.core import runtime as runtime_module
 from service.core.runtime import Runtime
 from service.http.app import create_app
-from tests.service.test_http import Server, assert_error, serve
+from tests.harness.live_server import Server, assert_error, serve
 
 RELOAD_TIMEOUT_S = 2.0
 PROMPT_WITHIN_S = 5.0  # generous: the reload fails within this; before the fix it never returned

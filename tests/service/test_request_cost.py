@@ -1,4 +1,4 @@
-"""No request can freeze the worker or make its own fail-open (issue 16, items 1 and 2).
+"""No request can freeze the worker or make its own fail-open.
 
 Real HTTP against ``python -m service`` under uvicorn (tiny model) and a recording upstream:
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.harness.live_server import Server, assert_error, metric
+from tests.harness.upstream import UpstreamServer
 from tests.service.sidecar import MIXED, chat, model_with_thresholds, post_json, servers
-from tests.service.test_http import Server, assert_error, metric
-from tests.upstream_server import UpstreamServer
 
 LITELLM = "/beta/litellm_basic_guardrail_api"
 CHAT = "/v1/chat/completions"

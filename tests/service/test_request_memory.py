@@ -1,4 +1,4 @@
-"""A request's memory is freed when it is answered (issue 16, item 1), without HTTP.
+"""A request's memory is freed when it is answered, without HTTP.
 
 The live-server figure (RSS back down after a big request) is in ``test_request_cost``;
 these pin the two causes found: a finished request's token rows were still referenced by
@@ -20,7 +20,7 @@ import pytest
 from service.contract.policy import Policy
 from service.core import engine as engine_module
 from service.core import heap as memory
-from service.core.batching import MicroBatcher
+from service.core.batcher import MicroBatcher
 from service.core.errors import ApiError, ErrorCode
 from service.model.onnx_model import OnnxModel
 from tests.service.conftest import running_engine

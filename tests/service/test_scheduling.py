@@ -13,7 +13,7 @@ import pytest
 
 from service.config import Settings
 from service.contract.policy import EncodedWindows, Policy
-from service.core.batching import BatcherClosed, MicroBatcher, busy_rate, busy_time
+from service.core.batcher import BatcherClosed, MicroBatcher, busy_rate, busy_time
 from service.core.runtime import Runtime
 from service.model.onnx_model import OnnxModel
 

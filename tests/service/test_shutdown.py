@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.test_http import serve
+from tests.harness.live_server import serve
 
 DRAIN_S = 1.0
 LONG = " ".join(f"word{i}" for i in range(500))  # ~25 windows: keeps the batcher queue busy

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from service.core.errors import REJECTION_CODES, ErrorCode
-from tests.service.test_http import Server, serve
+from tests.harness.live_server import Server, serve
 
 ROUTES = ("/beta/litellm_basic_guardrail_api", "/v1/chat/completions")
 GATEWAY_ACTIONS = ("allowed", "blocked", "unguarded")

@@ -20,10 +20,10 @@ from service.core.engine import Classification, PolicyVerdict, Timings
 from service.core.errors import ApiError, ErrorCode
 from service.gateway.judge import GuardText, Judgement, TextResult
 from service.gateway.stream_moderation import CONTEXT_CHARS, MAX_EVENT_BYTES, StreamModerator, split_events
+from tests.harness.live_server import Server
+from tests.harness.upstream import UpstreamServer, sse
 from tests.service.sidecar import servers, sse_events
-from tests.service.test_http import Server
 from tests.test_default_model import DEFAULT_DIR
-from tests.upstream_server import UpstreamServer, sse
 
 CHECK_EVERY, HOLDBACK = 60, 30
 BENIGN = (

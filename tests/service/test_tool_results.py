@@ -19,9 +19,9 @@ import pytest
 
 from service.config import Settings
 from service.gateway.roles import RolePolicies, parse_retrieved
+from tests.harness.live_server import Server, assert_error
+from tests.harness.upstream import UpstreamServer
 from tests.service.sidecar import SAFE, UNSAFE, model_with_thresholds, post_json, servers
-from tests.service.test_http import Server, assert_error
-from tests.upstream_server import UpstreamServer
 
 INJECTION_ONLY = {"prompt_injection": UNSAFE, "toxicity": SAFE}
 LITELLM = "/beta/litellm_basic_guardrail_api"
@@ -52,7 +52,7 @@ def srv(
         yield out
 
 
-def conversation(tool_result: str | None) -> list[dict[str, Any]]:
+def conversation(tool_result: str | None) -> Any:  # the SDK's message params, as plain dicts
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": "You are a helpful agent. Use the browser tool."},
         {"role": "user", "content": "Summarise https://example.com/article for me."},
@@ -88,7 +88,7 @@ def test_a_tool_result_is_judged_under_prompt_injection_before_the_upstream(
     r = raw.parse()
     assert raw.headers["x-uniguard-action"] == "blocked" and r.choices[0].finish_reason == "content_filter"
     assert upstream.records == []  # refused before the upstream saw anything
-    g = r.to_dict()["uniguard"]
+    g: Any = r.to_dict()["uniguard"]
     assert [(v["index"], v["role"], v["policy_id"]) for v in g["violations"]] == [(3, "tool", "prompt_injection")]
     assert g["policies"] == ["toxicity", "prompt_injection"] and g["texts_checked"] == 2  # user + tool
 
@@ -112,7 +112,7 @@ def test_one_setting_changes_the_map_and_the_older_one_still_works(
 def test_a_message_marked_as_retrieved_is_judged_under_prompt_injection(
     srv: dict[str, Server], upstream: UpstreamServer
 ) -> None:
-    messages = [{"role": "user", "content": "Here is the email I received: ..."}]
+    messages: Any = [{"role": "user", "content": "Here is the email I received: ..."}]
     client = sdk(srv["default"])
     assert client.chat.completions.create(model="m", messages=messages).choices[0].finish_reason != "content_filter"
     marked = client.chat.completions.create(model="m", messages=messages, extra_headers={"x-uniguard-retrieved": "0"})

@@ -12,7 +12,7 @@ import pytest
 
 from service.config import Settings
 from service.contract.policy import Policy
-from service.core.batching import MicroBatcher
+from service.core.batcher import MicroBatcher
 from service.core.engine import Classification, Engine, cache_outcome
 from service.core.errors import ApiError, ErrorCode
 from service.core.metrics import Metrics

@@ -178,7 +178,7 @@ def test_quant_study_dequantises_int8_graphs_back_to_fp32(
 ) -> None:
     """quant-study's fp32 reference for a shipped folder: the int8 graph's weights in fp32 MatMuls
     (no integer op left), scoring like the fp32 export up to the weights' rounding."""
-    from training.eval.quant_study import dequantize
+    from training.studies.quantization import dequantize
 
     out = dequantize(exported[quantization], tmp_path / "fp32.onnx")
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}

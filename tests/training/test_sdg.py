@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from service.contract.policy import DEFAULT_POLICIES_DIR, Policy, load_policies
-from tests.chat_server import Reply, ScriptedChatServer, kind_of
+from tests.harness.upstream import Reply, UpstreamServer, kind_of
 from training.data.rows import read_examples
 from training.sdg.backends import BackendError, OpenAIChatBackend, retry_after_seconds
 from training.sdg.dedup import MiniLMEmbedder, NearDuplicateIndex
@@ -87,7 +87,7 @@ def pool_responder(per_call: int = 4) -> object:
     return respond
 
 
-def backend(srv: ScriptedChatServer, **kw: object) -> OpenAIChatBackend:
+def backend(srv: UpstreamServer, **kw: object) -> OpenAIChatBackend:
     opts = {"concurrency": 1, "timeout_s": 5.0, "max_retries": 2, "backoff_s": 0.01, "json_mode": "object"} | kw
     return OpenAIChatBackend(srv.base_url, "scripted-model", "sk-test", **opts)  # type: ignore[arg-type]
 
@@ -161,7 +161,7 @@ def test_429_then_success_honours_retry_after() -> None:
             return Reply(status=503, body='{"error": "busy"}')
         return Reply("hello")
 
-    with ScriptedChatServer(respond) as srv:
+    with UpstreamServer(respond) as srv:
         b = backend(srv, max_retries=3)
         out = asyncio.run(b.complete([{"role": "user", "content": "hi"}], temperature=0, max_tokens=5))
         assert out == "hello" and len(srv.requests) == 3
@@ -175,7 +175,7 @@ def test_timeout_and_client_errors_fail_the_call_not_the_run(tmp_path: Path, emb
     def respond(request: dict, index: int) -> Reply:
         return Reply(gen_answer(POOL[:4]), delay_s=1.5)
 
-    with ScriptedChatServer(respond) as srv:
+    with UpstreamServer(respond) as srv:
         started = time.monotonic()
         with pytest.raises(BackendError, match="timeout"):
             asyncio.run(
@@ -196,7 +196,7 @@ def test_timeout_and_client_errors_fail_the_call_not_the_run(tmp_path: Path, emb
     c = totals["financial_advice"]
     assert (c.failed_calls, c.kept, c.batches) == (2, 0, 2)
 
-    with ScriptedChatServer(lambda r, i: Reply(status=401, body='{"error": "bad key"}')) as srv:
+    with UpstreamServer(lambda r, i: Reply(status=401, body='{"error": "bad key"}')) as srv:
         with pytest.raises(BackendError, match="401"):
             asyncio.run(backend(srv).complete([{"role": "user", "content": "x"}], temperature=0, max_tokens=5))
         assert len(srv.requests) == 1  # not retried
@@ -206,7 +206,7 @@ def test_timeout_and_client_errors_fail_the_call_not_the_run(tmp_path: Path, emb
 
 
 def test_rows_carry_labels_rationales_and_generator(tmp_path: Path, embedder: MiniLMEmbedder) -> None:
-    with ScriptedChatServer(pool_responder()) as srv:
+    with UpstreamServer(pool_responder()) as srv:
         totals = run(Generator(backend(srv, concurrency=4), embedder, tmp_path, llm_cfg(), show_progress=False))
         assert srv.requests[0]["response_format"] == {"type": "json_object"}
     rows = rows_of(tmp_path)
@@ -232,7 +232,7 @@ def test_malformed_answers_are_retried_then_skipped_and_counted(tmp_path: Path, 
     def respond(request: dict, index: int) -> Reply:
         return Reply(script[index] if index < len(script) else gen_answer(POOL[4:8]))
 
-    with ScriptedChatServer(respond) as srv:
+    with UpstreamServer(respond) as srv:
         totals = run(
             Generator(
                 backend(srv),
@@ -255,7 +255,7 @@ def test_near_duplicates_are_removed_in_batch_and_against_kept(tmp_path: Path, e
         ("what is a mutual fund, and how is it different from an ETF", 0),
     ]
 
-    with ScriptedChatServer(lambda r, i: Reply(gen_answer(batch))) as srv:
+    with UpstreamServer(lambda r, i: Reply(gen_answer(batch))) as srv:
         totals = run(
             Generator(
                 backend(srv), embedder, tmp_path, llm_cfg(max_batches=3, dedup_threshold=0.9), show_progress=False
@@ -276,7 +276,7 @@ def test_killed_run_resumes_without_duplicate_rows(tmp_path: Path, embedder: Min
         if batches == 2:
             raise Killed
 
-    with ScriptedChatServer(pool_responder()) as srv:
+    with UpstreamServer(pool_responder()) as srv:
         cfg = llm_cfg(rows_per_policy=16)
         with pytest.raises(Killed):
             run(Generator(backend(srv), embedder, tmp_path, cfg, on_batch=kill_after_two, show_progress=False))
@@ -307,7 +307,7 @@ def test_review_relabels_and_refinement_writes_a_diff_not_the_policy(tmp_path: P
             return Reply(json.dumps({"description": clarified, "allowed": ["General education"], "disallowed": []}))
         return Reply(gen_answer(POOL[8:12]))  # four safe prompts
 
-    with ScriptedChatServer(respond) as srv:
+    with UpstreamServer(respond) as srv:
         cfg = llm_cfg(rows_per_policy=4, refine=True, review=ReviewConfig(fraction=1.0))
         totals = run(Generator(backend(srv), embedder, tmp_path, cfg, show_progress=False))
         assert srv.kinds().count("review") == 4 and "refine" in srv.kinds()
@@ -335,7 +335,7 @@ def test_split_review_votes_drop_rows(tmp_path: Path, embedder: MiniLMEmbedder) 
             return Reply(json.dumps({"label": "unsafe" if seen[text] == 1 else "safe", "rationale": "Unsure."}))
         return Reply(gen_answer(POOL[8:12]))
 
-    with ScriptedChatServer(respond) as srv:
+    with UpstreamServer(respond) as srv:
         cfg = llm_cfg(rows_per_policy=4, max_batches=1, review=ReviewConfig(fraction=1.0, votes=2))
         totals = run(Generator(backend(srv), embedder, tmp_path, cfg, show_progress=False))
     c = totals["financial_advice"]
@@ -349,7 +349,7 @@ def test_templates_are_paraphrased_and_drifting_rewrites_rejected(tmp_path: Path
             return Reply("Bananas are a yellow fruit that grows in warm countries.")
         return Reply(f'Rewritten message: "{text.rstrip(".?!")}, please?"')
 
-    with ScriptedChatServer(respond) as srv:
+    with UpstreamServer(respond) as srv:
         cfg = SDGConfig(
             mode="template",
             batch_size=8,
@@ -383,7 +383,7 @@ def test_seed_examples_are_shown_to_the_generator(tmp_path: Path, embedder: Mini
 
     seeds = {"financial_advice": load_seeds([seed_file], "financial_advice")}
     assert seeds["financial_advice"] == [("Seed: should I buy zero-coupon gilts for my ISA?", 1)]
-    with ScriptedChatServer(pool_responder()) as srv:
+    with UpstreamServer(pool_responder()) as srv:
         run(
             Generator(
                 backend(srv), embedder, tmp_path / "out", llm_cfg(rows_per_policy=4), seeds=seeds, show_progress=False
@@ -399,7 +399,7 @@ def test_cli_generates_then_resumes_with_more_rows(tmp_path: Path) -> None:
     from training.cli import app
 
     out = tmp_path / "synthetic"
-    with ScriptedChatServer(pool_responder()) as srv:
+    with UpstreamServer(pool_responder()) as srv:
         args = [
             "sdg",
             "generate",

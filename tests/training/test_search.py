@@ -334,7 +334,7 @@ def heldout_rows() -> list:
 
 
 def test_the_out_of_source_reward_is_the_tune_half_summary_at_bounded_thresholds() -> None:
-    """The reward the merge search optimises for issue 15: thresholds chosen as the release
+    """The reward the merge search optimises for what ships: thresholds chosen as the release
     chooses them (FPR <= 5 % on every held-out benign source), summary on the tune rows only."""
     from service.contract.policy import DEFAULT_POLICIES_DIR, load_policies
     from tests.tiny import base_tokenizer_dir

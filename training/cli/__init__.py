@@ -1,19 +1,16 @@
 """``python -m training``: one typer app, one command (or group) per stage of the paper.
 
-    data                      splits of a run (runs/<run>/data)
-    train taskguard|mtg|default   the one training loop, per stage (default: `make model`)
-    table                     the pipeline's closing table
-    evaluate                  any checkpoint or model folder on any labelled JSONL
-    quant-study               serving-graph formats of one model: speed, fidelity, batch invariance
-    capacity-study            two base encoders at one training budget: out-of-source figures, latency
-    export                    checkpoint -> released model folder (the one release step)
-    calibrate                 re-release a model folder in place (temperature, thresholds, card)
-    merge-search              model merging search; the winner goes through the release step
-    sdg generate              synthetic data from written policies
-    pipeline all              data -> taskguard -> mtg -> table
-
-``python -m training.cli`` is an alias of this app for one release, and the old spellings
-(``build-default``, ``pipeline STAGE``) stay as hidden aliases for the same time.
+data                      splits of a run (runs/<run>/data)
+train taskguard|mtg|default   the one training loop, per stage (default: `make model`)
+table                     the pipeline's closing table
+evaluate                  any checkpoint or model folder on any labelled JSONL
+quant-study               serving-graph formats of one model: speed, fidelity, batch invariance
+capacity-study            two base encoders at one training budget: out-of-source figures, latency
+export                    checkpoint -> released model folder (the one release step)
+calibrate                 re-release a model folder in place (temperature, thresholds, card)
+merge-search              model merging search; the winner goes through the release step
+sdg generate              synthetic data from written policies
+pipeline all              data -> taskguard -> mtg -> table
 """
 
 from __future__ import annotations
@@ -48,7 +45,7 @@ def main() -> None:
 
 @pipeline_app.command("all")
 def pipeline_all(
-    run: Annotated[str, typer.Option(help=RUN_HELP)] = "issue4",
+    run: Annotated[str, typer.Option(help=RUN_HELP)] = "paper",
     holdout: Annotated[str, typer.Option()] = "tax_advice",
     table_out: Annotated[Path | None, typer.Option(help="Also write the closing table here.")] = None,
 ) -> None:
@@ -80,15 +77,3 @@ app.command("add-fp16")(release_cli.add_fp16)
 app.command("merge-search")(merge_cli.merge_search)
 app.add_typer(sdg_cli.app, name="sdg")
 app.add_typer(pipeline_app, name="pipeline")
-
-# Old spellings, kept hidden for one release: `build-default`, `pipeline data|taskguard|mtg|table|evaluate|export`.
-app.command("build-default", hidden=True)(train_cli.default)
-for _name, _command in (
-    ("data", data_cli.data),
-    ("taskguard", train_cli.taskguard),
-    ("mtg", train_cli.mtg),
-    ("table", evaluate_cli.table),
-    ("evaluate", evaluate_cli.evaluate),
-    ("export", release_cli.export),
-):
-    pipeline_app.command(_name, hidden=True)(_command)

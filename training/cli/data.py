@@ -89,7 +89,7 @@ def run_splits(
 
 
 def data(
-    run: Annotated[str, typer.Option(help=RUN_HELP)] = "issue4",
+    run: Annotated[str, typer.Option(help=RUN_HELP)] = "paper",
     data_dir: DataDirOption = paths.DEFAULT_DATA,
     examples_dir: Annotated[Path, typer.Option(help="Hand-written example JSONL files.")] = paths.EXAMPLES,
     extra: Annotated[

@@ -135,7 +135,7 @@ def out_of_source(
 
 
 def table(
-    run: Annotated[str, typer.Option(help=RUN_HELP)] = "issue4",
+    run: Annotated[str, typer.Option(help=RUN_HELP)] = "paper",
     holdout: Annotated[str, typer.Option()] = "tax_advice",
     out: Annotated[Path | None, typer.Option(help="Markdown file (default runs/<run>/table.md).")] = None,
 ) -> None:
@@ -191,7 +191,7 @@ def quant_study(
     work: Annotated[Path, typer.Option(help="Scratch folder for the built formats.")] = paths.RUNS / "quant-study",
 ) -> None:
     """Every serving-graph format of one model's weights: speed, verdicts against fp32, batch invariance."""
-    from training.eval.quant_study import markdown, study
+    from training.studies.quantization import markdown, study
 
     results = study(
         model_dir, work, data_dir, load_policies(policies_dir), fp32=fp32, rows=rows, threads=threads, spinning=spinning
@@ -218,12 +218,12 @@ def capacity_study(
     max_windows: Annotated[int, typer.Option(help="Windows scored per row (the first ones).")] = 4,
     threads: Annotated[int, typer.Option(help="torch threads (0: all cores).")] = 0,
 ) -> None:
-    """Issue 14's capacity trial: MiniLM and a larger base at one small budget, out-of-source table and latency."""
+    """Capacity trial: MiniLM and a larger base at one small budget, out-of-source table and latency."""
     import sysconfig
     from dataclasses import replace
 
-    from training.eval.capacity import Budget, assemble_large_base, markdown, measure_latency, trial
     from training.stages.default import DEFAULT_LOOP, prepare_split
+    from training.studies.capacity import Budget, assemble_large_base, markdown, measure_latency, trial
 
     policies = load_policies(policies_dir)
     large_dir = large or assemble_large_base(Path(sysconfig.get_paths()["purelib"]), paths.RUNS / "bases")

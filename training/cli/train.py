@@ -46,7 +46,7 @@ app = typer.Typer(
 
 @app.command()
 def taskguard(
-    run: Annotated[str, typer.Option(help=RUN_HELP)] = "issue4",
+    run: Annotated[str, typer.Option(help=RUN_HELP)] = "paper",
     policy: Annotated[list[str] | None, typer.Option(help="Policies to train (repeatable; default all).")] = None,
     modes: Annotated[str, typer.Option(help="fft (all weights) and/or cft (pooler + classifier).")] = "fft,cft",
     max_train: Annotated[int, typer.Option(help="Training rows per policy (0: all; GPU: 0).")] = 600,
@@ -92,7 +92,7 @@ def taskguard(
 
 @app.command()
 def mtg(
-    run: Annotated[str, typer.Option(help=RUN_HELP)] = "issue4",
+    run: Annotated[str, typer.Option(help=RUN_HELP)] = "paper",
     holdout: Annotated[
         str, typer.Option(help="Policy kept out of GIP for the zero-shot check ('' for none).")
     ] = "tax_advice",

@@ -69,7 +69,7 @@ ROW_LABELS = {
 
 
 def closing_table(run_dir: Path, policies: list[str], holdout: str | None) -> str:
-    """The issue's table: F1 / ROC-AUC (threshold 0.5) per family and policy on validation, plus zero-shot."""
+    """The paper's table: F1 / ROC-AUC (threshold 0.5) per family and policy on validation, plus zero-shot."""
     entries = read_index(run_dir)
     metric_rows: dict[str, dict[str, dict]] = {}
     for e in entries:

@@ -35,7 +35,7 @@ MTG_TEMPLATE = InputTemplate()
 
 
 def feeds_for(model: torch.nn.Module, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The feeds ``model``'s forward takes: MPNet (the larger base, issue 14's capacity trial)
+    """The feeds ``model``'s forward takes: MPNet (the larger base of the capacity trial)
     has no token types, so ``token_type_ids`` is dropped for it rather than failing."""
     if "token_type_ids" in feeds and not accepts_token_types(model):
         feeds = {k: v for k, v in feeds.items() if k != "token_type_ids"}

@@ -10,7 +10,7 @@ chosen as the service's export chooses it (best F1, sources weighted equally), b
 exported model is calibrated that way: a merge that only shifts scores is not penalised for
 a threshold it will never be served with. F1 at 0.5 is recorded next to it.
 
-``OutOfSourceSet`` swaps that reward for the one that decides what ships (issue 15): the
+``OutOfSourceSet`` swaps that reward for the one that decides what ships: the
 out-of-source summary on the held-out *tune* half, at the release step's thresholds (best F1
 under the FPR bound on every held-out benign source). The test half is never scored by the
 search; it stays for the released figures and promotion. Either way the reward is stored in

@@ -58,7 +58,7 @@ NAME = "uniguard-default"
 @dataclass(frozen=True)
 class UniGuardConfig:
     """The recipe's sizes. CPU defaults take 31 min on 2 cores (measured); a GPU run raises the row
-    counts (0: every training row), epochs, iterations and lambda_mlm to 1.0 (see the README)."""
+    counts (0: every training row), epochs, iterations and lambda_mlm to 1.0 (see docs/training.md)."""
 
     taskguard_rows: int = 150
     gip_rows: int = 400

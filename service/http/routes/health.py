@@ -11,8 +11,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.core.errors import ErrorCode, error_response
+from service.core.errors import ErrorCode
 from service.http.deps import RuntimeDep
+from service.http.errors import error_response
 from service.http.openapi import error_responses
 from service.http.schemas import HealthResponse, ReadyResponse
 

@@ -37,11 +37,12 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 from service.contract.policy import POLICY_ID_PATTERN
-from service.core.errors import ApiError, ErrorCode, summarize_validation_errors
+from service.core.errors import ApiError, ErrorCode
 from service.gateway.chat_text import guarded_texts
 from service.gateway.judge import GuardText, check_count, judge
 from service.gateway.roles import RolePolicies, parse_retrieved
 from service.http.deps import EngineSourceDep, MetricsDep, SettingsDep, add_access_log_fields, log_prompt
+from service.http.errors import summarize_validation_errors
 from service.http.openapi import error_responses
 from service.http.routes.classify import CACHE_HEADER
 from service.http.strict_body import StrictJsonRoute

@@ -1,8 +1,8 @@
 """How much later each streamed chunk reaches the client with UNIGUARD_MODERATE_STREAM on.
 
-    python -m tests.service.stream_latency [--model models/default | tiny] [--streams 5] [--delay 0.02]
+    python -m bench.stream_latency [--model models/default | tiny] [--streams 5] [--delay 0.02]
 
-Starts the scripted upstream (tests/upstream_server.py) in this process and the service
+Starts the tests' fake upstream (tests/harness/upstream.py) in this process and the service
 (``python -m service``, one thread) once per configuration; streams the same answer word by
 word, one event every ``--delay`` seconds (50 events/s: a fast LLM), and times every event
 from the upstream's send to the client's receipt (one clock: both ends are in this process).
@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 
 from service.gateway.stream_moderation import split_events
-from tests.service.test_http import serve
-from tests.upstream_server import UpstreamServer
+from tests.harness.live_server import serve
+from tests.harness.upstream import UpstreamServer
 
 ANSWER = (
     "Paris is the capital of France and its largest city. It lies on the river Seine in the north of the "

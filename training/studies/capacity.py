@@ -1,4 +1,4 @@
-"""Capacity trial (issue 14, item 6): one training budget on two base encoders, judged by the
+"""Capacity trial: one training budget on two base encoders, judged by the
 out-of-source protocol, next to each one's measured serving latency.
 
 A full ``make model`` run of the larger base (all-mpnet-base-v2, 110M parameters) does not fit
@@ -115,7 +115,7 @@ def measure_latency(records: list[dict[str, Any]], work: Path, threads: int = 2)
     alike, spinning off (two spinning pools taking turns would slow each other: MiniLM's batch-1
     call measured 15.8 ms that way, 7.9 ms without). Run last and every time: a resumed study
     re-times on the box as it is."""
-    from training.eval.quant_study import SHAPES, time_formats
+    from training.studies.quantization import SHAPES, time_formats
 
     files = {r["base"]: serving_file(work / r["base"] / "checkpoint", work / r["base"] / "onnx") for r in records}
     timed = time_formats(files, threads, spinning=False)

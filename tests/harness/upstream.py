@@ -1,4 +1,4 @@
-"""A scripted OpenAI-compatible upstream for proxy tests, on a loopback port in a thread.
+"""The fake OpenAI-compatible upstream of every test, on a loopback port in a thread.
 
 Raw ASGI (no framework), so it records exactly the bytes and headers it received and
 sends exactly the chunks it means to. Each request is scripted by its own headers, which
@@ -16,8 +16,15 @@ Non-streamed answers are a ``chat.completion`` with an extra ``echo`` field hold
 received body (``UpstreamServer(stream_echo=True)`` streams the same "echo: ..." answer word
 by word, for clients such as a gateway that do not forward the scripting headers); streams
 are ``chat.completion.chunk`` SSE events ending in ``data: [DONE]``.
-``records`` holds every request: method, path, headers, raw body, the chunks sent with
-their send times, and whether the client disconnected before the end.
+``records`` holds every request: method, path, headers, raw body, arrival time, the chunks
+sent with their send times, and whether the client disconnected before the end.
+
+``UpstreamServer(responder=...)`` scripts each chat completion in code instead (the SDG
+backend's tests): ``responder(request_body, index)`` returns a ``Reply`` (content, status, raw
+body, headers, delay), so a test can send good JSON, malformed answers, 429 with Retry-After,
+5xx, or a reply slower than the client's timeout. ``requests`` and ``arrivals`` are then the
+parsed bodies and arrival times of the chat completion requests, ``kinds()`` which SDG call
+each one was.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +51,7 @@ class Record:
     sent: list[tuple[float, bytes]] = field(default_factory=list)  # (time.monotonic(), chunk)
     completed: bool = False
     disconnected_at: float | None = None
+    arrived: float = field(default_factory=time.monotonic)
 
     def header(self, name: str) -> str | None:
         values = [v for k, v in self.headers if k == name.lower()]
@@ -61,10 +70,50 @@ class UpstreamBroke(Exception):
     pass
 
 
+@dataclass
+class Reply:
+    """A responder's answer to one chat completion request."""
+
+    content: str | None = None  # the assistant message text
+    status: int = 200
+    body: str | None = None  # raw body instead of a chat completion
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+Responder = Callable[[dict[str, Any], int], Reply]
+
+
+def kind_of(request: dict[str, Any]) -> str:
+    """Which SDG call a request is: generate, paraphrase, review or refine."""
+    system = request["messages"][0]["content"]
+    if "You rewrite messages" in system:
+        return "paraphrase"
+    if "reviewer" in system:
+        return "review"
+    if "clear content policies" in system:
+        return "refine"
+    return "generate"
+
+
+def completion(content: str, model: str = "scripted") -> str:
+    return json.dumps(
+        {
+            "id": "cmpl-test",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+        }
+    )
+
+
 class UpstreamServer:
-    def __init__(self, *, stream_echo: bool = False) -> None:
+    def __init__(self, responder: Responder | None = None, *, stream_echo: bool = False) -> None:
+        self.responder = responder
         self.stream_echo = stream_echo
         self.records: list[Record] = []
+        self.requests: list[dict[str, Any]] = []  # responder mode: the chat completion bodies
+        self.arrivals: list[float] = []  # ... and when each arrived
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -105,6 +154,9 @@ class UpstreamServer:
     def clear(self) -> None:
         self.records.clear()
 
+    def kinds(self) -> list[str]:
+        return [kind_of(r) for r in self.requests]
+
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -142,6 +194,10 @@ class UpstreamServer:
         async def emit(chunk: bytes, more: bool = True) -> None:
             record.sent.append((time.monotonic(), chunk))
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+        if self.responder is not None:
+            await self._reply(record, send, emit)
+            return
 
         await asyncio.sleep(float(record.header("x-upstream-delay") or 0))
         status = int(record.header("x-upstream-status") or 200)
@@ -236,4 +292,24 @@ class UpstreamServer:
             }
         )
         await emit(payload, more=False)
+        record.completed = True
+
+    async def _reply(self, record: Record, send: Any, emit: Callable[..., Any]) -> None:
+        """Responder mode: the reply the responder scripts for this request."""
+        assert self.responder is not None
+        if record.method != "POST" or record.path != "/v1/chat/completions":
+            reply = Reply(status=404, body='{"error": "not found"}')
+        else:
+            request = json.loads(record.body)
+            index = len(self.requests)
+            self.requests.append(request)
+            self.arrivals.append(record.arrived)
+            reply = self.responder(request, index)
+            if reply.delay_s:
+                await asyncio.sleep(reply.delay_s)
+        data = (reply.body if reply.body is not None else completion(reply.content or "")).encode()
+        headers = [(b"content-type", b"application/json")]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await emit(data, more=False)
         record.completed = True

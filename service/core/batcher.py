@@ -1,4 +1,4 @@
-"""Micro-batcher: many small requests become few, well-packed model calls.
+"""Micro-batcher: many small requests become few, well-packed model calls (the threads).
 
 A transformer costs far less per window in one call of 16 than in 16 calls, and under load
 the queue fills while a batch runs, so batching adds almost no latency. The batcher knows
@@ -22,33 +22,12 @@ How a batch is formed:
   run concurrently on ``run_shared``, a session of one intra-op thread each: no thread
   waits at onnxruntime's parallel-section barriers for a sibling that the event loop has
   just preempted (on the 2-core box: 86 % of raw onnxruntime's best at 64 clients, against
-  65-82 % for one session of 2 threads; README "Thread layout"). While a lone batch runs on
+  65-82 % for one session of 2 threads; docs/performance.md "Thread layout"). While a lone batch runs on
   all cores the other workers wait for it (at most one batch).
-* **Fair scheduling across requests.** Queued work is kept per submission (a job: its
-  windows, oldest first), and a batch is anchored by a *job*'s oldest waiting window, not
-  by the oldest window overall. Before this, one flat queue let the oldest window anchor
-  every batch, so a 100,000-character prompt (~400 windows) ran to its end before
-  anything queued behind it: a "hi" behind it waited out its 10 s deadline. Jobs wait in
-  two orders: *fresh* (never served, in arrival order) and *served* (least recently
-  served first; a job that gets windows into a batch moves to the back). A fresh job
-  anchors the next batch, so a new short request waits for the batch in flight and runs
-  in the next one, whatever else is queued; but when the last batch was anchored by a
-  fresh job and left out the head of the served jobs, that head anchors this one, so a
-  long job gets at least every other batch under a stream of new requests and no job
-  starves.
-* **Bounds.** At most ``max_batch_size`` windows and ``max_batch_tokens`` padded tokens
-  (rows x longest row) per call; one window longer than the token bound still runs alone.
-* **Length bucketing.** The anchor's batch-mates are the candidate windows closest to it
-  in length, none padded by more than ``max_padding`` of the longest row. Candidates are
-  taken round-robin over the jobs in scheduling order (the first waiting window of each
-  job, then the second of each, ...), so equally good mates are shared between jobs. On
-  CPU a padded token costs as much as a real one, so short and long windows run in
-  separate calls; on a GPU, where width is nearly free, a higher ``max_padding`` packs
-  fuller batches.
-* **Bounded work.** Forming a batch looks at ``SCAN_FACTOR x max_batch_size`` candidate
-  windows at most (and as many jobs), however long the queue: it stays O(batch) under
-  overload. Jobs live in two ordered dicts (move-to-back and removal in O(1)), their
-  windows in a deque each.
+* **Which windows.** The fair queue (``service.core.fair_queue``) picks each batch: a new
+  request's first windows run in the next batch, a long request keeps at least every other
+  batch, mates are bucketed by length within ``max_batch_size`` rows, ``max_batch_tokens``
+  padded tokens and ``max_padding``, and forming a batch stays O(batch) under overload.
 * **Back-pressure.** The queue holds at most ``max_queue`` windows; ``submit`` raises
   ``QueueFull`` at once beyond that. A caller that gives up (deadline, disconnect) cancels
   its wait and its windows that have not run yet are dropped.
@@ -69,7 +48,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -77,14 +56,12 @@ from typing import Protocol
 import numpy as np
 
 from service.contract.policy import EncodedWindows
+from service.core.fair_queue import FairQueue, Job, Window
 
 log = logging.getLogger("uniguard.batching")
 
 RunFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
-# Batch forming looks at this many candidate windows per batch slot at most: it bounds the
-# work of forming a batch under overload and how far length bucketing reaches.
-SCAN_FACTOR = 8
 # The throughput estimate covers this many recent batches.
 RATE_BATCHES = 64
 
@@ -134,38 +111,16 @@ class BatchRecord:
         return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
 
 
-class _Job:
-    """One submission; its windows may be spread over several batches."""
+class Submission(Job):
+    """A queued job and how it is answered: its future, its probabilities as they come, where
+    its time went."""
 
-    __slots__ = (
-        "batches",
-        "closed",
-        "done",
-        "enqueued",
-        "future",
-        "inference_spans",
-        "key",
-        "n",
-        "pending",
-        "pending_tokens",
-        "probs",
-        "queue_s",
-        "windows",
-    )
+    __slots__ = ("done", "future", "inference_spans", "probs", "queue_s")
 
     future: asyncio.Future[BatchResult]  # set by submit, on the event loop
 
     def __init__(self, windows: EncodedWindows, key: int, seq: Iterator[int]) -> None:
-        self.windows = windows
-        self.enqueued = time.perf_counter()
-        self.n = windows.count
-        self.key = key  # its entry in the batcher's job order
-        # Windows not yet taken, oldest first (guarded by the lock once submitted) and their tokens.
-        self.pending: deque[_Window] = deque(
-            _Window(self, i, len(ids), next(seq)) for i, ids in enumerate(windows.input_ids)
-        )
-        self.pending_tokens = windows.tokens
-        self.closed = False  # caller gone or failed: skip its windows (guarded by the lock)
+        super().__init__(windows, key, seq)
         self.done = 0  # windows with a probability (event loop only)
         self.probs = np.empty(self.n, dtype=np.float32)
         self.queue_s: float | None = None  # set by an inference thread at the first batch
@@ -176,50 +131,7 @@ class _Job:
 
 # What ``MicroBatcher.prepare`` returns: opaque to callers but for ``windows``, ``n`` (the
 # window count) and ``pending_tokens`` (their tokens), and only to be submitted.
-PreparedWork = _Job
-
-
-class _Window:
-    __slots__ = ("index", "job", "length", "seq")
-
-    def __init__(self, job: _Job, index: int, length: int, seq: int) -> None:
-        self.job, self.index, self.length, self.seq = job, index, length, seq
-
-
-def select_batch(live: list[_Window], max_size: int, max_tokens: int, max_padding: float) -> list[_Window]:
-    """The windows of the next batch; ``live`` is in scheduling order and not empty.
-
-    The first window anchors the batch. Its mates are taken among the windows sorted by
-    length, growing the range around the anchor by whichever neighbour adds the least
-    padding (on a tie, the one earlier in ``live``), while the batch stays within
-    ``max_size`` rows and ``max_tokens`` padded tokens and no row is padded by more than
-    ``max_padding`` of the longest row (a length bucket around the anchor).
-    """
-    order = sorted(range(len(live)), key=lambda i: (live[i].length, i))
-    lo = hi = order.index(0)
-    longest = live[0].length
-    count = 1
-    while count < max_size:
-        best: tuple[int, int, int] | None = None  # (added padded tokens, rank, side)
-        if lo > 0:
-            w = live[order[lo - 1]]
-            if (count + 1) * longest <= max_tokens and w.length >= (1.0 - max_padding) * longest:
-                best = (longest - w.length, order[lo - 1], -1)
-        if hi + 1 < len(order):
-            w = live[order[hi + 1]]
-            if (count + 1) * w.length <= max_tokens and live[order[lo]].length >= (1.0 - max_padding) * w.length:
-                cand = ((w.length - longest) * count, order[hi + 1], 1)
-                if best is None or cand[:2] < best[:2]:
-                    best = cand
-        if best is None:
-            break
-        if best[2] < 0:
-            lo -= 1
-        else:
-            hi += 1
-            longest = live[order[hi]].length
-        count += 1
-    return [live[i] for i in order[lo : hi + 1]]
+PreparedWork = Submission
 
 
 def busy_time(spans: Iterable[tuple[float, float]]) -> float:
@@ -254,7 +166,7 @@ class MicroBatcher:
         self,
         run: RunFn,
         *,
-        max_batch_size: int = 8,  # the CPU default of Settings.max_batch_size (README "Thread layout")
+        max_batch_size: int = 8,  # the CPU default of Settings.max_batch_size (docs/performance.md "Thread layout")
         max_batch_tokens: int | None = None,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
@@ -287,19 +199,13 @@ class MicroBatcher:
         self._observer = observer
         self.history: deque[BatchRecord] = deque(maxlen=history)  # recent batches, for tests and debugging
         self._cond = threading.Condition(threading.Lock())
-        # Jobs with windows waiting (guarded by the lock): never served yet, in arrival order;
-        # served already, least recently served first.
-        self._fresh: OrderedDict[int, _Job] = OrderedDict()
-        self._served: OrderedDict[int, _Job] = OrderedDict()
-        self._passed_over = False  # the last batch was anchored by a fresh job and left out the served head
-        self._depth = 0  # live windows waiting (guarded by the lock)
-        self._queued_tokens = 0  # their tokens (guarded by the lock)
+        self._queue = FairQueue(max_batch_size, self.max_batch_tokens, max_padding)  # guarded by the lock
         self._job_keys = itertools.count()
         self._seq = itertools.count()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self._inflight: dict[int, tuple[list[_Job], int]] = {}  # batch id -> (its jobs, padded tokens); lock
+        self._inflight: dict[int, tuple[list[Job], int]] = {}  # batch id -> (its jobs, padded tokens); lock
         self._batch_ids = itertools.count()
         self._rate_lock = threading.Lock()
         self._spans: deque[tuple[float, float, int]] = deque(maxlen=RATE_BATCHES)
@@ -308,7 +214,7 @@ class MicroBatcher:
     @property
     def depth(self) -> int:
         """Windows waiting for a batch."""
-        return self._depth
+        return self._queue.depth
 
     @property
     def running(self) -> bool:
@@ -325,11 +231,7 @@ class MicroBatcher:
         queued job's remaining tokens up to ``tokens`` (round-robin shares the model), plus
         the batches in flight."""
         with self._cond:
-            ahead = sum(t for _, t in self._inflight.values())
-            if self._queued_tokens <= tokens:  # no queued job is longer than this one
-                return ahead + self._queued_tokens
-            jobs = itertools.chain(self._fresh.values(), self._served.values())
-            return ahead + sum(min(job.pending_tokens, tokens) for job in jobs)
+            return sum(t for _, t in self._inflight.values()) + self._queue.work_ahead(tokens)
 
     async def start(self) -> None:
         if self._threads:
@@ -353,25 +255,22 @@ class MicroBatcher:
         for thread in self._threads:
             await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
         with self._cond:
-            leftover = [*self._fresh.values(), *self._served.values()]
+            leftover = self._queue.clear()
             leftover += [job for jobs, _ in self._inflight.values() for job in jobs]
-            self._fresh.clear()
-            self._served.clear()
             self._inflight.clear()
             for job in leftover:
-                job.closed = True
                 job.pending.clear()
                 job.pending_tokens = 0
-            self._queued_tokens = 0
-            self._set_depth(0)
+            self._report_depth()
         for job in leftover:
+            assert isinstance(job, Submission)
             if not job.future.done():
                 job.future.set_exception(BatcherClosed("batcher stopped before this work ran"))
 
     def prepare(self, windows: EncodedWindows) -> PreparedWork:
         """A submission's per-window records, built from any thread: O(windows), so the
         engine builds a big request's off the event loop. Submit it once, soon after."""
-        return _Job(windows, next(self._job_keys), self._seq)
+        return Submission(windows, next(self._job_keys), self._seq)
 
     def discard(self, work: PreparedWork) -> None:
         """Free prepared work that was never submitted (refused, or its deadline passed): its
@@ -385,7 +284,7 @@ class MicroBatcher:
         """Queue the windows and wait for their probabilities; QueueFull at once if no room."""
         if not self.running:
             raise BatcherClosed("batcher is not running")
-        job = windows if isinstance(windows, _Job) else self.prepare(windows)
+        job = windows if isinstance(windows, Submission) else self.prepare(windows)
         if job.n == 0:
             return BatchResult(np.empty(0, dtype=np.float32), 0.0, 0.0)
         assert self._loop is not None
@@ -394,36 +293,31 @@ class MicroBatcher:
         job.future = future
         job.enqueued = time.perf_counter()
         with self._cond:
-            if self._depth + job.n > self.max_queue:
-                raise QueueFull(f"queue holds {self._depth} of {self.max_queue} windows; {job.n} more do not fit")
-            self._fresh[job.key] = job
-            self._queued_tokens += job.pending_tokens
-            self._set_depth(self._depth + job.n)
+            depth = self._queue.depth
+            if depth + job.n > self.max_queue:
+                raise QueueFull(f"queue holds {depth} of {self.max_queue} windows; {job.n} more do not fit")
+            self._queue.add(job)
+            self._report_depth()
             self._cond.notify()
         future.add_done_callback(lambda _: self._close(job))
         return await future  # cancelling the caller cancels the future; its windows are dropped
 
     # -- shared ------------------------------------------------------------------------
 
-    def _set_depth(self, depth: int) -> None:  # lock held
-        self._depth = depth
+    def _report_depth(self) -> None:  # lock held
         if self._observer is not None:
-            self._observer.observe_queue_depth(depth)
+            self._observer.observe_queue_depth(self._queue.depth)
 
-    def _close(self, job: _Job) -> None:
+    def _close(self, job: Submission) -> None:
         """Forget the windows of a finished job (answered, cancelled or failed) not yet taken."""
         with self._cond:
-            job.closed = True
-            if self._fresh.pop(job.key, None) is not None or self._served.pop(job.key, None) is not None or job.pending:
-                self._queued_tokens -= job.pending_tokens
-                self._set_depth(self._depth - len(job.pending))
-                job.pending.clear()
-                job.pending_tokens = 0
+            if self._queue.remove(job):
+                self._report_depth()
 
     # -- inference threads -------------------------------------------------------------
 
     def _waiting(self) -> bool:  # lock held
-        return bool(self._fresh or self._served)
+        return self._queue.waiting
 
     def _wait_for_work(self) -> bool:  # lock held; False: nothing to take (closing, or it went away)
         while not self._waiting() or self._exclusive is not None:
@@ -431,86 +325,31 @@ class MicroBatcher:
                 return False
             self._cond.wait()
         if self.max_wait_s > 0:
-            heads = [next(iter(d.values())) for d in (self._fresh, self._served) if d]
-            deadline = min(job.enqueued for job in heads) + self.max_wait_s
-            while self._depth < self.max_batch_size and not self._closing and self._waiting():
+            deadline = self._queue.oldest_head() + self.max_wait_s
+            while self._queue.depth < self.max_batch_size and not self._closing and self._waiting():
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
         return self._waiting()
 
-    def _candidates(self, fresh_first: bool) -> list[_Window]:  # lock held
-        """Waiting windows in scheduling order: round-robin over the first jobs (the first
-        window of each, then the second of each, ...), at most SCAN_FACTOR x max_batch_size."""
-        limit = SCAN_FACTOR * self.max_batch_size
-        first, second = (self._fresh, self._served) if fresh_first else (self._served, self._fresh)
-        jobs = itertools.islice(itertools.chain(first.values(), second.values()), limit)
-        iters = [iter(job.pending) for job in jobs]
-        live: list[_Window] = []
-        while iters and len(live) < limit:
-            still = []
-            for it in iters:
-                w = next(it, None)
-                if w is not None:
-                    live.append(w)
-                    still.append(it)
-                    if len(live) >= limit:
-                        break
-            iters = still
-        return live
-
-    def _take(self) -> tuple[int, list[_Window]]:  # lock held
-        # Fresh jobs anchor first (a new short request waits for one batch at most), but a
-        # served job anchors at least every other batch (a long one keeps going).
-        fresh_first = bool(self._fresh) and not (self._passed_over and self._served)
-        served_head = next(iter(self._served)) if self._served else None
-        live = self._candidates(fresh_first)
-        if not live:
+    def _take(self) -> tuple[int, list[Window]]:  # lock held
+        batch = self._queue.take()
+        if batch is None:
             return -1, []
-        longest = max(w.length for w in live)
-        if (
-            len(live) <= self.max_batch_size
-            and len(live) * longest <= self.max_batch_tokens
-            and min(w.length for w in live) >= (1.0 - self.max_padding) * longest
-        ):
-            chosen = live  # all of it fits: the common case below saturation
-        else:
-            chosen = select_batch(live, self.max_batch_size, self.max_batch_tokens, self.max_padding)
-        taken = {id(w) for w in chosen}
-        scanned: dict[int, int] = {}  # job key -> its windows among the candidates (a prefix of its deque)
-        served: dict[int, _Job] = {}  # jobs with windows in this batch, in scheduling order
-        for w in live:
-            job = w.job
-            scanned[job.key] = scanned.get(job.key, 0) + 1
-            if id(w) in taken:
-                served.setdefault(job.key, job)
         started = time.perf_counter()
-        tokens = 0
-        for job in served.values():
-            head = [job.pending.popleft() for _ in range(scanned[job.key])]
-            kept = [w for w in head if id(w) not in taken]
-            job.pending.extendleft(reversed(kept))  # oldest first still
-            for w in head:
-                if id(w) in taken:
-                    job.pending_tokens -= w.length
-                    tokens += w.length
-            self._fresh.pop(job.key, None)
-            self._served.pop(job.key, None)
-            if job.pending:
-                self._served[job.key] = job  # served: behind every job waiting for its turn
+        for job in batch.jobs:
+            assert isinstance(job, Submission)
             if job.queue_s is None:
                 job.queue_s = started - job.enqueued
                 if self._observer is not None:
                     self._observer.observe_queue_time(job.queue_s)
-        self._queued_tokens -= tokens
-        self._set_depth(self._depth - len(chosen))
+        self._report_depth()
         batch_id = next(self._batch_ids)
-        self._inflight[batch_id] = (list(served.values()), len(chosen) * max(w.length for w in chosen))
-        self._passed_over = fresh_first and served_head is not None and served_head not in served
+        self._inflight[batch_id] = (batch.jobs, batch.padded_tokens)
         if self._waiting():
             self._cond.notify()  # more work: an idle worker may take the next batch now
-        return batch_id, chosen
+        return batch_id, batch.windows
 
     def _worker(self) -> None:
         while True:
@@ -536,7 +375,7 @@ class MicroBatcher:
             # kept while this thread waits, they would pin the last request's memory until the next.
             del batch
 
-    def _run_batch(self, batch_id: int, batch: list[_Window], run: RunFn) -> None:
+    def _run_batch(self, batch_id: int, batch: list[Window], run: RunFn) -> None:
         size = len(batch)
         longest = max(w.length for w in batch)
         ids = np.full((size, longest), self.pad_id, dtype=np.int64)
@@ -581,15 +420,16 @@ class MicroBatcher:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(fn, *args)
 
-    def _deliver_error(self, batch_id: int, batch: list[_Window], exc: Exception) -> None:
+    def _deliver_error(self, batch_id: int, batch: list[Window], exc: Exception) -> None:
         self._post(batch_id, self._fail, batch, exc)
 
     # -- event loop --------------------------------------------------------------------
 
     @staticmethod
-    def _deliver(batch: list[_Window], probs: np.ndarray, span: tuple[float, float], batch_id: int) -> None:
+    def _deliver(batch: list[Window], probs: np.ndarray, span: tuple[float, float], batch_id: int) -> None:
         for w, p in zip(batch, probs, strict=True):
             job = w.job
+            assert isinstance(job, Submission)
             if job.future.done():
                 continue
             job.probs[w.index] = p
@@ -600,7 +440,9 @@ class MicroBatcher:
                 job.future.set_result(BatchResult(job.probs, job.queue_s or 0.0, inference_s))
 
     @staticmethod
-    def _fail(batch: list[_Window], exc: Exception) -> None:
+    def _fail(batch: list[Window], exc: Exception) -> None:
         for w in batch:
-            if not w.job.future.done():
-                w.job.future.set_exception(exc)
+            job = w.job
+            assert isinstance(job, Submission)
+            if not job.future.done():
+                job.future.set_exception(exc)

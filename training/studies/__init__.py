@@ -1,0 +1,1 @@
+"""One-off studies that measure choices (base encoder, serving-graph format); not pipeline stages."""
