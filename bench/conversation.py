@@ -55,8 +55,9 @@ def search_result(city: str, topic: str, n: int, seed: int) -> str:
     """A tool result: a few search snippets, about 120 words (its own for every conversation)."""
     return " ".join(
         f"Result {i + 1} of search {seed}-{n}: {city} guide, {topic}. Visitors recommend arriving early, "
-        f"buying tickets online and combining the visit with a stroll through the nearby streets; opening hours change with the season, "
-        f"so check the official site. Reviewers mention friendly staff and clear signs in several languages."
+        f"buying tickets online and combining the visit with a stroll through the nearby streets; opening "
+        f"hours change with the season, so check the official site. Reviewers mention friendly staff and "
+        f"clear signs in several languages."
         for i in range(3 + n % 2)
     )
 
@@ -82,9 +83,7 @@ def conversation(client: httpx.Client, url: str, turns: int, seed: int) -> list[
                 {
                     "role": "assistant",
                     "content": None,
-                    "tool_calls": [
-                        {"id": call, "type": "function", "function": {"name": "search", "arguments": "{}"}}
-                    ],
+                    "tool_calls": [{"id": call, "type": "function", "function": {"name": "search", "arguments": "{}"}}],
                 }
             )
             messages.append({"role": "tool", "tool_call_id": call, "content": search_result(city, topic, turn, seed)})
@@ -105,14 +104,18 @@ def conversation(client: httpx.Client, url: str, turns: int, seed: int) -> list[
 
 def measure(model_dir: Path, turns: int, repeats: int, threads: int, cache: bool) -> list[list[dict[str, float]]]:
     entries = "200000" if cache else "0"
-    with tempfile.TemporaryDirectory() as tmp, UpstreamServer() as upstream, serve(
-        Path(tmp) / "server.log",
-        UNIGUARD_MODEL_DIR=str(model_dir),
-        UNIGUARD_THREADS=str(threads),
-        UNIGUARD_UPSTREAM_BASE_URL=upstream.base_url,
-        UNIGUARD_GUARD_POLICIES=POLICIES,
-        UNIGUARD_VERDICT_CACHE_ENTRIES=entries,
-    ) as server:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        UpstreamServer() as upstream,
+        serve(
+            Path(tmp) / "server.log",
+            UNIGUARD_MODEL_DIR=str(model_dir),
+            UNIGUARD_THREADS=str(threads),
+            UNIGUARD_UPSTREAM_BASE_URL=upstream.base_url,
+            UNIGUARD_GUARD_POLICIES=POLICIES,
+            UNIGUARD_VERDICT_CACHE_ENTRIES=entries,
+        ) as server,
+    ):
         server.wait("/readyz", 200, 180)
         with httpx.Client(timeout=120) as client:
             conversation(client, server.url, turns, seed=1000)  # warm-up: its own texts
@@ -155,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             totals[c] += med[c]
             scored_totals[c] += scored[c]
         print(
-            f"| {t + 1} | {pairs:.0f} | {scored[False]:.0f} | {scored[True]:.0f} "
-            f"| {med[False]:.1f} | {med[True]:.1f} |"
+            f"| {t + 1} | {pairs:.0f} | {scored[False]:.0f} | {scored[True]:.0f} | {med[False]:.1f} | {med[True]:.1f} |"
         )
     pairs_total = sum(r["pairs"] for r in runs[False][0])
     print(
