@@ -45,7 +45,7 @@ TOPICS = (
     "the best viewpoint at sunset",
     "how the trams work",
     "a rainy-day plan",
-    "a market to visit on Saturday",
+    "a food hall to try on Saturday",
     "a quiet park for an afternoon",
     "an evening concert",
 )
