@@ -5,7 +5,9 @@ input limits, windowing (a long prompt is scored on every window and the maximum
 never truncated), thresholds (calibrated only for the exact description the model was
 trained on, else the zero-shot default), deadlines and the error codes for each failure.
 It knows nothing of HTTP (errors are ``ApiError`` codes) nor of onnxruntime (the model is
-an ``OnnxModel`` driven through the batcher).
+an ``OnnxModel`` driven through the batcher). Before anything is queued each (prompt,
+policy) pair is looked up in the verdict cache (``service.core.verdict_cache``); only the
+pairs it misses are tokenised and scored.
 """
 
 from __future__ import annotations
