@@ -102,7 +102,9 @@ def conversation(client: httpx.Client, url: str, turns: int, seed: int) -> list[
     return rows
 
 
-def measure(model_dir: Path, turns: int, repeats: int, threads: int, cache: bool) -> list[list[dict[str, float]]]:
+def measure(
+    model_dir: Path, turns: int, repeats: int, threads: int, cache: bool, timeout_s: float
+) -> list[list[dict[str, float]]]:
     entries = "200000" if cache else "0"
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -114,6 +116,9 @@ def measure(model_dir: Path, turns: int, repeats: int, threads: int, cache: bool
             UNIGUARD_UPSTREAM_BASE_URL=upstream.base_url,
             UNIGUARD_GUARD_POLICIES=POLICIES,
             UNIGUARD_VERDICT_CACHE_ENTRIES=entries,
+            # Time, not shedding: with the cache off a late turn's whole history may not fit the
+            # default 10 s window budget on a busy machine (413, measurements/2026-12-06-gateway.md).
+            UNIGUARD_REQUEST_TIMEOUT_S=str(timeout_s),
         ) as server,
     ):
         server.wait("/readyz", 200, 180)
@@ -135,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--timeout", type=float, default=300.0, help="UNIGUARD_REQUEST_TIMEOUT_S of the service")
     args = ap.parse_args(argv)
     if not (args.model_dir / "manifest.json").is_file():
         ap.error(f"{args.model_dir} is not a model folder (no manifest.json)")
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for cache in (False, True):
         mode = "on" if cache else "off"
         print(f"cache {mode}: {args.repeats} conversations of {args.turns} turns ...", file=sys.stderr)
-        runs[cache] = measure(args.model_dir, args.turns, args.repeats, args.threads, cache)
+        runs[cache] = measure(args.model_dir, args.turns, args.repeats, args.threads, cache, args.timeout)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.threads} onnxruntime threads; model {args.model_dir}")
     print(f"load average after: {os.getloadavg()}")
     print()
