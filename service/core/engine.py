@@ -501,7 +501,7 @@ class Engine:
 
 
 def is_blank(text: str) -> bool:
-    """No character but whitespace and byte-order marks: nothing to judge (``empty_prompt`` on /v1/classify)."""
+    """Nothing but white space and byte-order marks: an empty prompt (gateways skip such texts)."""
     return not text.replace("\ufeff", "").strip()
 
 

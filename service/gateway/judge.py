@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.contract.policy import Policy
-from service.core.engine import CacheOutcome, Classification, Engine, cache_outcome
+from service.core.engine import CacheOutcome, Classification, Engine, cache_outcome, is_blank
 from service.core.errors import ApiError, ErrorCode
 from service.core.metrics import Metrics
 
@@ -170,7 +170,7 @@ async def _judge(
         # Every policy set is resolved, even with nothing to judge: a misconfigured one is an error at once.
         sets = {t.policies or default for t in texts} or {default}
         resolved = {key: _resolve(engine, key, from_config) for key in sets}
-        items = [t for t in texts if t.text.strip()]
+        items = [t for t in texts if not is_blank(t.text)]
         if not items:
             return Judgement(ids, (), engine.model_id, None, 0)
         # Identical (text, policies) once, the whole request in one engine call (one job).
