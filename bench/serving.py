@@ -46,6 +46,8 @@ from service.model.onnx_model import OnnxModel
 
 REPO = Path(__file__).resolve().parents[1]
 RAW_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+# Load and warm-up of a service on a busy machine (another process training) can take minutes.
+READY_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -606,11 +608,12 @@ def run(
         for c, route in ((c, route) for c in concurrency for route in routes):
             service = ServiceProcess(Path(model_dir), threads, env, log_root / f"service-{mix}-{c}-{route}.log")
             try:
-                asyncio.run(service.wait_ready())
+                asyncio.run(service.wait_ready(READY_TIMEOUT_S))
                 say(f"service ({mix}, {ROUTES[route]}): {c} client(s), {seconds:.0f} s measured ...")
                 row, samples = asyncio.run(bench_service(service, bodies[route], c, seconds, warmup))
             finally:
                 service.stop()
+            say(f"  {row.rps:.1f} req/s, {row.windows_per_s:.1f} windows/s, p50 {row.p50_ms:.1f} ms, {row.errors} errors")
             row.mix = mix
             if tuple(routes) != ("classify",):
                 row.note = ROUTES[route]
