@@ -613,7 +613,7 @@ def run(
                 row, samples = asyncio.run(bench_service(service, bodies[route], c, seconds, warmup))
             finally:
                 service.stop()
-            say(f"  {row.rps:.1f} req/s, {row.windows_per_s:.1f} windows/s, p50 {row.p50_ms:.1f} ms, {row.errors} errors")
+            say(f"  {row.rps:.1f} req/s, {row.windows_per_s:.1f} windows/s, p50 {row.p50_ms:.1f} ms, {row.errors} err")
             row.mix = mix
             if tuple(routes) != ("classify",):
                 row.note = ROUTES[route]
