@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.contract.policy import DEFAULT_POLICIES_DIR, POLICY_ID_PATTERN
+from service.model.manifest import DEFAULT_SENSITIVITY, Sensitivity
 
 PolicyIdSetting = Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]
 # A policy id, or "@guard" / "@output" for the guard / output policies (service/gateway/roles.py).
@@ -149,6 +150,12 @@ class Settings(BaseSettings):
     )
 
     # -- operations: thresholds, reloads, shutdown ---------------------------------------
+    sensitivity: Sensitivity = Field(
+        DEFAULT_SENSITIVITY,
+        description="Operating point of every verdict a request does not set itself (the gateway routes, and "
+        "/v1/classify without `sensitivity`): strict flags most, permissive fewest; each policy's thresholds per "
+        "level are in the model's manifest and GET /v1/policies.",
+    )
     thresholds: dict[PolicyIdSetting, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=dict,
         description='Per-policy threshold overrides (calibrated scale), e.g. {"toxicity": 0.7}; win over the manifest.',

@@ -139,15 +139,16 @@ class Engine:
     def model_id(self) -> str:
         return self.model.id
 
-    def threshold(self, policy: Policy) -> tuple[float, bool]:
+    def threshold(self, policy: Policy, sensitivity: str | None = None) -> tuple[float, bool]:
         """(threshold, trained): calibrated only if the model saw this exact description."""
-        threshold, trained, _ = self.threshold_info(policy)
+        threshold, trained, _ = self.threshold_info(policy, sensitivity)
         return threshold, trained
 
-    def threshold_info(self, policy: Policy) -> tuple[float, bool, ThresholdSource]:
+    def threshold_info(self, policy: Policy, sensitivity: str | None = None) -> tuple[float, bool, ThresholdSource]:
         """(threshold, trained, source): source is ``config`` (UNIGUARD_THRESHOLDS, served
-        policies only), ``manifest`` (chosen on validation for this exact description) or
-        ``default`` (zero-shot: the manifest's default threshold)."""
+        policies only: one threshold at every level), ``manifest`` (the sensitivity level's
+        threshold, chosen on held-out rows for this exact description; None: UNIGUARD_SENSITIVITY)
+        or ``default`` (zero-shot: the manifest's default threshold)."""
         manifest = self.model.manifest
         entry = manifest.policies.get(policy.id)
         trained = entry is not None and entry.description_sha256 == policy.description_sha256()
@@ -156,7 +157,7 @@ class Engine:
             return override, trained, "config"
         if trained:
             assert entry is not None
-            return entry.threshold, True, "manifest"
+            return entry.threshold_at(sensitivity or self.settings.sensitivity), True, "manifest"
         return manifest.default_threshold, False, "default"
 
     def resolve(self, policy_ids: str | Sequence[str]) -> list[Policy]:
@@ -278,18 +279,25 @@ class Engine:
             if job is not None:
                 self.batcher.discard(job)
 
-    async def classify(self, policies: Sequence[Policy], prompt: str, *, inline: bool = False) -> Classification:
+    async def classify(
+        self, policies: Sequence[Policy], prompt: str, *, inline: bool = False, sensitivity: str | None = None
+    ) -> Classification:
         """Verdict of ``prompt`` under each policy; ``inline`` marks request-supplied policies.
 
         Raises ApiError: empty_prompt, prompt_too_long (also over the window budget),
         too_many_policies, policy_too_long, queue_full (also: would miss its deadline behind the
         queue), not_ready (stopping), deadline_exceeded.
         """
-        (result,) = await self.classify_many(policies, [prompt], inline=inline)
+        (result,) = await self.classify_many(policies, [prompt], inline=inline, sensitivity=sensitivity)
         return result
 
     async def classify_many(
-        self, policies: Sequence[Policy], prompts: Sequence[str], *, inline: bool = False
+        self,
+        policies: Sequence[Policy],
+        prompts: Sequence[str],
+        *,
+        inline: bool = False,
+        sensitivity: str | None = None,
     ) -> list[Classification]:
         """Verdicts of each prompt under each policy, scored as ONE submission to the batcher.
 
@@ -299,9 +307,12 @@ class Engine:
         the event loop and each a job of its own). Same errors as ``classify``; any prompt's
         error fails the whole call.
         """
-        return await self.classify_each([(policies, prompt) for prompt in prompts], inline=inline)
+        items = [(policies, prompt) for prompt in prompts]
+        return await self.classify_each(items, inline=inline, sensitivity=sensitivity)
 
-    async def classify_each(self, items: Sequence[Item], *, inline: bool = False) -> list[Classification]:
+    async def classify_each(
+        self, items: Sequence[Item], *, inline: bool = False, sensitivity: str | None = None
+    ) -> list[Classification]:
         """``classify_many`` where each prompt has its own policies (a chat: user messages under
         the guard policies, tool results under prompt_injection): still one job, one budget.
 
@@ -328,13 +339,15 @@ class Engine:
         pairs = sum(len(policies) for policies, _ in items)
         self._check_queue(pairs, len(items), exact=False)
         try:
-            return await self._classify_each(items, inline, started)
+            return await self._classify_each(items, inline, started, sensitivity)
         finally:
             if pairs >= RELEASE_MEMORY_WINDOWS:
                 # Answered or refused, the request's token rows are freed now: hand the pages back.
                 release_memory_soon()
 
-    async def _classify_each(self, items: Sequence[Item], inline: bool, started: float) -> list[Classification]:
+    async def _classify_each(
+        self, items: Sequence[Item], inline: bool, started: float, sensitivity: str | None = None
+    ) -> list[Classification]:
         job: PreparedWork | None = None
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
@@ -361,7 +374,7 @@ class Engine:
         total_windows = job.n if job is not None else 0
         plan.job = None
         del job  # its token rows: not kept while the answer is built
-        args = (items, plan, result, tokenize_s, started, inline)
+        args = (items, plan, result, tokenize_s, started, inline, sensitivity)
         if total_windows > THREADED_VERDICT_WINDOWS:  # tens of thousands of verdicts: not on the event loop
             return await asyncio.to_thread(self._classifications, *args)
         return self._classifications(*args)
@@ -374,9 +387,10 @@ class Engine:
         tokenize_s: float,
         started: float,
         inline: bool,
+        sensitivity: str | None = None,
     ) -> list[Classification]:
         """The verdicts of a scored request, counted in the metrics (thread-safe: may run off the loop)."""
-        verdicts = self._verdicts(items, plan, result.probabilities)
+        verdicts = self._verdicts(items, plan, result.probabilities, sensitivity)
         total_s = time.perf_counter() - started
         timings = Timings(result.queue_s * 1e3, tokenize_s * 1e3, result.inference_s * 1e3, total_s * 1e3)
         if self.metrics is not None:
@@ -390,7 +404,7 @@ class Engine:
         return [Classification(row, self.model_id, timings) for row in verdicts]
 
     def _verdicts(
-        self, items: Sequence[Item], plan: _Plan, probabilities: np.ndarray
+        self, items: Sequence[Item], plan: _Plan, probabilities: np.ndarray, sensitivity: str | None = None
     ) -> list[tuple[PolicyVerdict, ...]]:
         """Per prompt, per policy: the most unsafe window's calibrated score against the
         threshold (calibration is increasing, so the most unsafe window stays the most
@@ -421,7 +435,7 @@ class Engine:
             for policy in policies:
                 entry = info.get(id(policy))
                 if entry is None:
-                    entry = info[id(policy)] = (policy.id, *self.threshold(policy))
+                    entry = info[id(policy)] = (policy.id, *self.threshold(policy, sensitivity))
                 pid, threshold, trained = entry
                 score = scores[pair]
                 row.append(

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from service.contract.policy import POLICY_ID_PATTERN, Policy
 from service.core.engine import Classification, PolicyVerdict, ThresholdSource, Timings, Verdict
 from service.core.errors import ErrorCode
+from service.model.manifest import Sensitivity
 
 PolicyId = Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]
 
@@ -39,6 +40,12 @@ class ClassifyRequest(BaseModel):
         # The pattern (ECMA-262, whose \s includes U+FEFF) is "a character Python's str.strip() keeps
         # and that is not U+FEFF": the engine's own definition of a non-blank prompt.
         json_schema_extra={"minLength": 1, "pattern": r"[^\s\x1c-\x1f\x85]"},
+    )
+
+    sensitivity: Sensitivity | None = Field(
+        None,
+        description="Operating point: strict (flags most), balanced or permissive (flags fewest); each served "
+        "policy's threshold per level is in GET /v1/policies. Default: UNIGUARD_SENSITIVITY (balanced).",
     )
 
     @model_validator(mode="after")
@@ -88,11 +95,17 @@ class ClassifyResponse(VerdictOut):
     """Answer for a single policy."""
 
     model: str = Field(description="name@version of the answering model.")
+    sensitivity: Sensitivity = Field(description="The level whose threshold decided the verdict.")
     latency_ms: LatencyMs
 
     @classmethod
-    def from_classification(cls, c: Classification) -> ClassifyResponse:
-        return cls(**VerdictOut.of(c.verdicts[0]).model_dump(), model=c.model, latency_ms=LatencyMs.of(c.timings))
+    def from_classification(cls, c: Classification, sensitivity: Sensitivity) -> ClassifyResponse:
+        return cls(
+            **VerdictOut.of(c.verdicts[0]).model_dump(),
+            model=c.model,
+            sensitivity=sensitivity,
+            latency_ms=LatencyMs.of(c.timings),
+        )
 
 
 class ClassifyManyResponse(BaseModel):
@@ -101,14 +114,16 @@ class ClassifyManyResponse(BaseModel):
     results: list[VerdictOut]
     unsafe: bool
     model: str
+    sensitivity: Sensitivity = Field(description="The level whose thresholds decided the verdicts.")
     latency_ms: LatencyMs
 
     @classmethod
-    def from_classification(cls, c: Classification) -> ClassifyManyResponse:
+    def from_classification(cls, c: Classification, sensitivity: Sensitivity) -> ClassifyManyResponse:
         return cls(
             results=[VerdictOut.of(v) for v in c.verdicts],
             unsafe=c.unsafe,
             model=c.model,
+            sensitivity=sensitivity,
             latency_ms=LatencyMs.of(c.timings),
         )
 
@@ -119,7 +134,12 @@ class PolicyOut(BaseModel):
     description: str
     allowed: list[str]
     disallowed: list[str]
-    threshold: float
+    threshold: float = Field(description="The threshold at the service's default sensitivity (UNIGUARD_SENSITIVITY).")
+    sensitivity: Sensitivity = Field(description="The level `threshold` belongs to.")
+    thresholds: dict[Sensitivity, float] = Field(
+        description="The threshold at each sensitivity level (one value at every level for a config override or an "
+        "untrained policy)."
+    )
     trained: bool = Field(description="The model was trained and calibrated on this exact description.")
     threshold_source: ThresholdSource = Field(
         description="config: UNIGUARD_THRESHOLDS; manifest: chosen on validation data; default: zero-shot default."

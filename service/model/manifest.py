@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +15,13 @@ from service.contract.policy import InputTemplate
 from service.model.calibration import Calibration
 
 MANIFEST_FILE = "manifest.json"
+
+# Operating points a model folder records per policy, most to fewest flags. Each is chosen on
+# held-out rows under a cap on benign false positives (the training protocol); ``threshold``
+# is the ``balanced`` one, which a folder without levels serves at every level.
+Sensitivity = Literal["strict", "balanced", "permissive"]
+SENSITIVITY_LEVELS: tuple[str, ...] = get_args(Sensitivity)
+DEFAULT_SENSITIVITY: Sensitivity = "balanced"
 
 
 class Scores(BaseModel):
@@ -37,6 +45,11 @@ class PolicyEntry(BaseModel):
     description_sha256: str | None = None
     validation: Scores | None = None
     validation_by_source: dict[str, Scores] = Field(default_factory=dict)
+    sensitivity: dict[Sensitivity, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=dict)
+
+    def threshold_at(self, level: str) -> float:
+        """The threshold of a sensitivity level; ``threshold`` where the folder records none."""
+        return self.sensitivity.get(level, self.threshold)  # type: ignore[call-overload]
 
 
 class ModelFile(BaseModel):

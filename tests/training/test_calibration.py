@@ -15,6 +15,7 @@ from service.model.manifest import read_manifest, sha256_file
 from service.model.onnx_model import OnnxModel
 from tests.tiny import build_tiny_model_folder
 from training.data.rows import Example, read_examples
+from training.eval.heldout import PREFIX_SOURCE
 from training.eval.thresholds import ThresholdTarget, choose_thresholds, max_fpr_threshold
 from training.release.calibrate import ece, fit_calibration, fit_temperature
 from training.release.finalize import ReleaseOptions, finalize
@@ -160,7 +161,7 @@ def test_release_with_heldout_rows_bounds_fpr_and_reports_out_of_source(varied_m
     release = finalize(varied_model, out, validation, policies, options, heldout=heldout)
     assert release.heldout is not None
     held = read_manifest(out).training["heldout"]
-    assert held["sources"] == ["forum", "hate"] and 0.0 <= held["summary"] <= 1.0
+    assert held["sources"] == [PREFIX_SOURCE, "forum", "hate"] and 0.0 <= held["summary"] <= 1.0
     # the bound holds on the tune half it was chosen on
     model = OnnxModel.load(out, threads=1)
     from service.model.calibration import apply_calibration
@@ -170,5 +171,29 @@ def test_release_with_heldout_rows_bounds_fpr_and_reports_out_of_source(varied_m
     flagged = apply_calibration(read_manifest(out).calibration, raw) >= release.thresholds["toxicity"]
     assert flagged.mean() <= 0.05
     _tune, test = halves(heldout)
-    assert sum(c["n"] for c in held["cells"]) == len(test)  # figures come from the test half only
+    # figures come from the test half only (and the prefix sweep built from it)
+    assert sum(c["n"] for c in held["cells"] if c["source"] != PREFIX_SOURCE) == len(test)
     assert "## Out of source" in (out / "CARD.md").read_text()
+
+
+def test_release_records_ordered_sensitivity_levels(varied_model: Path, tmp_path: Path) -> None:
+    """The levels target writes strict <= balanced <= permissive per policy, serves balanced,
+    and the card tables every level."""
+    policies = load_policies(DEFAULT_POLICIES_DIR)
+    rng = np.random.default_rng(2)
+    words = ["cats", "bombs", "taxes", "hello", "ignore", "rules", "garden", "report"]
+    validation = [
+        Example(f"validation prompt {i} " + " ".join(rng.choice(words, 5)), i % 2, "toxicity", "val") for i in range(80)
+    ]
+    heldout = [Example(f"chat {i} " + " ".join(rng.choice(words, 6)), 0, "toxicity", "chats") for i in range(120)]
+    heldout += [Example(f"attack {i} " + " ".join(rng.choice(words, 6)), 1, "toxicity", "hate") for i in range(60)]
+    out = tmp_path / "levels"
+    options = ReleaseOptions(ThresholdTarget.parse("levels"), threads=1)
+    release = finalize(varied_model, out, validation, policies, options, heldout=heldout)
+    entry = read_manifest(out).policies["toxicity"]
+    assert set(entry.sensitivity) == {"strict", "balanced", "permissive"}
+    assert entry.sensitivity["strict"] <= entry.sensitivity["balanced"] <= entry.sensitivity["permissive"]
+    assert entry.threshold == pytest.approx(entry.sensitivity["balanced"], abs=1e-6)
+    assert release.levels is not None and set(release.levels) == {"strict", "balanced", "permissive"}
+    card = (out / "CARD.md").read_text()
+    assert all(f"### `{level}`" in card for level in ("strict", "balanced", "permissive"))

@@ -12,7 +12,14 @@ from tests.tiny import base_tokenizer_dir
 from training.data.augment import context_groups, embed_in_context, inserted_spans, with_binary_blobs
 from training.data.heldout import NearDuplicateIndex, half_of
 from training.data.rows import Example
-from training.eval.heldout import bounded_thresholds, heldout_result
+from training.eval.heldout import (
+    LEVELS,
+    PREFIX_SOURCE,
+    bounded_thresholds,
+    heldout_result,
+    prefixed_rows,
+    sensitivity_thresholds,
+)
 from training.model.batches import encode_rows
 from training.release.promote import promote
 
@@ -108,6 +115,54 @@ def test_summary_weights_every_cell_and_punishes_flagging_everything() -> None:
     assert everything.summary == 0.5 and perfect.summary == 1.0
     cells = {(c["source"], c["label"]): c for c in everything.as_dict()["cells"]}
     assert cells[("forum", 0)]["fpr"] == 1.0 and cells[("hate", 1)]["recall"] == 1.0
+
+
+def test_silence_scores_half_however_many_benign_sources() -> None:
+    # 1 unsafe cell against 6 benign cells: the old cell mean gave silence 6/7
+    rows = [Example(f"u{i}", 1, "prompt_injection", "attacks") for i in range(20)]
+    rows += [Example(f"b{s}{i}", 0, "prompt_injection", f"benign{s}") for s in range(6) for i in range(20)]
+    nothing = heldout_result(rows, np.zeros(len(rows)), {"prompt_injection": 0.5})
+    everything = heldout_result(rows, np.ones(len(rows)), {"prompt_injection": 0.5})
+    assert nothing.summary == 0.5 and everything.summary == 0.5
+    half = np.array([1.0] * 10 + [0.0] * 10 + [0.0] * 120)  # half the attacks caught, no false positive
+    assert heldout_result(rows, half, {"prompt_injection": 0.5}).summary == 0.75
+
+
+def test_system_prompts_are_reported_but_not_binding() -> None:
+    rows = [Example(f"u{i}", 1, "prompt_injection", "attacks") for i in range(20)]
+    rows += [Example(f"b{i}", 0, "prompt_injection", "chats") for i in range(20)]
+    rows += [Example(f"s{i}", 0, "prompt_injection", "chatgpt_system_prompts") for i in range(20)]
+    scores = np.array([0.9] * 20 + [0.1] * 20 + [0.9] * 20)  # every system prompt flagged
+    result = heldout_result(rows, scores, {"prompt_injection": 0.5})
+    assert result.summary == 1.0
+    cell = next(c for c in result.as_dict()["cells"] if c["source"] == "chatgpt_system_prompts")
+    assert cell["fpr"] == 1.0 and cell["binding"] is False
+    levels = sensitivity_thresholds([], np.array([]), rows, scores, {"prompt_injection": 0.5})
+    assert levels["balanced"]["prompt_injection"] < 0.9  # the system prompts did not push it to the top
+
+
+def test_levels_are_ordered_and_keep_their_caps() -> None:
+    rng = np.random.default_rng(1)
+    rows, scores = [], []
+    for source, label, mu in (("a", 1, 1.5), ("b", 1, 0.5), ("c", 0, -2.0), ("d", 0, -1.0)):
+        for i in range(200):
+            rows.append(Example(f"{source}{i}", label, "toxicity", source))
+            scores.append(1 / (1 + np.exp(-(mu + rng.normal()))))
+    s = np.array(scores)
+    levels = sensitivity_thresholds([], np.array([]), rows, s, {"toxicity": 0.5})
+    t = {name: levels[name]["toxicity"] for name in ("strict", "balanced", "permissive")}
+    assert t["strict"] <= t["balanced"] <= t["permissive"] and t["strict"] < t["permissive"]
+    for name, cap in LEVELS.items():
+        fprs = [float((s[[i for i, e in enumerate(rows) if e.source == src]] >= t[name]).mean()) for src in "cd"]
+        assert np.mean(fprs) <= cap.pooled and max(fprs) <= cap.per_source
+
+
+def test_prefix_sweep_is_one_unsafe_cell_per_policy() -> None:
+    test = [Example(f"attack number {i}", 1, "prompt_injection", "attacks") for i in range(30)]
+    test += [Example(f"a benign sentence {i} about the weather.", 0, "prompt_injection", "chats") for i in range(30)]
+    rows = prefixed_rows(test, per_policy=20)
+    assert len(rows) == 20 and {r.source for r in rows} == {PREFIX_SOURCE} and all(r.label == 1 for r in rows)
+    assert all(len(r.text) >= 1000 and r.text.split("\n\n")[-1].startswith("attack number") for r in rows)
 
 
 def test_promotion_follows_the_out_of_source_summary(tmp_path: Path) -> None:

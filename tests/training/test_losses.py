@@ -233,3 +233,36 @@ def test_a_base_without_token_types_trains_and_scores_through_the_one_loop(token
     run = model_scorer(model, encoder=None).run  # type: ignore[arg-type]
     probs = run(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), batch["token_type_ids"].numpy())
     assert probs.shape == (len(rows),) and ((probs > 0) & (probs < 1)).all()
+
+
+def test_bf16_autocast_trains_every_loss_term_and_keeps_fp32_weights(tokenizer, rows) -> None:
+    """bf16 autocast: the same loss terms as fp32, weights and optimiser stay fp32, the first
+    step's loss agrees with fp32 to bf16's precision."""
+    logs, dtypes = {}, {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = tiny_model()
+        seen: set[torch.dtype] = set()
+        model.classifier.register_forward_hook(lambda _m, _i, out, seen=seen: seen.add(out.dtype))
+        dtypes[precision] = seen
+        cfg = LoopConfig(batch_size=2, max_steps=1, lambda_mlm=1.0, lambda_alice=1.0, lr=1e-3, threads=1,
+                         save_every=0, precision=precision)  # fmt: skip
+        logs[precision] = train_loop(
+            model, rows, cfg, head=new_mlm_head(model), masker=make_masker(tokenizer, 0.3, seed=0)
+        )
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert set(logs["bf16"][-1]) == set(logs["fp32"][-1])
+    assert logs["bf16"][-1]["ce"] == pytest.approx(logs["fp32"][-1]["ce"], rel=0.05)
+    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}  # the matmuls ran in bf16
+
+
+def test_precision_names() -> None:
+    from training.model.loop import resolve_precision
+
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("BF16") == "bf16"
+    assert resolve_precision("auto", device="cuda:0") == "bf16"
+    assert resolve_precision("auto") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="fp32, bf16 or auto"):
+        resolve_precision("fp16")
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        train_loop(tiny_model(), [], LoopConfig(precision="int8"))

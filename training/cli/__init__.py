@@ -6,6 +6,7 @@ table                     the pipeline's closing table
 evaluate                  any checkpoint or model folder on any labelled JSONL
 quant-study               serving-graph formats of one model: speed, fidelity, batch invariance
 capacity-study            two base encoders at one training budget: out-of-source figures, latency
+precision-study           fp32 against bf16 autocast training: held-out figures and step time
 export                    checkpoint -> released model folder (the one release step)
 calibrate                 re-release a model folder in place (temperature, thresholds, card)
 merge-search              model merging search; the winner goes through the release step
@@ -70,6 +71,7 @@ app.command("table")(evaluate_cli.table)
 app.command("evaluate")(evaluate_cli.evaluate)
 app.command("quant-study")(evaluate_cli.quant_study)
 app.command("capacity-study")(evaluate_cli.capacity_study)
+app.command("precision-study")(evaluate_cli.precision_study)
 app.command("zero-shot-spread")(evaluate_cli.zero_shot_spread)
 app.command("export")(release_cli.export)
 app.command("calibrate")(release_cli.calibrate)

@@ -103,9 +103,9 @@ def out_of_source(
     """The out-of-source protocol of ``evaluate`` (see its help)."""
     from training.data.build import build_dataset
     from training.data.rows import read_examples
-    from training.eval.heldout import HEADER, cells_table
+    from training.eval.heldout import HEADER, POLICY_HEADER, cells_table, policy_table
     from training.eval.robustness import PREFIX_CHARS, prefix_sweep, zero_shot
-    from training.release.finalize import heldout_of_folder
+    from training.release.finalize import heldout_of_folder, levels_of_folder
 
     if not (model / "manifest.json").exists():
         raise typer.BadParameter("the out-of-source protocol scores an exported folder", param_hint="MODEL")
@@ -118,6 +118,11 @@ def out_of_source(
         raise typer.BadParameter(f"{model} serves none of the policies", param_hint="MODEL")
     held = result.as_dict()
     print_table(f"{model.name}: out of source (summary {held['summary']:.4f})", HEADER, cells_table(held))
+    print_table(f"{model.name}: per policy at its served thresholds", POLICY_HEADER, policy_table(held))
+    levels = levels_of_folder(model, rows, policies) or {}
+    for name, level in levels.items():
+        d = level.as_dict()
+        print_table(f"{model.name} at {name} (summary {d['summary']:.4f})", POLICY_HEADER, policy_table(d))
     sweep = prefix_sweep(model, rows, policies)
     cols = [f"recall@{c}" for c in PREFIX_CHARS]
     sweep_rows = [[r["policy"], r["n"], *(r[c] for c in cols), r["drop"]] for r in sweep]
@@ -130,7 +135,15 @@ def out_of_source(
                 [[r["policy"], r["threshold"], *(r.get(c) for c in zcols)] for r in zs])  # fmt: skip
     target = out or paths.RUNS / "eval" / f"{model.resolve().name}-heldout"
     target.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(target / "heldout.json", {"heldout": held, "prefix_sweep": sweep, "zero_shot": zs})
+    write_json_atomic(
+        target / "heldout.json",
+        {
+            "heldout": held,
+            "levels": {name: level.as_dict()["policies"] for name, level in levels.items()},
+            "prefix_sweep": sweep,
+            "zero_shot": zs,
+        },
+    )
     typer.echo(f"wrote {target}/heldout.json")
 
 
@@ -238,5 +251,37 @@ def capacity_study(
     measure_latency(records, work)
     write_json_atomic(work / "results.json", records)
     table = markdown(records)
+    write_text_atomic(work / "table.md", table)
+    typer.echo(table)
+
+
+def precision_study(
+    data_dir: DataDirOption = paths.DEFAULT_DATA,
+    policies_dir: Annotated[Path, typer.Option()] = DEFAULT_POLICIES_DIR,
+    work: Annotated[Path, typer.Option(help="Work folder; a rerun resumes from it.")] = paths.RUNS / "precision",
+    split_dir: Annotated[
+        Path | None, typer.Option(help="A run folder whose split to reuse (default: built into the work folder).")
+    ] = None,
+    train_per_policy: Annotated[int, typer.Option(help="Training rows per policy (both runs).")] = 600,
+    steps: Annotated[int, typer.Option(help="Steps of 32 windows (both runs).")] = 150,
+    per_cell: Annotated[int, typer.Option(help="Held-out rows per policy x source x class x half.")] = 40,
+    threads: Annotated[int, typer.Option(help="torch threads (0: all cores).")] = 0,
+) -> None:
+    """fp32 against bf16 autocast: the same training run in each, held-out figures and step time."""
+    from dataclasses import replace
+
+    from training.stages.default import DEFAULT_LOOP, prepare_split
+    from training.studies.capacity import Budget
+    from training.studies.precision import markdown, precision_study
+
+    policies = load_policies(policies_dir)
+    split = prepare_split(data_dir, sorted(paths.EXAMPLES.glob("*.jsonl")), set(policies), split_dir or work,
+                          DEFAULT_LOOP.seed)  # fmt: skip
+    budget = Budget(train_per_policy=train_per_policy, steps=steps, per_cell=per_cell)
+    study = precision_study(
+        paths.base_model_path(), split, policies, work, budget, replace(DEFAULT_LOOP, threads=threads), Reporter()
+    )
+    write_json_atomic(work / "results.json", study)
+    table = markdown(study)
     write_text_atomic(work / "table.md", table)
     typer.echo(table)

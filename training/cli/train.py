@@ -207,10 +207,10 @@ def default(
     threshold_target: Annotated[
         str,
         typer.Option(
-            help="Per-policy threshold target: best-f1, or max-fpr:<rate> (best F1 with at most that FPR on each "
-            "held-out benign source)."
+            help="Per-policy thresholds: levels (strict / balanced / permissive, each the best held-out balanced "
+            "score under its benign FPR caps), max-fpr:<rate> (one level at that pooled held-out FPR), or best-f1."
         ),
-    ] = "max-fpr:0.05",
+    ] = "levels",
     min_parity: Annotated[
         float,
         typer.Option(
@@ -219,6 +219,13 @@ def default(
         ),
     ] = 0.995,
     quantization: Annotated[str, typer.Option(help=QUANTIZATION_HELP)] = "",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Training arithmetic: fp32, bf16 (autocast; weights stay fp32), or auto (bf16 where the CPU has "
+            "AVX512-BF16 or AMX, fp32 elsewhere)."
+        ),
+    ] = "auto",
 ) -> None:
     """Train, calibrate and release the shipped multi-policy model (CPU, ~25 min on 2 cores; `make model`)."""
     from training.eval.thresholds import ThresholdTarget
@@ -231,7 +238,15 @@ def default(
         target = ThresholdTarget.parse(threshold_target)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--threshold-target") from exc
-    loop = replace(DEFAULT_LOOP, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+    from training.model.loop import resolve_precision
+
+    try:
+        resolved = resolve_precision(precision)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--precision") from exc
+    loop = replace(
+        DEFAULT_LOOP, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads, precision=resolved
+    )
     try:
         build_default(
             data_dir,

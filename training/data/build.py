@@ -71,6 +71,9 @@ class Budget:
             ("prompt_injection", SYSTEM_PROMPTS_SOURCE): 700,
             # benign tweets ("neither"): held-out forum text under toxicity had q95 0.97
             ("toxicity", "davidson_hate_offensive"): 1600,
+            # HateCheck's non-hateful functional tests (counter-speech, negation, neutral
+            # mentions of groups): the hard negatives forum and web hate lacked
+            ("toxicity", "hatecheck"): 1200,
         }
     )
     system_prompts: int = 700  # composed benign system prompts (``system_prompts.py``), per policy

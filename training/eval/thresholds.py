@@ -19,7 +19,7 @@ from training.eval.metrics import rows_by_policy, source_groups, source_weights
 
 @dataclass(frozen=True)
 class ThresholdTarget:
-    """``best-f1`` or ``max-fpr:0.05`` (a false-positive rate on the policy's safe rows)."""
+    """``levels`` (held-out sensitivity levels), ``best-f1`` or ``max-fpr:0.05`` (a false-positive rate)."""
 
     kind: str = "best_f1"
     max_fpr: float | None = None
@@ -29,12 +29,14 @@ class ThresholdTarget:
         t = text.strip().lower().replace("_", "-")
         if t in ("best-f1", "f1"):
             return cls("best_f1")
+        if t == "levels":
+            return cls("levels")
         if t.startswith("max-fpr:"):
             value = float(t.split(":", 1)[1])
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"max-fpr must be in [0, 1): {value}")
             return cls("max_fpr", value)
-        raise ValueError(f"unknown threshold target {text!r}: use best-f1 or max-fpr:<rate>, e.g. max-fpr:0.05")
+        raise ValueError(f"unknown threshold target {text!r}: use levels, best-f1 or max-fpr:<rate>, e.g. max-fpr:0.05")
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind} if self.max_fpr is None else {"kind": self.kind, "max_fpr": self.max_fpr}
@@ -42,6 +44,8 @@ class ThresholdTarget:
     def describe(self) -> str:
         if self.kind == "best_f1":
             return "the highest F1"
+        if self.kind == "levels":
+            return "the best held-out balanced score under each sensitivity level's benign FPR caps"
         return f"the lowest threshold whose false-positive rate is at most {self.max_fpr:g}"
 
 
@@ -92,7 +96,7 @@ def max_fpr_threshold(
 def threshold_for(
     labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None, target: ThresholdTarget, default: float = 0.5
 ) -> float:
-    if target.kind == "best_f1":
+    if target.kind in ("best_f1", "levels"):  # levels: best F1 on validation until held-out rows decide
         return best_f1_threshold(labels, scores, weights, default=default)
     if target.max_fpr is None:
         raise ValueError("a max_fpr target needs a rate")

@@ -41,6 +41,11 @@ def render_card(
                 f"{(manifest.threshold_target or {}).get('max_fpr')}, with every source weighted equally, so that a"
             ]
             if (manifest.threshold_target or {}).get("kind") == "max_fpr"
+            else [
+                "Thresholds are the held-out sensitivity levels (see Out of source); the figures below are the "
+                "`balanced` level's on the validation split, with every source weighted equally, so that a"
+            ]
+            if (manifest.threshold_target or {}).get("kind") == "levels"
             else ["Thresholds maximise F1 on the validation split with every source weighted equally, so that a"]
         ),
         "large source (long jailbreak dumps, Alpaca) does not set a policy's threshold alone."

@@ -27,7 +27,20 @@ from service.contract.policy import Policy
 from service.model.calibration import Calibration, apply_calibration
 from service.model.manifest import MANIFEST_FILE, Manifest, PolicyEntry, read_manifest, sha256_file
 from training.data.rows import Example
-from training.eval.heldout import HEADER, HeldoutResult, bounded_thresholds, cells_table, halves, heldout_result
+from training.eval.heldout import (
+    DEFAULT_LEVEL,
+    HEADER,
+    LEVELS,
+    POLICY_HEADER,
+    HeldoutResult,
+    LevelCap,
+    cells_table,
+    halves,
+    heldout_result,
+    policy_table,
+    prefixed_rows,
+    sensitivity_thresholds,
+)
 from training.eval.metrics import mean_f1, report
 from training.eval.parity import Parity, measure_parity, sample_rows
 from training.eval.scoring import Progress, onnx_scorer, score, torch_scorer
@@ -61,6 +74,7 @@ class Release:
     skipped_policies: list[str]
     card: str
     heldout: HeldoutResult | None = None
+    levels: dict[str, HeldoutResult] | None = None
 
     @property
     def mean_f1(self) -> float:
@@ -87,7 +101,11 @@ class Release:
 
 
 def _policy_entries(
-    manifest: Manifest, policies: dict[str, Policy], rep: dict[str, dict[str, Any]], thresholds: dict[str, float]
+    manifest: Manifest,
+    policies: dict[str, Policy],
+    rep: dict[str, dict[str, Any]],
+    thresholds: dict[str, float],
+    levels: dict[str, dict[str, float]] | None = None,
 ) -> None:
     """Every validated policy, and every policy the manifest already listed, gets its new entry."""
     for pid, policy in policies.items():
@@ -100,6 +118,11 @@ def _policy_entries(
                 "description_sha256": policy.description_sha256(),
                 "validation": entry["overall"] if entry else None,
                 "validation_by_source": entry["by_source"] if entry else {},
+                **(
+                    {"sensitivity": {name: round(t[pid], 6) for name, t in levels.items() if pid in t}}
+                    if levels
+                    else {}
+                ),
             }
         )
 
@@ -163,17 +186,35 @@ def _parity(
     return parity
 
 
-def heldout_section(result: dict[str, Any]) -> str:
-    """The card's out-of-source table (test half, at the served thresholds)."""
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells_table(result)]
-    return (
+def _md(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    )
+
+
+def heldout_section(result: dict[str, Any], levels: dict[str, dict[str, Any]] | None = None) -> str:
+    """The card's out-of-source tables (test half): per sensitivity level, and every cell at ``balanced``."""
+    out = (
         "\n## Out of source (what decides promotion)\n\n"
         f"Sources never trained on: {', '.join(result['sources'])}. {result['protocol']}. "
-        f"Summary (mean of recall on unsafe cells and 1 - FPR on benign cells): **{result['summary']:.4f}**; "
-        f"worst FPR {result['worst_fpr']}, worst recall {result['worst_recall']}. The FPR column is what each "
-        "policy's threshold implies on each held-out benign source.\n\n" + "\n".join(lines) + "\n"
+        f"Not binding (the gateway routes do not judge system prompts by default): "
+        f"{', '.join(result.get('non_binding_sources', [])) or 'none'}. "
+        f"Summary at `{DEFAULT_LEVEL}`: **{result['summary']:.4f}** (flagging nothing or everything scores 0.5).\n"
     )
+    for name, res in (levels or {DEFAULT_LEVEL: result}).items():
+        cap = LEVELS.get(name)
+        caps = (
+            f" (tune half: pooled benign FPR ≤ {100 * cap.pooled:g} %, each source ≤ {100 * cap.per_source:g} %)"
+            if cap
+            else ""
+        )
+        out += f"\n### `{name}`{caps}: summary {res['summary']:.4f}\n\n" + _md(POLICY_HEADER, policy_table(res)) + "\n"
+    out += (
+        "\n'rows within 0.01': the share of the policy's held-out rows whose score lies within 0.01 of the "
+        "threshold; where it is small, no verdict turns on the third decimal.\n"
+        f"\n### Every held-out cell at `{DEFAULT_LEVEL}`\n\n" + _md(HEADER, cells_table(result)) + "\n"
+    )
+    return out
 
 
 def score_heldout(
@@ -199,10 +240,38 @@ def heldout_of_folder(
     served = {pid: p for pid, p in policies.items() if pid in manifest.policies}
     if not served:
         return None
-    rows, scores = score_heldout(folder, heldout, served, manifest.calibration, threads)
-    _tune, test = halves(rows)
+    test_rows = heldout_test_rows(heldout)
+    rows, scores = score_heldout(folder, test_rows, served, manifest.calibration, threads)
     thresholds = {pid: manifest.policies[pid].threshold for pid in served}
-    return heldout_result([rows[i] for i in test], scores[test], thresholds)
+    return heldout_result(rows, scores, thresholds)
+
+
+def levels_of_folder(
+    folder: Path, heldout: list[Example], policies: dict[str, Policy], threads: int = 0
+) -> dict[str, HeldoutResult] | None:
+    """A released folder on the held-out test half at every sensitivity level: the levels its
+    manifest records, or, for a folder released before levels existed, levels chosen now on the
+    tune half by the same rule (so two models are compared at the same operating points)."""
+    manifest = read_manifest(folder)
+    served = {pid: p for pid, p in policies.items() if pid in manifest.policies}
+    if not served:
+        return None
+    tune_rows = [ex for ex in heldout if halves([ex])[0] and ex.policy_id in served]
+    rows, scores = score_heldout(folder, tune_rows + heldout_test_rows(heldout), served, manifest.calibration, threads)
+    n = len(tune_rows)
+    recorded = all(manifest.policies[pid].sensitivity for pid in served)
+    if recorded:
+        chosen = {lv: {pid: manifest.policies[pid].threshold_at(lv) for pid in served} for lv in LEVELS}
+    else:
+        fallback = {pid: manifest.policies[pid].threshold for pid in served}
+        chosen = sensitivity_thresholds([], np.array([]), rows[:n], scores[:n], fallback)
+    return {lv: heldout_result(rows[n:], scores[n:], t) for lv, t in chosen.items()}
+
+
+def heldout_test_rows(heldout: list[Example]) -> list[Example]:
+    """The test half plus its benign-prefix sweep: the rows every out-of-source figure is reported on."""
+    test = [ex for ex in heldout if halves([ex])[1]]
+    return test + prefixed_rows(test)
 
 
 def finalize(
@@ -234,19 +303,32 @@ def finalize(
     target = options.target
     thresholds = choose_thresholds(rows, fit.calibrated, target)
     held: HeldoutResult | None = None
+    by_level: dict[str, HeldoutResult] | None = None
+    level_thresholds: dict[str, dict[str, float]] | None = None
     if heldout:
-        hrows, hscores = score_heldout(src, heldout, policies, fit.manifest_entry(), options.threads)
-        tune, test = halves(hrows)
-        if target.max_fpr is not None:
-            tune_rows = [hrows[i] for i in tune]
-            thresholds = bounded_thresholds(rows, fit.calibrated, tune_rows, hscores[tune], thresholds, target.max_fpr)
-        held = heldout_result([hrows[i] for i in test], hscores[test], thresholds)
+        tune_rows = [ex for ex in heldout if halves([ex])[0]]
+        hrows, hscores = score_heldout(
+            src, tune_rows + heldout_test_rows(heldout), policies, fit.manifest_entry(), options.threads
+        )
+        n_tune = sum(1 for ex in tune_rows if ex.policy_id in policies)  # score_heldout keeps order
+        tune_part, tune_scores = hrows[:n_tune], hscores[:n_tune]
+        test_part, test_scores = hrows[n_tune:], hscores[n_tune:]
+        if target.kind in ("levels", "max_fpr"):
+            caps = LEVELS
+            if target.kind == "max_fpr" and target.max_fpr is not None:  # one level at the stated pooled cap
+                caps = {DEFAULT_LEVEL: LevelCap(target.max_fpr, max(LEVELS[DEFAULT_LEVEL].per_source, target.max_fpr))}
+            level_thresholds = sensitivity_thresholds(rows, fit.calibrated, tune_part, tune_scores, thresholds, caps)
+            thresholds = level_thresholds[DEFAULT_LEVEL]
+            by_level = {name: heldout_result(test_part, test_scores, t) for name, t in level_thresholds.items()}
+            held = by_level[DEFAULT_LEVEL]
+        else:
+            held = heldout_result(test_part, test_scores, thresholds)
     rep = report(rows, fit.calibrated, thresholds)  # what the service answers: calibrated scores
     parity = _parity(reference, src, rows, policies, fit, thresholds, options) if reference is not None else None
     manifest = read_manifest(src)
     with staged_dir(out, copy_from=src) as staging:
         reliability_diagram(staging / DIAGRAM_FILE, fit, f"{manifest.name}@{manifest.version}: validation reliability")
-        _policy_entries(manifest, policies, rep, thresholds)
+        _policy_entries(manifest, policies, rep, thresholds, level_thresholds)
         manifest.calibration = fit.manifest_entry()
         manifest.threshold_target = target.as_dict()
         if not manifest.checksums:  # the service refuses a folder whose tokenizer or config was swapped
@@ -258,6 +340,11 @@ def finalize(
             "service_precision": manifest.files[0].precision,
             **({"parity": parity.as_dict()} if parity is not None else {}),
             **({"heldout": held.as_dict()} if held is not None else {}),
+            **(
+                {"heldout_levels": {name: r.as_dict()["policies"] for name, r in by_level.items()}}
+                if by_level is not None
+                else {}
+            ),
         }
         manifest = Manifest.model_validate(manifest.model_dump())
         write_json_atomic(staging / MANIFEST_FILE, json.loads(manifest.model_dump_json()))
@@ -275,11 +362,17 @@ def finalize(
                 calibration=card_section(fit, target, per_policy_ece(rows, fit)),
             )
             + (f"\n## Served file against its checkpoint\n\n{parity.line()}.\n" if parity is not None else "")
-            + (heldout_section(held.as_dict()) if held is not None else "")
+            + (
+                heldout_section(
+                    held.as_dict(), {n: r.as_dict() for n, r in by_level.items()} if by_level is not None else None
+                )
+                if held is not None
+                else ""
+            )
             + options.card_extra
         )
         write_text_atomic(staging / "CARD.md", card)
-    return Release(out, manifest, rep, fit, target, thresholds, skipped, card, held)
+    return Release(out, manifest, rep, fit, target, thresholds, skipped, card, held, by_level)
 
 
 def release_checkpoint(

@@ -18,7 +18,7 @@ from service.contract.policy import InputEncoder, InputTemplate, Policy, load_po
 from service.model.manifest import sha256_file
 from training.data.build import build_dataset
 from training.data.rows import Example, read_examples, summary_rows, write_examples
-from training.eval.heldout import HEADER, MAX_FPR, cells_table
+from training.eval.heldout import HEADER, POLICY_HEADER, cells_table, policy_table
 from training.eval.parity import MIN_VERDICT_AGREEMENT
 from training.eval.report import print_report
 from training.eval.thresholds import ThresholdTarget
@@ -50,8 +50,8 @@ DEFAULT_LOOP = LoopConfig(
     save_every=100,
 )
 SPLITS = ("train", "validation", "heldout")
-# Thresholds: best F1 with FPR <= 5 % on every held-out benign source (training.eval.heldout).
-HELDOUT_FPR = ThresholdTarget("max_fpr", MAX_FPR)
+# Thresholds: the held-out sensitivity levels (strict / balanced / permissive, training.eval.heldout).
+HELDOUT_FPR = ThresholdTarget("levels")
 
 
 def prepare_split(
@@ -181,6 +181,8 @@ def build_default(
     print_report(release.report)
     if release.heldout is not None:
         print_table("Out of source (held-out test half)", HEADER, cells_table(release.heldout.as_dict()))
+        for name, result in (release.levels or {}).items():
+            print_table(f"Per policy at {name} (held-out test half)", POLICY_HEADER, policy_table(result.as_dict()))
 
     def summary(folder: Path) -> float | None:
         if folder == export_dir and release.heldout is not None:

@@ -56,10 +56,11 @@ async def classify(
         policies, inline = engine.resolve(body.policy_id), False
     add_access_log_fields(request, policies=[INLINE_POLICY_LABEL] if inline else [p.id for p in policies])
     log_prompt(request, settings, body.prompt)
-    result = await engine.classify(policies, body.prompt, inline=inline)
+    result = await engine.classify(policies, body.prompt, inline=inline, sensitivity=body.sensitivity)
     add_access_log_fields(request, unsafe=result.unsafe)
     set_timing_headers(response, result.timings)
     set_cache_header(response, [result])
+    level = body.sensitivity or settings.sensitivity
     if isinstance(body.policy_id, list):
-        return ClassifyManyResponse.from_classification(result)
-    return ClassifyResponse.from_classification(result)
+        return ClassifyManyResponse.from_classification(result, level)
+    return ClassifyResponse.from_classification(result, level)

@@ -8,6 +8,7 @@ from service.core.errors import ErrorCode
 from service.http.deps import EngineDep
 from service.http.openapi import error_responses
 from service.http.schemas import PoliciesResponse, PolicyOut
+from service.model.manifest import SENSITIVITY_LEVELS
 
 router = APIRouter(tags=["policies"])
 
@@ -17,6 +18,7 @@ async def list_policies(engine: EngineDep) -> PoliciesResponse:
     out = []
     for policy in engine.policies.values():
         threshold, trained, source = engine.threshold_info(policy)
+        levels = {level: engine.threshold_info(policy, level)[0] for level in SENSITIVITY_LEVELS}
         out.append(
             PolicyOut(
                 id=policy.id,
@@ -25,6 +27,8 @@ async def list_policies(engine: EngineDep) -> PoliciesResponse:
                 allowed=policy.allowed,
                 disallowed=policy.disallowed,
                 threshold=threshold,
+                sensitivity=engine.settings.sensitivity,
+                thresholds=levels,
                 trained=trained,
                 threshold_source=source,
             )
