@@ -7,6 +7,7 @@ python -m bench                                  # models/default; short and lon
 python -m bench --model-dir /tmp/tiny --seconds 3 --concurrency 1,8
 python -m bench --mix short --concurrency 1,64 --raw-batches 1,4,8,16
 python -m bench --env UNIGUARD_MAX_WAIT_MS=2 --json runs/bench/result.json
+python -m bench --mix short --concurrency 64 --routes classify,moderations,classify,moderations  # both routes
 python -m bench --provider cuda --env UNIGUARD_MAX_WAIT_MS=2 --env UNIGUARD_MAX_PADDING=0.5   # GPU
 """
 
@@ -17,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench.serving import RAW_BATCHES, run
+from bench.serving import RAW_BATCHES, ROUTES, run
 from bench.workload import MIXES
 
 
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--env", action="append", default=[], metavar="UNIGUARD_X=V", help="extra service setting (repeatable)"
     )
+    ap.add_argument(
+        "--routes",
+        default="classify",
+        help="comma-separated routes the service rows drive with the same requests: classify, moderations "
+        "(repeat them to interleave runs: classify,moderations,classify,moderations)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the full report here")
     ap.add_argument("--log-dir", type=Path, default=None, help="service log folder (default runs/bench)")
     args = ap.parse_args(argv)
@@ -79,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         raw_batches = []
     if not raw_batches or min(raw_batches) < 1:
         ap.error(f"--raw-batches wants positive integers, got {args.raw_batches!r}")
+    routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    if not routes or any(r not in ROUTES for r in routes):
+        ap.error(f"--routes wants some of {','.join(ROUTES)}, got {args.routes!r}")
     if not (args.model_dir / "manifest.json").is_file():
         ap.error(f"{args.model_dir} is not a model folder (no manifest.json)")
     report = run(
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         service_env=env,
         log_dir=args.log_dir,
         provider=args.provider,
+        routes=routes,
     )
     m = report.machine
     print(

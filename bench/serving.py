@@ -46,6 +46,8 @@ from service.model.onnx_model import OnnxModel
 
 REPO = Path(__file__).resolve().parents[1]
 RAW_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+# Load and warm-up of a service on a busy machine (another process training) can take minutes.
+READY_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -143,7 +145,8 @@ class Report:
                     )
             for r in self.rows:
                 if r.mix == mix and r.mode == "service" and r.clients != 1:
-                    line += f"; {r.clients} clients: {_num(r.pct_of_limit, '.0f', ' %')} of limit"
+                    via = f" {r.note}" if r.note else ""
+                    line += f"; {r.clients} clients{via}: {_num(r.pct_of_limit, '.0f', ' %')} of limit"
             out.append(line)
         return out
 
@@ -511,6 +514,18 @@ async def bench_service(
     return row, samples
 
 
+# Routes the service rows can drive with the same requests (``--routes``).
+ROUTES = {"classify": "/v1/classify", "moderations": "/v1/moderations"}
+
+
+def route_body(route: str, request: dict[str, str]) -> bytes:
+    """One request of the mix (a prompt and a policy id) as ``route`` takes it: the same text and
+    policy, so the model does the same work whichever route carries it."""
+    if route == "moderations":  # OpenAI's shape; model names the policy
+        return encode_post("127.0.0.1", ROUTES[route], {"input": request["prompt"], "model": request["policy_id"]})
+    return encode_post("127.0.0.1", ROUTES[route], request)
+
+
 def apply_limit(rows: Iterable[Row], limit: Row) -> None:
     """Fill every row's "% of limit" (windows/s) and "% of limit, CPU" against ``limit``."""
     for r in rows:
@@ -536,8 +551,11 @@ def run(
     log_dir: Path | None = None,
     progress: bool = True,
     provider: str = "auto",
+    routes: Sequence[str] = ("classify",),
 ) -> Report:
     threads = threads or os.cpu_count() or 1
+    if not routes or any(r not in ROUTES for r in routes):
+        raise ValueError(f"routes must be some of {', '.join(ROUTES)}, got {list(routes)}")
     unknown = [m for m in mixes if m not in MIXES]
     if unknown or not mixes:
         raise ValueError(f"mixes must be some of {', '.join(MIXES)}, got {list(mixes)}")
@@ -558,15 +576,19 @@ def run(
             "requests": n_requests,
             "max_chars": max_chars,
             "service_env": service_env or {},
+            "routes": list(routes),
         },
     )
     policies = load_policies(DEFAULT_POLICIES_DIR)
     log_root = log_dir or REPO / "runs" / "bench"
     env = {
-        "UNIGUARD_REQUEST_TIMEOUT_S": "300",
+        "UNIGUARD_REQUEST_TIMEOUT_S": "300",  # throughput, not shedding
         "UNIGUARD_PROVIDER": provider,
+        # The mix repeats once the clients have gone through it: the model must score every
+        # request, as raw onnxruntime does, not answer repeats from the verdict cache.
+        "UNIGUARD_VERDICT_CACHE_ENTRIES": "0",
         **(service_env or {}),
-    }  # throughput, not shedding
+    }
     models = {spin: OnnxModel.load(model_dir, threads, provider=provider, spinning=spin) for spin in (True, False)}
     report.machine["provider"] = f"{models[True].provider} ({models[True].precision})"
 
@@ -576,22 +598,25 @@ def run(
     # service ran. The rest of the raw sweep closes each mix; its best is the mix's limit.
     for mix in mixes:
         requests = build_requests(n_requests, max_chars=max_chars, mix=mix)
-        bodies = [encode_post("127.0.0.1", "/v1/classify", r) for r in requests]
+        bodies = {route: [route_body(route, r) for r in requests] for route in dict.fromkeys(routes)}
         encoded = [models[True].encoder.encode(policies[r["policy_id"]], r["prompt"]) for r in requests]
         raw = Raw(models, encoded, mix)
         say(f"mix {mix}: {len(requests)} requests, {raw.windows_per_request:.2f} windows a request")
         sweep = raw.sweep_sizes(raw_batches)
         service_rows: list[Row] = []
         single: Row | None = None
-        for c in concurrency:
-            service = ServiceProcess(Path(model_dir), threads, env, log_root / f"service-{mix}-{c}.log")
+        for c, route in ((c, route) for c in concurrency for route in routes):
+            service = ServiceProcess(Path(model_dir), threads, env, log_root / f"service-{mix}-{c}-{route}.log")
             try:
-                asyncio.run(service.wait_ready())
-                say(f"service ({mix}): {c} client(s), {seconds:.0f} s measured ...")
-                row, samples = asyncio.run(bench_service(service, bodies, c, seconds, warmup))
+                asyncio.run(service.wait_ready(READY_TIMEOUT_S))
+                say(f"service ({mix}, {ROUTES[route]}): {c} client(s), {seconds:.0f} s measured ...")
+                row, samples = asyncio.run(bench_service(service, bodies[route], c, seconds, warmup))
             finally:
                 service.stop()
+            say(f"  {row.rps:.1f} req/s, {row.windows_per_s:.1f} windows/s, p50 {row.p50_ms:.1f} ms, {row.errors} err")
             row.mix = mix
+            if tuple(routes) != ("classify",):
+                row.note = ROUTES[route]
             if c == 1:
                 say(f"raw onnxruntime ({mix}): the {len(samples)} requests of the 1-client run, one by one ...")
                 single, single_times = raw.per_request([i for i, _ in samples])

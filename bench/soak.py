@@ -203,7 +203,9 @@ def print_table(rows: list[Sample]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    env = dict(kv.split("=", 1) for kv in args.env)
+    # The request list repeats: with the verdict cache on most of the soak would be cache hits,
+    # not model work (pass --env UNIGUARD_VERDICT_CACHE_ENTRIES=200000 to soak the cache itself).
+    env = {"UNIGUARD_VERDICT_CACHE_ENTRIES": "0", **dict(kv.split("=", 1) for kv in args.env)}
     threads = args.threads or os.cpu_count() or 1
     service = ServiceProcess(args.model_dir, threads, env, args.log_dir / "soak-service.log")
     try:

@@ -19,6 +19,8 @@ from service.contract.textnorm import normalize_text
 from service.model.manifest import DEFAULT_SENSITIVITY, Sensitivity
 
 PolicyIdSetting = Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)]
+# A policy id, or "@guard" / "@output" for the guard / output policies (service/gateway/roles.py).
+RolePolicyEntry = Annotated[str, StringConstraints(pattern=r"^(@guard|@output|[a-z0-9][a-z0-9_\-]{0,63})$")]
 
 
 def _default_threads() -> int:
@@ -135,6 +137,19 @@ class Settings(BaseSettings):
         False, description="Put prompt text in access logs (off: prompts may hold personal data)."
     )
 
+    verdict_cache_entries: int = Field(
+        200_000,
+        ge=0,
+        description="Verdict cache: most (model, policy, text) scores kept, least recently used out first "
+        "(0: off). Keys are digests only, no text is kept; emptied on reload (service/core/verdict_cache.py).",
+    )
+    verdict_cache_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Verdict cache: most memory its entries take (240 bytes each, measured); the tighter of the two "
+        "bounds applies (0: off).",
+    )
+
     # -- operations: thresholds, reloads, shutdown ---------------------------------------
     sensitivity: Sensitivity = Field(
         DEFAULT_SENSITIVITY,
@@ -183,10 +198,24 @@ class Settings(BaseSettings):
         None,
         description="Policies for model answers (LiteLLM input_type=response, moderate_output); None: guard_policies.",
     )
-    guard_roles: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["user"],
+    role_policies: dict[str, list[RolePolicyEntry]] = Field(
+        default_factory=dict,
+        description="Which policies judge a chat message by its role, on the proxy and the LiteLLM route (JSON). "
+        'Entries replace the defaults\' for the roles they name: user ["@guard"], tool and function '
+        '["prompt_injection"], retrieved (messages marked by x-uniguard-retrieved) ["prompt_injection"], system and '
+        'developer [] (not judged), assistant ["@output"], "*" (any other role) ["@guard"]. "@guard" is '
+        'guard_policies, "@output" output_policies (service/gateway/roles.py).',
+    )
+    moderation_policies: Annotated[list[PolicyIdSetting] | None, NoDecode] = Field(
+        None,
+        description="Policies POST /v1/moderations judges under when its model field names none (absent, uniguard, "
+        "omni-moderation-latest, ...); None: every served policy.",
+    )
+    guard_roles: Annotated[list[str] | None, NoDecode] = Field(
+        None,
         min_length=1,
-        description="Chat roles whose messages the proxy classifies (e.g. user,system,developer,tool).",
+        description="Older form of role_policies, still honoured: each role listed (e.g. user,system,tool) is judged "
+        "under guard_policies.",
     )
     upstream_base_url: str | None = Field(
         None,
@@ -236,7 +265,7 @@ class Settings(BaseSettings):
         adaptive = workers > 1 and self.worker_threads != self.threads
         return workers, self.worker_threads if adaptive else None
 
-    @field_validator("guard_policies", "output_policies", "guard_roles", mode="before")
+    @field_validator("guard_policies", "output_policies", "moderation_policies", "guard_roles", mode="before")
     @classmethod
     def _env_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -248,9 +277,17 @@ class Settings(BaseSettings):
 
     @field_validator("guard_roles")
     @classmethod
-    def _lower_roles(cls, value: list[str]) -> list[str]:
+    def _lower_roles(cls, value: list[str] | None) -> list[str] | None:
         # As service.gateway.chat_text.normalise_role reads a request's roles (config sits below the gateway).
-        return [normalize_text(role).strip().casefold() for role in value]
+        return None if value is None else [normalize_text(role).strip().casefold() for role in value]
+
+    @field_validator("role_policies")
+    @classmethod
+    def _lower_role_keys(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        out = {normalize_text(role).strip().casefold(): ids for role, ids in value.items()}
+        if any(not role for role in out):
+            raise ValueError("a role name must not be blank")
+        return out
 
     @field_validator("api_key", "upstream_api_key")
     @classmethod

@@ -5,7 +5,9 @@ input limits, windowing (a long prompt is scored on every window and the maximum
 never truncated), thresholds (calibrated only for the exact description the model was
 trained on, else the zero-shot default), deadlines and the error codes for each failure.
 It knows nothing of HTTP (errors are ``ApiError`` codes) nor of onnxruntime (the model is
-an ``OnnxModel`` driven through the batcher).
+an ``OnnxModel`` driven through the batcher). Before anything is queued each (prompt,
+policy) pair is looked up in the verdict cache (``service.core.verdict_cache``); only the
+pairs it misses are tokenised and scored.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from typing import Literal
 import numpy as np
 
 from service.config import Settings
-from service.contract.policy import EncodedWindows, InstructionTooLong, Policy
+from service.contract.policy import EncodedWindows, InstructionTooLong, Policy, PreparedPrompt
 from service.contract.textnorm import NormalizedTooLong, normalize_text
 from service.core.batcher import BatcherClosed, BatchResult, MicroBatcher, PreparedWork, QueueFull
 from service.core.errors import ApiError, ErrorCode
 from service.core.heap import release_memory_soon
 from service.core.metrics import INLINE_POLICY_LABEL, Metrics
+from service.core.verdict_cache import CachedScore, VerdictCache, model_prefix, pair_key, prepared_digest
 from service.model.calibration import apply_calibration
 from service.model.onnx_model import OnnxModel
 
@@ -57,6 +60,7 @@ class PolicyVerdict:
     threshold: float
     windows: int
     trained: bool  # the model was calibrated on this exact policy description
+    cached: bool = False  # the score came from the verdict cache (service.core.verdict_cache)
 
     @property
     def verdict(self) -> Verdict:
@@ -83,6 +87,33 @@ class Classification:
         object.__setattr__(self, "unsafe", any(v.unsafe for v in self.verdicts))
 
 
+CacheOutcome = Literal["hit", "miss", "partial"]
+
+
+def cache_outcome(classifications: Sequence[Classification]) -> CacheOutcome:
+    """``hit``: every verdict came from the verdict cache; ``miss``: none did (or nothing was
+    judged); ``partial``: some did. Routes send it as ``x-uniguard-cache``."""
+    cached = [v.cached for c in classifications for v in c.verdicts]
+    if cached and all(cached):
+        return "hit"
+    return "partial" if any(cached) else "miss"
+
+
+# One text to judge and the policies it is judged under (``Engine.classify_each``).
+Item = tuple[Sequence[Policy], str]
+
+
+@dataclass
+class _Plan:
+    """A request split into cached pairs and pairs to score (prompt-major over each item's policies)."""
+
+    cached: list[CachedScore | None]  # per pair: the cached score, or None
+    source: list[int]  # per pair: its position among the scored pairs (-1 if cached)
+    counts: list[int]  # per scored pair: its windows
+    keys: list[bytes] | None  # per scored pair: its cache key (None without a cache)
+    job: PreparedWork | None  # the scored pairs' windows, or None when every pair is cached
+
+
 class Engine:
     """Scores prompts against policies with one loaded model and its batcher."""
 
@@ -93,12 +124,18 @@ class Engine:
         policies: Mapping[str, Policy],
         settings: Settings,
         metrics: Metrics | None = None,
+        cache: VerdictCache | None = None,
     ) -> None:
         self.model = model
         self.batcher = batcher
         self.policies: Mapping[str, Policy] = dict(policies)
         self.settings = settings
         self.metrics = metrics
+        self.cache = cache if cache is not None and cache.enabled else None
+        # The model part of every cache key: the manifest names the model file by its sha256
+        # and holds the input template, window length and stride; precision and provider
+        # change the scores too.
+        self._cache_prefix = model_prefix(f"{model.manifest.model_dump_json()}|{model.precision}|{model.provider}")
         if metrics is not None:  # verdict series at 0 for every served policy; which model serves how
             metrics.init_policies(self.policies)
             metrics.set_model(model.id, model.provider, model.precision)
@@ -166,19 +203,27 @@ class Engine:
                 {"chars": len(prompt), "max": limit},
             )
 
-    def _prepare(self, policies: Sequence[Policy], prompts: Sequence[str]) -> tuple[list[int], PreparedWork]:
-        """Tokenise every (prompt, policy) pair and build the batcher job of all their windows:
-        (window counts, prompt-major: ``[p0 x policy0, p0 x policy1, ...]``; the job)."""
+    def _prepare(self, items: Sequence[Item]) -> _Plan:
+        """Look every (prompt, policy) pair up in the verdict cache, tokenise the others and
+        build the batcher job of all their windows (None when every pair is cached).
+
+        Pairs are prompt-major over each item's policies. Within the request a pair that
+        repeats another (same key) is scored once."""
         encoder = self.model.encoder
-        for policy in policies:
-            details = {"policy_id": policy.id, "max_length": self.model.manifest.max_length}
-            try:
-                encoder.check_policy(policy)
-            except InstructionTooLong as exc:
-                raise ApiError(ErrorCode.policy_too_long, str(exc), details) from exc
+        checked: set[int] = set()
+        for policies, _ in items:
+            for policy in policies:
+                if id(policy) in checked:
+                    continue
+                checked.add(id(policy))
+                details = {"policy_id": policy.id, "max_length": self.model.manifest.max_length}
+                try:
+                    encoder.check_policy(policy)
+                except InstructionTooLong as exc:
+                    raise ApiError(ErrorCode.policy_too_long, str(exc), details) from exc
         limit = self.settings.max_prompt_chars * NORMALIZED_EXPANSION
-        prepared = []
-        for prompt in prompts:  # normalised, scanned and tokenised once, whatever the policies
+        prepared: list[PreparedPrompt] = []
+        for _, prompt in items:  # normalised, scanned and tokenised once, whatever the policies
             try:
                 prepared.append(encoder.prepare(prompt, limit))
             except NormalizedTooLong as exc:
@@ -187,41 +232,73 @@ class Engine:
                     f"prompt normalises (Unicode NFKC, decoded base64) to more than {limit} characters",
                     {"chars": exc.chars, "max": limit, "limit": "normalized"},
                 ) from exc
-        counts = [encoder.window_count(policy, p) for p in prepared for policy in policies]
-        # Counted before any window is built: a request that cannot be queued costs no rows.
-        self._check_queue(sum(counts), len(prompts), exact=True)
-        flat = EncodedWindows([], [], [])
-        for p in prepared:
+        n = sum(len(policies) for policies, _ in items)
+        cache = self.cache
+        keys: list[bytes] = []
+        cached: list[CachedScore | None]
+        if cache is not None:
+            prefix = self._cache_prefix
+            for (policies, _), p in zip(items, prepared, strict=True):
+                digest = prepared_digest(p)
+                keys += [pair_key(prefix, policy.description_sha256(), digest) for policy in policies]
+            cached = cache.get_many(keys)
+        else:
+            cached = [None] * n
+        # Which pairs are scored (the first of each key), counted before any window is built:
+        # a request that cannot be queued costs no rows.
+        source: list[int] = []
+        to_score: list[tuple[Policy, PreparedPrompt]] = []
+        scored_keys: list[bytes] = []
+        first: dict[bytes, int] = {}
+        pair = 0
+        for (policies, _), p in zip(items, prepared, strict=True):
             for policy in policies:
-                # Into one set of rows at once: a pair's own lists would be five objects per pair
-                # for the cyclic gc to scan (12,000 texts x 5 policies: 300,000 objects, each
-                # full gc pass a stall of the event loop).
-                encoded = encoder.windows(policy, p)
-                flat.input_ids.extend(encoded.input_ids)
-                flat.attention_mask.extend(encoded.attention_mask)
-                flat.token_type_ids.extend(encoded.token_type_ids)
-        return counts, self.batcher.prepare(flat)
+                if cached[pair] is not None:
+                    source.append(-1)
+                elif cache is not None and keys[pair] in first:
+                    source.append(first[keys[pair]])
+                else:
+                    if cache is not None:
+                        first[keys[pair]] = len(to_score)
+                        scored_keys.append(keys[pair])
+                    source.append(len(to_score))
+                    to_score.append((policy, p))
+                pair += 1
+        counts = [encoder.window_count(policy, p) for policy, p in to_score]
+        if counts:
+            self._check_queue(sum(counts), len(items), exact=True)
+        flat = EncodedWindows([], [], [])
+        for policy, p in to_score:
+            # Into one set of rows at once: a pair's own lists would be five objects per pair
+            # for the cyclic gc to scan (12,000 texts x 5 policies: 300,000 objects, each
+            # full gc pass a stall of the event loop).
+            encoded = encoder.windows(policy, p)
+            flat.input_ids.extend(encoded.input_ids)
+            flat.attention_mask.extend(encoded.attention_mask)
+            flat.token_type_ids.extend(encoded.token_type_ids)
+        job = self.batcher.prepare(flat) if counts else None
+        return _Plan(cached, source, counts, scored_keys if cache is not None else None, job)
 
-    async def _encode(
-        self, policies: Sequence[Policy], prompts: Sequence[str]
-    ) -> tuple[list[int], PreparedWork, float]:
+    async def _encode(self, items: Sequence[Item]) -> tuple[_Plan, float]:
         started = time.perf_counter()
         # The cost is the characters times the policies; above a few thousand the event loop
         # (health probes, other requests) must not wait for the tokenizer.
-        if sum(len(p) for p in prompts) * len(policies) > THREADED_TOKENIZE_CHARS:
-            task = asyncio.ensure_future(asyncio.to_thread(self._prepare, policies, prompts))
+        if sum(len(prompt) * len(policies) for policies, prompt in items) > THREADED_TOKENIZE_CHARS:
+            task = asyncio.ensure_future(asyncio.to_thread(self._prepare, items))
             try:
-                counts, job = await asyncio.shield(task)
+                plan = await asyncio.shield(task)
             except asyncio.CancelledError:  # the deadline passed: the thread runs on, its job is never queued
                 task.add_done_callback(self._discard_prepared)
                 raise
         else:
-            counts, job = self._prepare(policies, prompts)
-        return counts, job, time.perf_counter() - started
+            plan = self._prepare(items)
+        return plan, time.perf_counter() - started
 
-    def _discard_prepared(self, task: asyncio.Future[tuple[list[int], PreparedWork]]) -> None:
+    def _discard_prepared(self, task: asyncio.Future[_Plan]) -> None:
         if not task.cancelled() and task.exception() is None:
-            self.batcher.discard(task.result()[1])
+            job = task.result().job
+            if job is not None:
+                self.batcher.discard(job)
 
     async def classify(
         self, policies: Sequence[Policy], prompt: str, *, inline: bool = False, sensitivity: str | None = None
@@ -251,46 +328,60 @@ class Engine:
         the event loop and each a job of its own). Same errors as ``classify``; any prompt's
         error fails the whole call.
         """
+        items = [(policies, prompt) for prompt in prompts]
+        return await self.classify_each(items, inline=inline, sensitivity=sensitivity)
+
+    async def classify_each(
+        self, items: Sequence[Item], *, inline: bool = False, sensitivity: str | None = None
+    ) -> list[Classification]:
+        """``classify_many`` where each prompt has its own policies (a chat: user messages under
+        the guard policies, tool results under prompt_injection): still one job, one budget.
+
+        Pairs found in the verdict cache are not scored again; a request whose every pair is
+        cached is answered without queueing for the model (``service.core.verdict_cache``).
+        """
         started = time.perf_counter()
-        if not prompts:
+        if not items:
             return []
-        for prompt in prompts:
+        for policies, prompt in items:
             self.check_prompt(prompt)
-        if not policies:
-            raise ApiError(ErrorCode.invalid_request, "no policy given")
-        for policy in policies:
+            if not policies:
+                raise ApiError(ErrorCode.invalid_request, "no policy given")
+        distinct = list({id(p): p for policies, _ in items for p in policies}.values())
+        for policy in distinct:
             if not _encodable(policy.description):
                 raise ApiError(
                     ErrorCode.invalid_request,
                     f"policy {policy.id!r}: description is not valid Unicode (lone UTF-16 surrogate)",
                 )
-        self._check_count(len(policies))
+        for policies, _ in items:
+            self._check_count(len(policies))
         # Every (prompt, policy) pair needs a window at least: refuse before tokenising anything.
-        self._check_queue(len(prompts) * len(policies), len(prompts), exact=False)
+        pairs = sum(len(policies) for policies, _ in items)
+        self._check_queue(pairs, len(items), exact=False)
         try:
-            return await self._classify_many(policies, prompts, inline, started, sensitivity)
+            return await self._classify_each(items, inline, started, sensitivity)
         finally:
-            if len(prompts) * len(policies) >= RELEASE_MEMORY_WINDOWS:
+            if pairs >= RELEASE_MEMORY_WINDOWS:
                 # Answered or refused, the request's token rows are freed now: hand the pages back.
                 release_memory_soon()
 
-    async def _classify_many(
-        self,
-        policies: Sequence[Policy],
-        prompts: Sequence[str],
-        inline: bool,
-        started: float,
-        sensitivity: str | None = None,
+    async def _classify_each(
+        self, items: Sequence[Item], inline: bool, started: float, sensitivity: str | None = None
     ) -> list[Classification]:
         job: PreparedWork | None = None
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                counts, job, tokenize_s = await self._encode(policies, prompts)
-                self._check_queue(job.n, len(prompts), exact=True)
-                # No await between the budget check and submit: what it counted is what is queued.
-                self.check_budget(job.windows, self.settings.request_timeout_s - (time.perf_counter() - started))
-                job.deadline = started + self.settings.request_timeout_s
-                result = await self.batcher.submit(job)
+                plan, tokenize_s = await self._encode(items)
+                job = plan.job
+                if job is None:  # every pair was cached: nothing to queue
+                    result = BatchResult(np.empty(0, dtype=np.float32), 0.0, 0.0)
+                else:
+                    self._check_queue(job.n, len(items), exact=True)
+                    # No await between the budget check and submit: what it counted is what is queued.
+                    self.check_budget(job.windows, self.settings.request_timeout_s - (time.perf_counter() - started))
+                    job.deadline = started + self.settings.request_timeout_s
+                    result = await self.batcher.submit(job)
         except TimeoutError as exc:
             raise ApiError(
                 ErrorCode.deadline_exceeded, f"not answered within {self.settings.request_timeout_s} s"
@@ -302,17 +393,18 @@ class Engine:
         finally:
             if job is not None:
                 self.batcher.discard(job)  # refused before it was queued: free its rows now, not at the next gc
-        total_windows = job.n
+        total_windows = job.n if job is not None else 0
+        plan.job = None
         del job  # its token rows: not kept while the answer is built
-        args = (policies, counts, result, tokenize_s, started, inline, sensitivity)
+        args = (items, plan, result, tokenize_s, started, inline, sensitivity)
         if total_windows > THREADED_VERDICT_WINDOWS:  # tens of thousands of verdicts: not on the event loop
             return await asyncio.to_thread(self._classifications, *args)
         return self._classifications(*args)
 
     def _classifications(
         self,
-        policies: Sequence[Policy],
-        counts: Sequence[int],
+        items: Sequence[Item],
+        plan: _Plan,
         result: BatchResult,
         tokenize_s: float,
         started: float,
@@ -320,7 +412,7 @@ class Engine:
         sensitivity: str | None = None,
     ) -> list[Classification]:
         """The verdicts of a scored request, counted in the metrics (thread-safe: may run off the loop)."""
-        verdicts = self._verdicts(policies, counts, result.probabilities, sensitivity)
+        verdicts = self._verdicts(items, plan, result.probabilities, sensitivity)
         total_s = time.perf_counter() - started
         timings = Timings(result.queue_s * 1e3, tokenize_s * 1e3, result.inference_s * 1e3, total_s * 1e3)
         if self.metrics is not None:
@@ -334,31 +426,48 @@ class Engine:
         return [Classification(row, self.model_id, timings) for row in verdicts]
 
     def _verdicts(
-        self,
-        policies: Sequence[Policy],
-        counts: Sequence[int],
-        probabilities: np.ndarray,
-        sensitivity: str | None = None,
+        self, items: Sequence[Item], plan: _Plan, probabilities: np.ndarray, sensitivity: str | None = None
     ) -> list[tuple[PolicyVerdict, ...]]:
-        """Per prompt, per policy (``counts`` prompt-major): the most unsafe window's calibrated
-        score against the threshold (calibration is increasing, so the most unsafe window stays
-        the most unsafe)."""
-        flat = np.asarray(counts, dtype=np.int64)
-        assert flat.size and flat.min() >= 1  # every pair has a window: reduceat needs rising starts
-        starts = np.concatenate(([0], np.cumsum(flat)[:-1]))
-        maxima = np.maximum.reduceat(probabilities, starts)
-        scores = apply_calibration(self.model.manifest.calibration, maxima).tolist()
-        info = [(p.id, *self.threshold(p, sensitivity)) for p in policies]
-        width = len(policies)
-        return [
-            tuple(
-                PolicyVerdict(pid, score >= threshold, score, threshold, n, trained)
-                for (pid, threshold, trained), score, n in zip(
-                    info, scores[row : row + width], counts[row : row + width], strict=True
+        """Per prompt, per policy: the most unsafe window's calibrated score against the
+        threshold (calibration is increasing, so the most unsafe window stays the most
+        unsafe). Scored pairs' raw maxima go into the verdict cache."""
+        raw: list[float] = []
+        windows: list[int] = []
+        maxima: list[float] = []
+        if plan.counts:
+            flat = np.asarray(plan.counts, dtype=np.int64)
+            assert flat.min() >= 1  # every pair has a window: reduceat needs rising starts
+            starts = np.concatenate(([0], np.cumsum(flat)[:-1]))
+            maxima = np.maximum.reduceat(probabilities, starts).tolist()
+            if self.cache is not None and plan.keys is not None:
+                self.cache.put_many(list(zip(plan.keys, zip(maxima, plan.counts, strict=True), strict=True)))
+        for hit, src in zip(plan.cached, plan.source, strict=True):
+            if hit is not None:
+                raw.append(hit[0])
+                windows.append(hit[1])
+            else:
+                raw.append(maxima[src])
+                windows.append(plan.counts[src])
+        scores = apply_calibration(self.model.manifest.calibration, np.asarray(raw, dtype=np.float64)).tolist()
+        info: dict[int, tuple[str, float, bool]] = {}
+        out = []
+        pair = 0
+        for policies, _ in items:
+            row = []
+            for policy in policies:
+                entry = info.get(id(policy))
+                if entry is None:
+                    entry = info[id(policy)] = (policy.id, *self.threshold(policy, sensitivity))
+                pid, threshold, trained = entry
+                score = scores[pair]
+                row.append(
+                    PolicyVerdict(
+                        pid, score >= threshold, score, threshold, windows[pair], trained, plan.cached[pair] is not None
+                    )
                 )
-            )
-            for row in range(0, len(counts), width)
-        ]
+                pair += 1
+            out.append(tuple(row))
+        return out
 
     def _check_queue(self, windows: int, prompts: int, *, exact: bool) -> None:
         """413 for a request whose windows could never be queued at once (``exact``: counted

@@ -52,7 +52,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    """All service metrics; implements ``service.core.batcher.BatchObserver``."""
+    """All service metrics; implements ``service.core.batcher.BatchObserver`` and
+    ``service.core.verdict_cache.CacheObserver``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -121,6 +122,17 @@ class Metrics:
             ["route", "action"],
             registry=r,
         )
+        self.cache_hits = Counter(
+            "uniguard_cache_hits", "Verdict cache lookups answered from the cache, per (text, policy).", registry=r
+        )
+        self.cache_misses = Counter(
+            "uniguard_cache_misses", "Verdict cache lookups that had to be scored, per (text, policy).", registry=r
+        )
+        self.cache_evictions = Counter(
+            "uniguard_cache_evictions", "Verdict cache entries dropped to stay within its bounds.", registry=r
+        )
+        self.cache_entries = Gauge("uniguard_cache_entries", "Entries in the verdict cache.", registry=r)
+        self.cache_bytes = Gauge("uniguard_cache_bytes", "Memory the verdict cache's entries take.", registry=r)
         self.model_info = Gauge(
             "uniguard_model_info",
             "The served model (1 for the current one).",
@@ -183,6 +195,21 @@ class Metrics:
 
     def observe_throughput(self, tokens_per_s: float) -> None:
         self.throughput.set(tokens_per_s)
+
+    # -- verdict cache (CacheObserver) ---------------------------------------------------
+
+    def observe_cache(self, hits: int, misses: int) -> None:
+        if hits:
+            self.cache_hits.inc(hits)
+        if misses:
+            self.cache_misses.inc(misses)
+
+    def observe_cache_evictions(self, count: int) -> None:
+        self.cache_evictions.inc(count)
+
+    def observe_cache_size(self, entries: int, size_bytes: int) -> None:
+        self.cache_entries.set(entries)
+        self.cache_bytes.set(size_bytes)
 
     # -- errors ------------------------------------------------------------------------
 

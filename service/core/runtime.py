@@ -39,6 +39,7 @@ from service.core.engine import Engine
 from service.core.errors import REJECTION_CODES, ApiError, ErrorCode
 from service.core.heap import release_memory_soon
 from service.core.metrics import Metrics
+from service.core.verdict_cache import VerdictCache
 from service.model.folder_checks import check_policies_fit, load_and_validate, policy_warnings
 from service.model.onnx_model import ModelLoadError
 
@@ -97,6 +98,8 @@ class Runtime:
         self._tasks: set[asyncio.Task[Any]] = set()  # start-up load, signal-triggered reloads
         self._retiring: set[asyncio.Task[None]] = set()
         self._loader: asyncio.Task[Any] | None = None
+        # One verdict cache for the serving engine, emptied when a reload switches engines.
+        self.cache = VerdictCache(settings.verdict_cache_entries, settings.verdict_cache_bytes, self.metrics)
 
     # -- state -------------------------------------------------------------------------
 
@@ -190,7 +193,7 @@ class Runtime:
         )
         await batcher.start()
         try:
-            engine = Engine(model, batcher, policies, s, self.metrics)
+            engine = Engine(model, batcher, policies, s, self.metrics, self.cache)
             await engine.warm_up()
         except BaseException:
             await batcher.stop(timeout=1.0)
@@ -239,6 +242,9 @@ class Runtime:
             with self._lease_lock:
                 self.engine = engine  # the switch: requests from here on pin the new engine
                 self.load_error = None
+            # Scores of the previous model or policies are not kept (keys name the model and the
+            # description, so what a request still pinned to the old engine adds is never misread).
+            self.cache.clear()
             if previous is not None:
                 self._spawn_retire(previous)
             _announce(self.metrics, engine)

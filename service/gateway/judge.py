@@ -1,4 +1,4 @@
-"""Gateway guard: judge several texts (chat messages, LiteLLM texts) against a policy list.
+"""Gateway guard: judge several texts (chat messages, LiteLLM texts), each against its policies.
 
 Shared by the LiteLLM guardrail route and the OpenAI-compatible proxy so both apply the
 same rules:
@@ -6,8 +6,10 @@ same rules:
 * a request's cost is bounded before any work: at most ``max_texts_per_request`` texts
   (routes call ``check_count``), and the engine counts all windows of all texts against
   the queue and the window budget before any is queued;
-* every non-blank text is scored against every policy (identical texts once, all in one
-  engine call: one job for the micro-batcher); the request is unsafe if any verdict is;
+* every non-blank text is scored against its own policies (``GuardText.policies``: a chat
+  message's role decides them, ``service.gateway.roles``), or the call's policy list when it
+  has none (identical texts once, all in one engine call: one job for the micro-batcher);
+  the request is unsafe if any verdict is;
 * fail-closed by default: when the model cannot score (``not_ready``, ``queue_full``,
   ``deadline_exceeded``) the caller gets that error (503 / 429 / 504, retryable), never a
   silent pass;
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.contract.policy import Policy
-from service.core.engine import Classification, Engine, is_blank
+from service.core.engine import CacheOutcome, Classification, Engine, cache_outcome, is_blank
 from service.core.errors import ApiError, ErrorCode
 from service.core.metrics import Metrics
 
@@ -56,6 +58,7 @@ class GuardText:
     index: int  # position in the request (message index, or index in LiteLLM's texts)
     text: str
     role: str | None = None
+    policies: tuple[str, ...] = ()  # its own policies (by role); empty: the call's policy_ids
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,11 @@ class Judgement:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "unsafe", any(r.classification.unsafe for r in self.results))
+
+    @property
+    def cache(self) -> CacheOutcome:
+        """Whether the verdicts came from the verdict cache (``x-uniguard-cache``): hit, partial or miss."""
+        return cache_outcome([r.classification for r in self.results])
 
     @property
     def outcome(self) -> str:
@@ -154,15 +162,22 @@ async def _judge(
     from_config: bool,
     fail_open: bool,
 ) -> Judgement:
-    ids = tuple(dict.fromkeys(policy_ids))
+    default = tuple(dict.fromkeys(policy_ids))
+    # Every policy some text is judged under, in order (the call's own when no text has its own).
+    ids = tuple(dict.fromkeys(p for t in texts for p in (t.policies or default))) or default
     try:
         engine = get_engine()
-        policies = _resolve(engine, ids, from_config)
+        # Every policy set is resolved, even with nothing to judge: a misconfigured one is an error at once.
+        sets = {t.policies or default for t in texts} or {default}
+        resolved = {key: _resolve(engine, key, from_config) for key in sets}
         items = [t for t in texts if not is_blank(t.text)]
         if not items:
             return Judgement(ids, (), engine.model_id, None, 0)
-        by_text = await _classify_unique(engine, policies, [t.text for t in items])
-        results = tuple(TextResult(t, by_text[t.text]) for t in items)
+        # Identical (text, policies) once, the whole request in one engine call (one job).
+        unique = list(dict.fromkeys((t.text, t.policies or default) for t in items))
+        classifications = await engine.classify_each([(resolved[key], text) for text, key in unique])
+        by_pair = dict(zip(unique, classifications, strict=True))
+        results = tuple(TextResult(t, by_pair[(t.text, t.policies or default)]) for t in items)
         return Judgement(ids, results, engine.model_id, None, len(items))
     except ApiError as exc:
         if fail_open and exc.code in UNSCORABLE:
@@ -182,12 +197,3 @@ def _resolve(engine: Engine, ids: Sequence[str], from_config: bool) -> list[Poli
                 exc.details,
             ) from exc
         raise
-
-
-async def _classify_unique(
-    engine: Engine, policies: Sequence[Policy], texts: Sequence[str]
-) -> dict[str, Classification]:
-    # One engine call for the whole request: its windows are counted (queue, budget) before
-    # any is queued and it is one job for the fair schedule, however many texts it holds.
-    unique = list(dict.fromkeys(texts))
-    return dict(zip(unique, await engine.classify_many(policies, unique), strict=True))

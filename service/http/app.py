@@ -26,7 +26,7 @@ from service.http.middleware import (
 )
 from service.http.openapi import install_openapi
 from service.http.read_timeouts import BodyTimeoutMiddleware
-from service.http.routes import admin, classify, health, litellm, metrics, openai_proxy, policies
+from service.http.routes import admin, classify, health, litellm, metrics, moderations, openai_proxy, policies
 
 log = logging.getLogger("uniguard.main")
 
@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sorted(code.value for code in REJECTION_CODES),
         [litellm.PATH, openai_proxy.PATH],
     )
-    for module in (classify, policies, health, metrics, litellm, openai_proxy, admin):
+    for module in (classify, moderations, policies, health, metrics, litellm, openai_proxy, admin):
         app.include_router(module.router)
     install_openapi(app, settings)
     # Last added is outermost: request ids and access logs wrap the body limit, so a 413 has an id.

@@ -49,7 +49,7 @@ class PolicyEntry(BaseModel):
 
     def threshold_at(self, level: str) -> float:
         """The threshold of a sensitivity level; ``threshold`` where the folder records none."""
-        return self.sensitivity.get(level, self.threshold)  # type: ignore[call-overload]
+        return float(self.sensitivity.get(level, self.threshold))  # type: ignore[call-overload]
 
 
 class ModelFile(BaseModel):

@@ -101,6 +101,29 @@ def test_bench_runs_raw_and_service_and_compares_them(tiny_model_dir: Path, tmp_
     assert set(json.loads(report.to_json())["limits"]) == {"short", "long"}
 
 
+def test_bench_drives_the_moderation_route_with_the_same_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
+    report = run(
+        tiny_model_dir,
+        concurrency=(2,),
+        seconds=1.0,
+        warmup=0.3,
+        raw_seconds=0.1,
+        raw_batches=(2,),
+        mixes=("short",),
+        threads=1,
+        n_requests=40,
+        log_dir=tmp_path,
+        progress=False,
+        routes=("classify", "moderations"),
+    )
+    service = [r for r in report.rows if r.mode == "service"]
+    assert [r.note for r in service] == ["/v1/classify", "/v1/moderations"]
+    for row in service:
+        assert row.requests > 0 and row.errors == 0 and row.windows_per_s > 0 and row.pct_of_limit is not None
+    assert "2 clients /v1/moderations: " in report.markdown()
+    assert json.loads(report.to_json())["settings"]["routes"] == ["classify", "moderations"]
+
+
 def test_cli_rejects_a_folder_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--model-dir", str(tmp_path)])
@@ -108,10 +131,13 @@ def test_cli_rejects_a_folder_without_manifest(tmp_path: Path, capsys: pytest.Ca
     assert "not a model folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["--mix", "medium"], ["--mix", ""], ["--raw-batches", "0,8"], ["--raw-batches", "x"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--mix", "medium"], ["--mix", ""], ["--raw-batches", "0,8"], ["--raw-batches", "x"], ["--routes", "chat"]],
+)
 def test_cli_rejects_bad_mix_and_batches(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--model-dir", str(tmp_path), *args])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert ("--mix" in err or "--raw-batches" in err) and "not a model folder" not in err
+    assert ("--mix" in err or "--raw-batches" in err or "--routes" in err) and "not a model folder" not in err

@@ -54,7 +54,7 @@ class _FailingEngine:
     def resolve(self, ids: list[str]) -> list[object]:
         return [object() for _ in ids]
 
-    async def classify_many(self, policies: object, prompts: object) -> object:
+    async def classify_each(self, items: object) -> object:
         raise ApiError(self.code, "scripted")
 
     async def classify(self, policies: object, prompt: object) -> object:

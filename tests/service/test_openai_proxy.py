@@ -252,14 +252,12 @@ def test_blocked_stream_is_an_sse_refusal(clients: dict[str, httpx.Client], upst
 def test_unguarded_roles_pass_and_output_moderation_blocks(
     clients: dict[str, httpx.Client], upstream: UpstreamServer
 ) -> None:
-    body = {
-        "model": "test-model",
-        "messages": [{"role": "system", "content": "sys"}, {"role": "assistant", "content": "hi"}],
-    }
+    operator = [{"role": "system", "content": "sys"}, {"role": "developer", "content": "d"}]  # not judged
+    body = {"model": "test-model", "messages": operator}
     r = post_json(clients["block"], "/v1/chat/completions", body)
     assert r.status_code == 200 and r.headers["x-uniguard-action"] == "blocked"
     out = r.json()
-    assert len(upstream.records) == 1  # input had no user message: forwarded
+    assert len(upstream.records) == 1  # input had no judged message: forwarded
     assert out["uniguard"]["stage"] == "output" and out["choices"][0]["finish_reason"] == "content_filter"
     assert out["id"] == "chatcmpl-upstream-1" and out["usage"]["total_tokens"] == 8  # the upstream's, tokens were spent
     assert "echo" not in out

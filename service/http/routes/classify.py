@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service.core.engine import Timings
+from service.core.engine import Classification, Timings, cache_outcome
 from service.core.errors import ErrorCode
 from service.core.metrics import INLINE_POLICY_LABEL
 from service.http.deps import EngineDep, SettingsDep, add_access_log_fields, log_prompt
@@ -30,6 +30,14 @@ _ERRORS = error_responses(
 )
 
 
+# Whether the verdicts came from the verdict cache: hit (all), partial, miss (none).
+CACHE_HEADER = "x-uniguard-cache"
+
+
+def set_cache_header(response: Response, classifications: list[Classification]) -> None:
+    response.headers[CACHE_HEADER] = cache_outcome(classifications)
+
+
 def set_timing_headers(response: Response, t: Timings) -> None:
     response.headers["x-queue-time"] = f"{t.queue_ms:.3f}"
     response.headers["x-inference-time"] = f"{t.inference_ms:.3f}"
@@ -51,6 +59,7 @@ async def classify(
     result = await engine.classify(policies, body.prompt, inline=inline, sensitivity=body.sensitivity)
     add_access_log_fields(request, unsafe=result.unsafe)
     set_timing_headers(response, result.timings)
+    set_cache_header(response, [result])
     level = body.sensitivity or settings.sensitivity
     if isinstance(body.policy_id, list):
         return ClassifyManyResponse.from_classification(result, level)

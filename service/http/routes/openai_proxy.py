@@ -1,8 +1,13 @@
 """POST /v1/chat/completions: an OpenAI-compatible guard in front of an upstream LLM.
 
-1. The messages whose role is in ``guard_roles`` (default: user), or whose role is unknown,
-   are judged against ``guard_policies``: every text they carry, whatever its shape
-   (``service.gateway.chat_text``; images, audio and binary files are not judged).
+1. Each message is judged under the policies its role maps to (``service.gateway.roles``;
+   default: user under ``guard_policies``, tool and function results under
+   ``prompt_injection``, system and developer not judged, assistant under the output
+   policies, unknown roles under ``guard_policies``; ``role_policies`` changes it): every text
+   it carries, whatever its shape (``service.gateway.chat_text``; images, audio and binary
+   files are not judged). The header ``x-uniguard-retrieved: 2,5`` marks messages (by index)
+   as retrieved documents: they are judged under the ``retrieved`` entry (``prompt_injection``)
+   too. The header is not forwarded.
 2. Unsafe: an OpenAI-shaped refusal (``refusal_message``, ``finish_reason:
    "content_filter"``, the violations in the extra top-level field ``uniguard``), as a
    ``chat.completion`` or, for ``stream: true``, as ``chat.completion.chunk`` SSE events
@@ -23,7 +28,9 @@
 6. A client that disconnects before the answer's head cancels the upstream call (and any
    judging) at once.
 
-Every answer carries ``x-uniguard-action``: ``allowed``, ``blocked`` or ``unguarded``.
+Every answer carries ``x-uniguard-action``: ``allowed``, ``blocked`` or ``unguarded``, and
+``x-uniguard-cache``: ``hit`` when every verdict on the request came from the verdict cache,
+``partial``, or ``miss``.
 When the model cannot score, the service fails closed with the error (503 ``not_ready``,
 429 ``queue_full``, 504 ``deadline_exceeded``: OpenAI clients retry these); with
 ``fail_open`` the request is forwarded unguarded instead, but only for ``not_ready`` and
@@ -54,6 +61,7 @@ from service.core.errors import ApiError, ErrorCode
 from service.core.metrics import Metrics
 from service.gateway.chat_text import guarded_texts
 from service.gateway.judge import EngineSource, GuardText, Judgement, check_count, judge
+from service.gateway.roles import RolePolicies, parse_retrieved
 from service.gateway.stream_moderation import (
     ModeratedStreamResponse,
     StreamModerator,
@@ -66,6 +74,7 @@ from service.gateway.upstream import ProxiedResponse, Upstream, forward_headers,
 from service.http.auth import AUTH_HEADER_STATE_KEY
 from service.http.deps import EngineSourceDep, MetricsDep, SettingsDep, add_access_log_fields, log_prompt
 from service.http.openapi import error_responses
+from service.http.routes.classify import CACHE_HEADER
 from service.http.strict_body import parse_json
 
 router = APIRouter(tags=["openai-proxy"])
@@ -73,6 +82,7 @@ router = APIRouter(tags=["openai-proxy"])
 PATH = "/v1/chat/completions"
 UPSTREAM_PATH = "/chat/completions"
 ACTION_HEADER = "x-uniguard-action"
+RETRIEVED_HEADER = "x-uniguard-retrieved"
 MAX_CHOICES = 16
 
 
@@ -178,7 +188,7 @@ def refusal_response(
     settings: Settings, body: dict[str, Any], judgement: Judgement, stage: str, base: dict[str, Any] | None = None
 ) -> Response:
     summary = judgement.summary(stage)
-    headers = {ACTION_HEADER: "blocked"}
+    headers = {ACTION_HEADER: "blocked", CACHE_HEADER: judgement.cache}
     if body.get("stream") is True:
         headers["cache-control"] = "no-cache"
         return StreamingResponse(
@@ -267,9 +277,10 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "role": {"type": "string"},
                     "content": {
-                        "description": "For roles in UNIGUARD_GUARD_ROLES and unknown roles: a string, null, or "
-                        "a list of parts, every text of which is judged whatever its type (422 for other shapes). "
-                        "Other known roles are forwarded unread."
+                        "description": "For roles judged (UNIGUARD_ROLE_POLICIES: user, tool, function, assistant "
+                        "and unknown roles by default): a string, null, or a list of parts, every text of which is "
+                        "judged whatever its type (422 for other shapes). Roles not judged (system, developer) are "
+                        "forwarded unread."
                     },
                 },
             },
@@ -326,7 +337,11 @@ async def chat_completions(
     body = parse_body(raw)
     check_count(len(body["messages"]), settings.max_messages_per_chat, "messages")
     stream = body.get("stream") is True
-    texts = guarded_texts(body["messages"], settings.guard_roles)
+    try:
+        retrieved = parse_retrieved(request.headers.get(RETRIEVED_HEADER))
+    except ValueError as exc:
+        raise _invalid(f"{RETRIEVED_HEADER} must list message indexes separated by commas: {exc}") from exc
+    texts = guarded_texts(body["messages"], RolePolicies.of(settings), retrieved=retrieved)
     add_access_log_fields(
         request,
         policies=list(dict.fromkeys(settings.guard_policies)),
@@ -368,7 +383,7 @@ async def forward(
     asked_stream = body.get("stream") is True
     either = settings.moderate_stream or settings.moderate_output
     # Headers that carried UniGuard's own key are never forwarded.
-    drop = list(getattr(request.state, AUTH_HEADER_STATE_KEY, ()))
+    drop = [*getattr(request.state, AUTH_HEADER_STATE_KEY, ()), RETRIEVED_HEADER]
     if either:  # the answer may have to be read here: ask for it uncompressed
         drop.append("accept-encoding")
     headers = forward_headers(request.headers.raw, drop=drop, api_key=upstream.api_key)
@@ -381,7 +396,7 @@ async def forward(
         sse != asked_stream and either
     )
     if not (moderating and 200 <= resp.status_code < 300):
-        return ProxiedResponse(resp, [(ACTION_HEADER, judgement.outcome)])
+        return ProxiedResponse(resp, [(ACTION_HEADER, judgement.outcome), (CACHE_HEADER, judgement.cache)])
     if sse:
         return moderated_stream(request, settings, get_engine, metrics, resp, judgement)
     # A complete answer (also when the upstream ignored "stream": true): judged whole.
@@ -415,6 +430,7 @@ def moderated_stream(
     headers = [
         *response_headers(resp, drop=["content-encoding"]),
         (ACTION_HEADER.encode(), input_judgement.outcome.encode()),
+        (CACHE_HEADER.encode(), input_judgement.cache.encode()),
     ]
     return ModeratedStreamResponse(resp, moderator, headers, on_end)
 
@@ -443,5 +459,9 @@ async def moderate(
     out = Response(content=content, status_code=resp.status_code)
     # httpx decoded the body: relay every header but the encoding and length (recomputed).
     out.raw_headers = [h for h in out.raw_headers if h[0] == b"content-length"]
-    out.raw_headers += [*response_headers(resp, drop=["content-encoding"]), (ACTION_HEADER.encode(), outcome.encode())]
+    out.raw_headers += [
+        *response_headers(resp, drop=["content-encoding"]),
+        (ACTION_HEADER.encode(), outcome.encode()),
+        (CACHE_HEADER.encode(), input_judgement.cache.encode()),
+    ]
     return out

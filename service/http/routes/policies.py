@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from fastapi import APIRouter
 
 from service.core.errors import ErrorCode
 from service.http.deps import EngineDep
 from service.http.openapi import error_responses
 from service.http.schemas import PoliciesResponse, PolicyOut
-from service.model.manifest import SENSITIVITY_LEVELS
+from service.model.manifest import SENSITIVITY_LEVELS, Sensitivity
 
 router = APIRouter(tags=["policies"])
 
@@ -18,7 +20,7 @@ async def list_policies(engine: EngineDep) -> PoliciesResponse:
     out = []
     for policy in engine.policies.values():
         threshold, trained, source = engine.threshold_info(policy)
-        levels = {level: engine.threshold_info(policy, level)[0] for level in SENSITIVITY_LEVELS}
+        levels = {cast(Sensitivity, level): engine.threshold_info(policy, level)[0] for level in SENSITIVITY_LEVELS}
         out.append(
             PolicyOut(
                 id=policy.id,
