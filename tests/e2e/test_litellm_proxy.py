@@ -74,6 +74,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) ->
         tmp / "uniguard.log",
         UNIGUARD_MODEL_DIR=str(DEFAULT_DIR),
         UNIGUARD_OUTPUT_POLICIES="toxicity",  # answers; prompts: the default prompt_injection
+        # The blocking path is under test, not the model's recall: the strict level flags the
+        # toxic answer with a margin (the shipped model's balanced toxicity threshold misses some
+        # second-person insults: docs/measurements/2026-12-06-quality-rebuild.md).
+        UNIGUARD_SENSITIVITY="strict",
         UNIGUARD_THREADS="2",
     ) as uniguard:
         model["litellm_params"]["api_base"] = upstream.base_url

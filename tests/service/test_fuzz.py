@@ -110,6 +110,7 @@ OPERATIONS = [
     ("GET", "/metrics"),
     ("POST", "/beta/litellm_basic_guardrail_api"),
     ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/moderations"),
     ("POST", "/admin/reload"),
 ]
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [

@@ -13,6 +13,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -113,7 +114,7 @@ def test_nfkc_expansion_is_refused_before_tokenising(srv: dict[str, Server]) -> 
 SECRET = "zebra-unsafe-answer"
 
 
-def _raw_answer(server: Server, payload: bytes, content_type: str, **body: object) -> httpx.Response:
+def _raw_answer(server: Server, payload: bytes, content_type: str, **body: Any) -> httpx.Response:
     headers = {"x-upstream-raw": base64.b64encode(payload).decode(), "x-upstream-content-type": content_type}
     with httpx.Client(base_url=server.url, timeout=30) as client:
         return post_json(client, "/v1/chat/completions", chat(**body), headers=headers)

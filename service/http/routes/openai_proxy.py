@@ -232,7 +232,7 @@ def answer_texts(content: bytes) -> tuple[list[GuardText], Any]:
 
 def is_event_stream(resp: httpx.Response) -> bool:
     """Whether the upstream answered server-sent events (the media type, compared without case)."""
-    return resp.headers.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream"
+    return str(resp.headers.get("content-type", "")).split(";")[0].strip().lower() == "text/event-stream"
 
 
 async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
