@@ -185,8 +185,8 @@ def _promote(
     served: dict[str, HeldoutResult] = {}
 
     def summary_of(folder: Path) -> float | None:
-        recorded = read_manifest(folder).training.get("heldout") if folder == release_dir else None
-        r = _recorded(recorded) or heldout_of_folder(folder, heldout, policies, plan.release.threads)
+        recorded = recorded_heldout(folder) if folder == release_dir else None  # scored on these rows
+        r = recorded or heldout_of_folder(folder, heldout, policies, plan.release.threads)
         if r is not None:
             served["merged (released)" if folder == release_dir else f"served ({folder.name})"] = r
         return None if r is None else r.summary
@@ -198,8 +198,9 @@ def _promote(
     return done, why
 
 
-def _recorded(held: Any) -> HeldoutResult | None:
-    """The figures a release recorded in its manifest (scored on these rows), without scoring again."""
+def recorded_heldout(folder: Path) -> HeldoutResult | None:
+    """The out-of-source figures a folder's release step recorded in its manifest, without scoring again."""
+    held = read_manifest(folder).training.get("heldout")
     if not isinstance(held, dict) or not isinstance(held.get("summary"), float):
         return None
     return HeldoutResult({}, held["cells"], float(held["summary"]), held["sources"], held["rows"], held["policies"])
