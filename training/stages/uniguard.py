@@ -96,11 +96,12 @@ class UniGuardConfig:
 
 
 class StageClock:
-    """Wall time per stage in ``stages.json`` (a resumed stage records what this run spent)."""
+    """Wall time per stage in ``stages.json`` (a resumed stage records what this run spent). Entries
+    of other stages stay: two budgets may run side by side in one run folder."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        self.seconds: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -109,7 +110,8 @@ class StageClock:
             yield
         finally:
             self.seconds[name] = round(time.time() - started, 1)
-            write_json_atomic(self.path, self.seconds)
+            recorded = json.loads(self.path.read_text()) if self.path.exists() else {}
+            write_json_atomic(self.path, {**recorded, name: self.seconds[name]})
 
 
 def base_split(base: Path, run_dir: Path) -> None:
