@@ -66,8 +66,9 @@ e2e: install-dev install-e2e
 model: install-dev
 	$(PY) -m training train default $(MODEL_ARGS)
 
-## The paper's pipeline on the same data (TaskGuard, GIP, per-policy FFT, joint merge search
-## rewarded out of source); promotes over models/default only if the merge wins. 31 min on 2 cores (measured).
+## The served model as a UniGuard merge: make model's checkpoint (trained first if missing) continued per
+## policy into specialists, one merge search over their task vectors rewarded out of source, release;
+## promotes over models/default only if the merge beats that checkpoint (see the README for stage times).
 uniguard: install-dev
 	$(PY) -m training train uniguard $(UNIGUARD_ARGS)
 

@@ -395,20 +395,21 @@ def test_a_search_with_held_out_rows_is_rewarded_and_logged_out_of_source(tiny_r
     assert all({"summary", "threshold"} <= set(p) for t in trial for p in t["per_policy"].values())
 
 
-def test_the_recipe_compares_merged_and_best_single_per_policy_on_the_same_cells() -> None:
+def test_the_recipe_compares_merged_and_base_per_policy_on_the_same_cells() -> None:
     from training.eval.heldout import heldout_result
-    from training.stages.uniguard import comparison_table
+    from training.stages.compare import policy_comparison
 
     rows = heldout_rows()
     labels = np.array([ex.label for ex in rows], dtype=float)
     good = heldout_result(rows, labels * 0.9 + 0.05, dict.fromkeys(POLICIES, 0.5))  # every row right
     flat = heldout_result(rows, np.full(len(rows), 0.9), dict.fromkeys(POLICIES, 0.5))  # flags everything
-    table = comparison_table({"best single (a)": flat, "merged": good})
+    table = policy_comparison({"base": flat, "merged": good}, base="base")
     lines = table.strip().splitlines()
-    assert lines[0].startswith("| policy | best single (a): F1") and len(lines) == 2 + len(POLICIES) + 1
-    tox = next(line for line in lines if line.startswith("| toxicity"))
-    assert "| – / 100.0 / 0.500 |" in tox and tox.endswith("| – / 0.0 / 1.000 |")
-    assert lines[-1] == f"| **summary** | **{flat.summary:.4f}** | **{good.summary:.4f}** |"
+    assert lines[0].startswith("| policy | model | balanced") and len(lines) == 2 + 2 * len(POLICIES) + 1 + 2 + 2
+    tox = [line for line in lines if line.startswith("| toxicity")]
+    assert tox[0].startswith("| toxicity | base | 0.5000 ± 0.000 | – | 100.0 | 100.0 |")
+    assert tox[1].startswith("| toxicity | merged | 1.0000 ± 0.000 | +0.5000 | 100.0 | 0.0 |")
+    assert lines[-1] == f"| merged | **{good.summary:.4f}** |"
 
 
 def test_a_folder_s_recorded_out_of_source_figures_read_back_as_scored(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -416,7 +417,8 @@ def test_a_folder_s_recorded_out_of_source_figures_read_back_as_scored(tiny_mode
     import shutil
 
     from training.eval.heldout import heldout_result
-    from training.stages.uniguard import comparison_table, recorded_heldout
+    from training.stages.compare import policy_comparison
+    from training.stages.merge_release import recorded_heldout
 
     rows = heldout_rows()
     labels = np.array([ex.label for ex in rows], dtype=float)
@@ -428,7 +430,7 @@ def test_a_folder_s_recorded_out_of_source_figures_read_back_as_scored(tiny_mode
     (folder / "manifest.json").write_text(json.dumps(manifest))
     back = recorded_heldout(folder)
     assert back is not None and back.summary == round(scored.summary, 4)
-    assert comparison_table({"a": back}) == comparison_table({"a": scored})
+    assert policy_comparison({"a": back}) == policy_comparison({"a": scored})
 
 
 def test_zero_shot_is_reported_across_seeds_as_mean_sd_and_range(tmp_path: Path) -> None:

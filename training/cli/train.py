@@ -2,8 +2,8 @@
 
 ``taskguard`` and ``mtg`` are the paper's pipeline (under ``runs/<run>/``, splits from the
 ``data`` command); ``default`` builds the shipped ``models/default`` (``make model``);
-``uniguard`` runs the paper's pipeline on that same data through a merge search rewarded out
-of source, and may replace ``models/default`` (``make uniguard``).
+``uniguard`` continues that model per policy into specialists and merges them back through a
+search rewarded out of source, and may replace ``models/default`` (``make uniguard``).
 """
 
 from __future__ import annotations
@@ -275,59 +275,88 @@ def uniguard(
     policies_dir: PoliciesDirOption = DEFAULT_POLICIES_DIR,
     out: Annotated[Path, typer.Option(help="Served folder the merge may replace.")] = paths.DEFAULT_MODEL_DIR,
     run_dir: Annotated[Path, typer.Option(help="Work folder; a rerun resumes from it.")] = paths.RUNS / "uniguard",
-    taskguard_rows: Annotated[int, typer.Option(help="TaskGuard-FFT rows per policy (0: all; GPU: 0).")] = 150,
-    gip_rows: Annotated[int, typer.Option(help="GIP rows per policy (0: all; GPU: 0).")] = 400,
-    finetune_rows: Annotated[int, typer.Option(help="Per-policy FFT rows of the GIP model (0: all).")] = 150,
-    epochs: Annotated[float, typer.Option(help="Epochs of every training stage (GPU: 2).")] = 1.0,
-    lambda_mlm: Annotated[float, typer.Option(help="GIP's MLM weight (CPU 0.1; GPU 1.0).")] = 0.1,
-    lambda_alice: Annotated[
-        float, typer.Option(help="GIP's ALICE weight (0 with --lambda-mlm 0: the CE-only ablation).")
-    ] = 1.0,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="specialists: the base continued per policy, merged back; paper: TaskGuard / GIP / GIP-FFT "
+            "from the pretrained encoder."
+        ),
+    ] = "specialists",
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            help="The multi-policy checkpoint the specialists continue, its split beside it (default: "
+            "runs/default/checkpoint, make model's fine-tune, trained first when missing)."
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Training steps of each specialist (its policy's rows, cycled).")] = 150,
+    batch_size: Annotated[int, typer.Option(help="Specialists' batch size.")] = 32,
+    lr: Annotated[float, typer.Option(help="Specialists' peak learning rate (linear warm-up and decay).")] = 5e-5,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 (autocast) or auto (bf16 where the CPU has it).")] = "auto",
+    methods: Annotated[str, typer.Option(help="Merge methods searched (comma-separated).")] = "ties,dare_ties,soup",
+    strategies: Annotated[str, typer.Option(help="Bandit strategies (random, egreedy, ucb, thompson).")] = "ucb",
+    subsets: Annotated[str, typer.Option(help="Parameter subsets searched (comma-separated).")] = "all,no_head",
     iterations: Annotated[int, typer.Option(help="Merge trials per method x strategy (GPU: 50).")] = 6,
-    top_k: Annotated[int, typer.Option(help="Sources merged (the best by the out-of-source reward).")] = 4,
+    top_k: Annotated[int, typer.Option(help="Sources merged (the best by the out-of-source reward).")] = 6,
     search_rows: Annotated[int, typer.Option(help="Validation rows the search scores (0: all).")] = 400,
     search_windows: Annotated[int, typer.Option(help="Windows per row the search scores (0: all).")] = 2,
     heldout_per_cell: Annotated[
         int, typer.Option(help="Held-out tune rows per policy x source x class the search scores (>= 10).")
     ] = 20,
+    compare_per_cell: Annotated[
+        int, typer.Option(help="Held-out rows per cell and half of the per-policy test-half comparison.")
+    ] = 60,
+    taskguard_rows: Annotated[int, typer.Option(help="paper: TaskGuard-FFT rows per policy (0: all).")] = 150,
+    gip_rows: Annotated[int, typer.Option(help="paper: GIP rows per policy (0: all).")] = 400,
+    finetune_rows: Annotated[int, typer.Option(help="paper: per-policy FFT rows of the GIP model (0: all).")] = 150,
+    epochs: Annotated[float, typer.Option(help="paper: epochs of every training stage (GPU: 2).")] = 1.0,
+    lambda_mlm: Annotated[float, typer.Option(help="paper: GIP's MLM weight (CPU 0.1; GPU 1.0).")] = 0.1,
+    lambda_alice: Annotated[float, typer.Option(help="paper: GIP's ALICE weight.")] = 1.0,
     threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda (training stages).")] = "cpu",
     seed: Annotated[int, typer.Option()] = 13,
     force: Annotated[bool, typer.Option(help="Promote the merge even if it does not win.")] = False,
     extra_source: Annotated[
         list[Path] | None,
-        typer.Option(
-            help="A checkpoint folder trained on the same split, searched with the recipe's own "
-            "(repeatable; e.g. runs/default/checkpoint from make model)."
-        ),
+        typer.Option(help="A checkpoint folder trained on the same split, searched with the recipe's (repeatable)."),
     ] = None,
     gip_only: Annotated[
         bool,
         typer.Option(
-            help="Train GIP and score its zero-shot rows only: the zero-shot check across seeds "
+            help="paper: train GIP and score its zero-shot rows only: the zero-shot check across seeds "
             "(--seed N --run-dir runs/uniguard-sN)."
         ),
     ] = False,
 ) -> None:
-    """The paper's pipeline on the shipped data: TaskGuard, GIP, per-policy FFT, joint merge search
-    rewarded out of source, release, promotion over models/default only if it wins (`make uniguard`)."""
+    """The served model as a UniGuard merge: specialists continued from the multi-policy checkpoint, one
+    merge search rewarded out of source, release, promotion over models/default only if it wins."""
     from training.release.finalize import ParityError
     from training.stages.uniguard import UniGuardConfig, build_uniguard
 
     if not data_dir.is_dir():
         raise typer.BadParameter(f"{data_dir} is not a folder of JSONL files", param_hint="--data-dir")
     cfg = UniGuardConfig(
+        recipe=recipe,
+        base=str(base) if base else "",
+        specialist_steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        precision=precision,
+        methods=tuple(csv(methods)),
+        strategies=tuple(csv(strategies)),
+        subsets=tuple(csv(subsets)),
+        iterations=iterations,
+        top_k=top_k,
+        search_rows=search_rows,
+        search_windows=search_windows,
+        heldout_per_cell=heldout_per_cell,
+        compare_per_cell=compare_per_cell,
         taskguard_rows=taskguard_rows,
         gip_rows=gip_rows,
         finetune_rows=finetune_rows,
         epochs=epochs,
         lambda_mlm=lambda_mlm,
         lambda_alice=lambda_alice,
-        iterations=iterations,
-        top_k=top_k,
-        search_rows=search_rows,
-        search_windows=search_windows,
-        heldout_per_cell=heldout_per_cell,
         threads=threads,
         device=device,
         seed=seed,

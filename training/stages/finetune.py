@@ -30,7 +30,7 @@ from training.ui import Reporter
 
 def validate(
     model: Any, encoder: InputEncoder, policies: dict[str, Policy], rows: list[Example], reporter: Reporter, label: str
-) -> dict[str, dict]:
+) -> dict[str, dict[str, Any]]:
     """Per-policy validation metrics at threshold 0.5, windows and max like the service."""
     if not rows:
         return {}
@@ -102,8 +102,11 @@ def finetune_stage(
     template: InputTemplate,
     loop: LoopConfig,
     head: HeadConfig,
+    windows: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune ``init`` on one policy (FFT: every weight; CFT: pooler + classifier) and register it."""
+    """Fine-tune ``init`` on one policy (FFT: every weight; CFT: pooler + classifier) and register it.
+
+    ``windows``: train on every window with a clear label (as ``make model`` does), not the first only."""
     if mode not in ("fft", "cft"):
         raise ValueError(f"mode must be fft or cft, got {mode!r}")
     config = {
@@ -116,6 +119,7 @@ def finetune_stage(
         "loop": loop.to_dict() if mode == "fft" else None,
         "head": head.to_dict() if mode == "cft" else None,
         "data": ctx.data_hashes,
+        **({"windows": True} if windows else {}),  # absent when False: older checkpoints keep their identity
     }
     meta = stage_done(out, config, ctx.force)
     if meta is not None:
@@ -125,7 +129,7 @@ def finetune_stage(
         shutil.rmtree(out.with_name(f".state-{out.name}"), ignore_errors=True)
     started = time.time()
     encoder = InputEncoder.from_file(Path(init) / "tokenizer.json", template, ctx.max_length, ctx.stride)
-    data = encode_rows(encoder, ctx.policies, train_rows)
+    data = encode_rows(encoder, ctx.policies, train_rows, windows=windows, seed=loop.seed)
     model = load_classifier(init, seed=(loop if mode == "fft" else head).seed)
     with ctx.reporter.task(f"{family} {policy}") as update:
         if mode == "fft":
@@ -176,6 +180,7 @@ def finetune_per_policy(
     max_train: int,
     loop: LoopConfig,
     head: HeadConfig,
+    windows: bool = False,
 ) -> list[dict[str, Any]]:
     """``<family>-<mode>`` of ``init`` for every policy and mode, at ``out_root/<policy>/<mode>``."""
     metas = []
@@ -195,6 +200,7 @@ def finetune_per_policy(
                     template=template,
                     loop=loop,
                     head=head,
+                    windows=windows,
                 )
             )
     return metas

@@ -1,93 +1,93 @@
-"""``make uniguard``: the paper's pipeline on the shipped data, ending where the service loads.
+"""``make uniguard``: the served model as a UniGuard merge of specialists continued from one checkpoint.
 
-data (the split ``make model`` uses) → TaskGuard-FFT per policy (plain prompts) → GIP
-(λ1·MLM + λ2·ALICE + λ3·CE on instruction inputs, every policy) → an FFT of the GIP checkpoint
-per policy → **one joint merge search** over every policy, rewarded by the out-of-source
-summary of the held-out *tune* half (``OutOfSourceSet``) → the one release step (int8,
-calibration, thresholds bounded on held-out benign sources, card with the out-of-source table)
-→ promotion over ``models/default`` only if the merge beats the best single checkpoint on the
-held-out *test* half and the current default's summary there.
+base (the multi-policy checkpoint ``make model`` trains; its split) → one specialist per policy,
+the base continued on that policy's training rows for ``specialist_steps`` steps (the one
+training loop, cross-entropy, the base's instruction inputs) → **one merge search** over the
+base and the specialists, task vectors against the base (TIES / DARE-TIES / soup / SLERP ×
+parameter subsets × bandit strategies), rewarded by the held-out protocol on the *tune* half →
+base, every specialist and the merge per policy on the *test* half → the one release step →
+promotion over ``models/default`` only if the merge beats the base there (no policy worse
+beyond noise) and then the served folder on the released figures.
 
-One multi-policy instruction model, not one model per policy: the service batches one model,
-and a per-policy UniGuard would multiply its memory and its batches by five. The comparison
-per policy (best single vs merged, test half) is written to ``runs/uniguard/comparison.md``
-and the card, so the choice stays measurable.
+``recipe="paper"`` keeps the paper's ingredients from the pretrained encoder instead
+(TaskGuard-FFT, GIP, GIP-FFT: ``training.stages.paper_recipe``).
 
-Every stage resumes from ``runs/uniguard`` (finished checkpoints are skipped, the trial log
-is replayed), and ``stages.json`` records each stage's wall time.
+Every stage resumes from the run folder (finished checkpoints are skipped, the trial log is
+replayed), and ``stages.json`` records each stage's wall time.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from service.contract.policy import Policy, load_policies
-from service.model.manifest import read_manifest, sha256_file
-from training.data.heldout import half_of
+from service.contract.policy import InputEncoder, InputTemplate, Policy, load_policies
+from service.model.manifest import sha256_file
+from training import paths
 from training.data.rows import Example, summary_rows
-from training.eval.heldout import HEADER, HeldoutResult, capped_heldout, cells_table, heldout_result
-from training.eval.robustness import ZERO_SHOT_HEADER, zero_rows, zero_shot_of
-from training.io import write_json_atomic, write_text_atomic
-from training.merging.checkpoints import load_state, resolve_sources
+from training.io import write_json_atomic
+from training.merging.checkpoints import resolve_sources
 from training.merging.params import MergeParams
-from training.merging.subsets import load_subsets
-from training.model.head import HeadConfig
-from training.model.loop import LoopConfig
-from training.paths import base_model_path
-from training.release.finalize import ReleaseOptions, heldout_of_folder
-from training.release.promote import promote
-from training.search.objective import MergeObjective, OutOfSourceSet, ValidationSet, load_into
-from training.search.run import SearchResult, SearchSettings, run_search
-from training.search.winner import export_winner, winner_recipe
-from training.stages.default import DEFAULT_LOOP, HELDOUT_FPR, prepare_split
+from training.model.checkpoints import is_complete, read_meta
+from training.model.loop import LoopConfig, resolve_precision
+from training.release.finalize import ReleaseOptions
+from training.search.run import SearchSettings
+from training.stages.default import DEFAULT_LOOP, HELDOUT_FPR, SPLITS, prepare_split, train_checkpoint
 from training.stages.finetune import RunContext
-from training.stages.multitaskguard import gip_stage, run_mtg
-from training.stages.taskguard import run_taskguard
-from training.ui import Reporter, console, print_table
+from training.stages.merge_release import MergePlan, search_release_promote
+from training.stages.paper_recipe import paper_sources
+from training.stages.specialists import check_base, train_specialists
+from training.ui import Reporter, print_table
 
-NAME = "uniguard-default"
+RECIPES = ("specialists", "paper")
 
 
 @dataclass(frozen=True)
 class UniGuardConfig:
-    """The recipe's sizes. CPU defaults take 31 min on 2 cores (measured); a GPU run raises the row
-    counts (0: every training row), epochs, iterations and lambda_mlm to 1.0 (see docs/training.md)."""
+    """The recipe's sizes (CPU defaults). ``base``: the multi-policy checkpoint the specialists continue."""
 
+    recipe: str = "specialists"
+    base: str = ""  # "": runs/default/checkpoint (make model's fine-tune; trained first when missing)
+    specialist_steps: int = 150
+    batch_size: int = 32
+    lr: float = 5e-5
+    precision: str = "auto"
+    max_length: int = 128
+    stride: int = 32
+    methods: tuple[str, ...] = ("ties", "dare_ties", "soup")
+    strategies: tuple[str, ...] = ("ucb",)
+    subsets: tuple[str, ...] = ("all", "no_head")
+    iterations: int = 6
+    top_k: int = 6
+    search_rows: int = 400
+    search_windows: int = 2
+    heldout_per_cell: int = 20
+    compare_per_cell: int = 60
+    compare_windows: int = 4
+    stage_validation_rows: int = 100  # per policy, for each checkpoint's own record (the search ranks them)
+    seed: int = 13
+    threads: int = 0
+    device: str = "cpu"
+    min_parity: float | None = 0.995
+    # recipe="paper" only: TaskGuard / GIP / GIP-FFT sizes, and GIP alone for the zero-shot check across seeds
     taskguard_rows: int = 150
     gip_rows: int = 400
     finetune_rows: int = 150
-    max_length: int = 128
-    stride: int = 32
-    batch_size: int = 16
+    paper_batch_size: int = 16
     taskguard_lr: float = 8e-5
     gip_lr: float = 2e-4
     finetune_lr: float = 5e-5
     epochs: float = 1.0
     lambda_mlm: float = 0.1
     lambda_alice: float = 1.0
-    methods: tuple[str, ...] = ("ties", "dare_ties", "soup")
-    strategies: tuple[str, ...] = ("ucb",)
-    subsets: tuple[str, ...] = ("all", "no_head")
-    iterations: int = 6
-    top_k: int = 4
-    search_rows: int = 400
-    search_windows: int = 2
-    heldout_per_cell: int = 20
-    stage_validation_rows: int = 100  # per policy, for each checkpoint's own record (the search ranks them)
-    seed: int = 13
-    threads: int = 0
-    device: str = "cpu"
-    min_parity: float | None = 0.995
-    gip_only: bool = False  # train GIP and score its zero-shot rows only (seed repeats of that check)
-    # checkpoint folders trained elsewhere on the same split (make model's runs/default/checkpoint),
-    # searched with the recipe's own: does merging add to the strongest single model?
+    gip_only: bool = False
+    # checkpoint folders trained elsewhere on the same split, searched with the recipe's own
     extra_sources: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -96,7 +96,8 @@ class UniGuardConfig:
 
 
 class StageClock:
-    """Wall time per stage in ``stages.json`` (a resumed stage records what this run spent)."""
+    """Wall time per stage in ``stages.json`` (a resumed stage records what this run spent). Entries
+    of other stages stay: two budgets may run side by side in one run folder."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -109,83 +110,21 @@ class StageClock:
             yield
         finally:
             self.seconds[name] = round(time.time() - started, 1)
-            write_json_atomic(self.path, self.seconds)
+            recorded = json.loads(self.path.read_text()) if self.path.exists() else {}
+            write_json_atomic(self.path, {**recorded, name: self.seconds[name]})
 
 
-def winner_template(result: SearchResult, objective: MergeObjective) -> Any:
-    key = result.winner.get("instruction")
-    return objective.templates[key] if key else next(iter(objective.templates.values()))
-
-
-def candidate_results(
-    result: SearchResult,
-    objective: MergeObjective,
-    test_rows: list[Example],
-    policies: dict[str, Policy],
-    params: MergeParams,
-) -> dict[str, HeldoutResult]:
-    """Best single source and merged winner on the held-out test half (torch fp32, the search's
-    window cap), each at thresholds chosen on validation + tune rows as the release chooses them."""
-    val = objective.validation
-    if not isinstance(val, OutOfSourceSet):
-        raise TypeError("candidate_results needs the out-of-source objective")
-    test = ValidationSet(test_rows, policies, val.tokenizer_json, val.max_length, val.stride, val.max_windows)
-    single = result.best_single[0]
-    src = next(s for s in result.sources if s.name == single)
-    out: dict[str, HeldoutResult] = {}
-    for label, template, load in (
-        (f"best single ({single})", src.template, lambda: load_into(objective.model, load_state(src.path))),
-        ("merged", winner_template(result, objective), None),
-    ):
-        if load is None:
-            recipe = winner_recipe(result, params)
-            objective.use_method(recipe.method, params)
-            load_into(objective.model, objective.merger.merge(recipe.weights, objective.subsets[recipe.subset]))  # type: ignore[union-attr]
-        else:
-            load()
-        thresholds = val.thresholds(val.score(objective.model, template))
-        out[label] = heldout_result(test_rows, test.score(objective.model, template), thresholds)
-    return out
-
-
-def gip_zero_shot(run_dir: Path, threads: int) -> list[dict[str, Any]]:
-    """The run's GIP checkpoint on the zero-shot rows, printed: both paths of the recipe report it."""
-    zero = zero_shot_of(run_dir / "mtg" / "gip", threads)
-    print_table("GIP zero-shot (policies no stage trained on, threshold 0.5)", ZERO_SHOT_HEADER, zero_rows(zero))
-    return zero
-
-
-def recorded_heldout(folder: Path) -> HeldoutResult | None:
-    """The out-of-source figures a folder's release step recorded in its manifest (the same test
-    rows when the folder was released from this split), without scoring it again."""
-    held = read_manifest(folder).training.get("heldout")
-    if not isinstance(held, dict) or not isinstance(held.get("summary"), float):
-        return None
-    return HeldoutResult({}, held["cells"], float(held["summary"]), held["sources"], held["rows"])
-
-
-def comparison_table(results: dict[str, HeldoutResult]) -> str:
-    """Per policy: each candidate's out-of-source F1 (where a source has both classes), worst
-    benign FPR and mean cell accuracy; then the summary row."""
-    names = list(results)
-    lines = [
-        "| policy | " + " | ".join(f"{n}: F1 / worst FPR % / cells" for n in names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    policies = sorted({c["policy"] for r in results.values() for c in r.cells})
-    for pid in policies:
-        row = []
-        for n in names:
-            cells = [c for c in results[n].cells if c["policy"] == pid]
-            f1s = [c["f1"] for c in cells if c.get("f1") is not None]
-            fprs = [c["fpr"] for c in cells if c["label"] == 0]
-            accs = [c["recall"] if c["label"] else 1.0 - c["fpr"] for c in cells]
-            f1 = f"{np.mean(f1s):.3f}" if f1s else "–"
-            fpr = f"{100 * max(fprs):.1f}" if fprs else "–"
-            row.append(f"{f1} / {fpr} / {np.mean(accs):.3f}")
-        lines.append(f"| {pid} | " + " | ".join(row) + " |")
-    lines.append("| **summary** | " + " | ".join(f"**{results[n].summary:.4f}**" for n in names) + " |")
-    return "\n".join(lines) + "\n"
+def base_split(base: Path, run_dir: Path) -> None:
+    """The base's own split (the run folder ``make model`` trained it in), copied once into ``run_dir``:
+    specialists must never train on rows the base held out."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    src = Path(base).parent
+    if (run_dir / "validation.jsonl").exists() or not (src / "validation.jsonl").exists():
+        return
+    for name in (*SPLITS, "data_stats"):
+        suffix = ".json" if name == "data_stats" else ".jsonl"
+        if (src / f"{name}{suffix}").exists():
+            shutil.copy2(src / f"{name}{suffix}", run_dir / f"{name}{suffix}")
 
 
 def build_uniguard(
@@ -201,15 +140,25 @@ def build_uniguard(
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the recipe; returns its summary (also ``run_dir/summary.json``)."""
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, not {cfg.recipe!r}")
     reporter = reporter or Reporter()
     started = time.time()
     if cfg.extra_sources:  # a wrong folder fails now, not after the training stages
         resolve_sources([Path(p) for p in cfg.extra_sources])
-    clock = StageClock(run_dir / "stages.json")
+    base = Path(cfg.base) if cfg.base else None
+    clock = StageClock(Path(run_dir) / "stages.json")
     policies = load_policies(policies_dir)
     example_files = sorted(Path(examples_dir).glob("*.jsonl"))
-    base = base_model_path()
+    if cfg.recipe == "specialists":
+        base = base or paths.DEFAULT_RUN_DIR / "checkpoint"
+        if not is_complete(base) and base.name == "checkpoint":  # a fresh clone: make model's fine-tune first
+            with clock.stage("base (make model's fine-tune)"):
+                train_base(base, data_dir, example_files, policies, cfg, reporter)
+        check_base(base)
     with clock.stage("data"):
+        if base is not None:
+            base_split(base, run_dir)
         # make model's split whatever the training seed: seeds vary training, never the data.
         split = prepare_split(data_dir, example_files, set(policies), run_dir, DEFAULT_LOOP.seed)
     train, validation, heldout = split["train"], split["validation"], split["heldout"]
@@ -217,50 +166,77 @@ def build_uniguard(
         raise ValueError("the recipe needs held-out rows: the out-of-source protocol rewards and promotes")
     print_table("Rows per policy and split", ["policy", "split", "rows", "unsafe fraction"], summary_rows(split))
     hashes = {p.name: sha256_file(p) for p in sorted(Path(data_dir).glob("*.jsonl")) + example_files}
-    ids = sorted(policies)
-    head = HeadConfig(seed=cfg.seed, device=cfg.device, threads=cfg.threads)
+    ctx = RunContext(run_dir, policies, cfg.max_length, cfg.stride, hashes, reporter, False, cfg.stage_validation_rows)
+    extra: dict[str, Any] = {"recipe_config": cfg.as_dict()}
+    if cfg.recipe == "specialists":
+        assert base is not None
+        sources = [base, *specialist_sources(base, ctx, train, validation, cfg, clock)]
+        extra["base_checkpoint"] = {"path": str(base), "created_at": read_meta(base).get("created_at")}
+    else:
+        sources, zero = paper_sources(ctx, paths.base_model_path(), train, validation, policies, cfg, clock)
+        extra["gip_zero_shot"] = zero
+        if cfg.gip_only:  # the zero-shot check across seeds: GIP and its zero-shot rows, nothing else
+            out = {"gip_zero_shot": zero, "seed": cfg.seed, "stage_seconds": clock.seconds}
+            write_json_atomic(run_dir / "summary.json", out)
+            return out
+    specialists = cfg.recipe == "specialists"
+    plan = MergePlan(
+        sources=[*sources, *map(Path, cfg.extra_sources)],
+        policies_dir=Path(policies_dir),
+        run_dir=run_dir,
+        merge_dir=run_dir / (f"merge-{cfg.specialist_steps}" if specialists else "merge"),
+        out_dir=out_dir,
+        settings=search_settings(cfg),
+        base=base,
+        fallback_base=paths.base_model_path() if base is None else base,
+        compare_per_cell=cfg.compare_per_cell,
+        compare_windows=cfg.compare_windows,
+        release=ReleaseOptions(HELDOUT_FPR, threads=cfg.threads, min_parity=cfg.min_parity),
+        creation_command=creation_command,
+        force=force,
+        tag=f" ({cfg.specialist_steps} steps)" if specialists else "",
+    )
+    return search_release_promote(plan, validation, heldout, policies, clock, reporter, extra, started)
 
-    def loop(lr: float, **extra: Any) -> LoopConfig:
-        return LoopConfig(
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=lr,
-            seed=cfg.seed,
-            device=cfg.device,
-            threads=cfg.threads,
-            save_every=50,
-            **extra,
-        )
 
-    common = {
-        "max_length": cfg.max_length,
-        "stride": cfg.stride,
-        "data_hashes": hashes,
-        "reporter": reporter,
-        "max_validation": cfg.stage_validation_rows,
-    }
-    gip_loop = loop(cfg.gip_lr, lambda_mlm=cfg.lambda_mlm, lambda_alice=cfg.lambda_alice)
-    if cfg.gip_only:  # the zero-shot check across seeds: GIP and its zero-shot rows, nothing else
-        with clock.stage("gip"):
-            ctx = RunContext(run_dir, policies, cfg.max_length, cfg.stride, hashes, reporter, False,
-                             cfg.stage_validation_rows)  # fmt: skip
-            gip_stage(base, ctx, train, validation, holdout=None, max_train_per_policy=cfg.gip_rows, loop=gip_loop)
-        out = {"gip_zero_shot": gip_zero_shot(run_dir, cfg.threads), "seed": cfg.seed, "stage_seconds": clock.seconds}
-        write_json_atomic(run_dir / "summary.json", out)
-        return out
-    with clock.stage("taskguard-fft"):
-        run_taskguard(
-            run_dir, base, policies, train, validation, policy_ids=ids, modes=["fft"],
-            max_train=cfg.taskguard_rows, loop=loop(cfg.taskguard_lr), head=head, **common,
-        )  # fmt: skip
-    with clock.stage("gip + per-policy fft"):
-        run_mtg(
-            run_dir, base, policies, train, validation, holdout=None, policy_ids=ids, finetune_modes=["fft"],
-            gip_max_train=cfg.gip_rows, ft_max_train=cfg.finetune_rows,
-            gip_loop=gip_loop, ft_loop=loop(cfg.finetune_lr), head=head, **common,
-        )  # fmt: skip
-    gip_zero = gip_zero_shot(run_dir, cfg.threads)
-    settings = SearchSettings(
+def train_base(
+    base: Path,
+    data_dir: Path,
+    example_files: list[Path],
+    policies: dict[str, Policy],
+    cfg: UniGuardConfig,
+    reporter: Reporter,
+) -> None:
+    """``make model``'s checkpoint (its split, its loop) at ``base``, resumed from its last saved step."""
+    split = prepare_split(data_dir, example_files, set(policies), base.parent, DEFAULT_LOOP.seed)
+    encoder = InputEncoder.from_file(
+        paths.base_model_path() / "tokenizer.json", InputTemplate(), cfg.max_length, cfg.stride
+    )
+    loop = replace(DEFAULT_LOOP, seed=cfg.seed, threads=cfg.threads, device=cfg.device,
+                   precision=resolve_precision(cfg.precision, cfg.device))  # fmt: skip
+    train_checkpoint(paths.base_model_path(), encoder, policies, split["train"], base.parent, loop, reporter)
+
+
+def specialist_sources(
+    base: Path, ctx: RunContext, train: list[Example], validation: list[Example], cfg: UniGuardConfig, clock: StageClock
+) -> list[Path]:
+    """Train (or resume) the specialists of ``cfg.specialist_steps`` steps each."""
+    loop = LoopConfig(
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        max_steps=cfg.specialist_steps,
+        seed=cfg.seed,
+        device=cfg.device,
+        threads=cfg.threads,
+        save_every=50,
+        precision=resolve_precision(cfg.precision, cfg.device),
+    )
+    with clock.stage(f"specialists ({cfg.specialist_steps} steps each)"):
+        return train_specialists(base, ctx, train, validation, policy_ids=sorted(ctx.policies), loop=loop)
+
+
+def search_settings(cfg: UniGuardConfig) -> SearchSettings:
+    return SearchSettings(
         methods=list(cfg.methods),
         strategies=list(cfg.strategies),
         subsets=list(cfg.subsets),
@@ -275,87 +251,3 @@ def build_uniguard(
         threads=cfg.threads,
         heldout_per_cell=cfg.heldout_per_cell,
     )
-    merge_dir = run_dir / "merge"
-    with clock.stage("merge search"):
-        result, objective, _ = run_search(
-            resolve_sources([run_dir / "checkpoints.json", *map(Path, cfg.extra_sources)]),
-            run_dir / "validation.jsonl",
-            policies_dir,
-            settings,
-            merge_dir / "trials.jsonl",
-            load_subsets(None),
-            fallback_base=base,
-            progress=lambda desc, done, total, info: (
-                reporter.print(f"{desc}: {done}/{total} {info}") if done == total else None
-            ),
-            heldout=heldout,
-        )
-    with clock.stage("test-half comparison"):
-        test_rows = capped_heldout([ex for ex in heldout if half_of(ex.text) == "test"], cfg.heldout_per_cell)
-        compared = candidate_results(result, objective, test_rows, policies, settings.params)
-        table = comparison_table(compared)
-        write_text_atomic(run_dir / "comparison.md", table)
-        console.print(table)
-    single_label, merged = next(iter(compared)), compared["merged"]
-    beats_single = merged.summary > compared[single_label].summary
-    release_dir = merge_dir / "release"
-    with clock.stage("release"), reporter.task("release: export, score validation (service loader)") as update:
-        summary = export_winner(
-            result,
-            objective,
-            params=settings.params,
-            validation_rows=validation,
-            policies=policies,
-            run_dir=merge_dir,
-            out_dir=release_dir,
-            name=NAME,
-            creation_command=creation_command,
-            trial_log=merge_dir / "trials.jsonl",
-            started=started,
-            options=ReleaseOptions(HELDOUT_FPR, threads=cfg.threads, min_parity=cfg.min_parity),
-            heldout=heldout,
-            extra_training={
-                "recipe_config": cfg.as_dict(),
-                "stage_seconds": clock.seconds,
-                "test_half_comparison": {k: round(v.summary, 4) for k, v in compared.items()},
-                "beats_best_single_test_half": beats_single,
-                "gip_zero_shot": gip_zero,
-            },
-            card_extra="\n## Merged vs best single checkpoint (held-out test half, torch fp32, capped rows)\n\n"
-            "Per policy: mean F1 over held-out sources with both classes / worst benign FPR % / mean cell "
-            "accuracy (recall or 1 - FPR), at thresholds chosen on validation + tune rows.\n\n" + table,
-            progress=lambda done, total: update(done, total, ""),
-        )
-    with clock.stage("promotion"):
-        if not beats_single and not force:
-            done, why = False, f"the merge does not beat {single_label} on the held-out test half"
-        else:
-
-            def summary_of(folder: Path) -> float | None:
-                r = recorded_heldout(folder) if folder == release_dir else None  # scored on these rows
-                r = r or heldout_of_folder(folder, heldout, policies, cfg.threads)
-                if r is not None:
-                    m = read_manifest(folder)
-                    served[f"{m.name}@{m.version} ({folder.name})"] = r
-                return None if r is None else r.summary
-
-            served: dict[str, HeldoutResult] = {}
-            done, why = promote(release_dir, out_dir, force=force, score=summary_of)
-            if len(served) == 2:  # the served merge against the default it had to beat, same rows
-                promotion_table = comparison_table(served)
-                write_text_atomic(run_dir / "promotion.md", promotion_table)
-                console.print(promotion_table)
-    console.print(("[green]promoted: " if done else "[yellow]kept the current default: ") + why)
-    out = {
-        **summary,
-        "promoted": done,
-        "why": why,
-        "stage_seconds": clock.seconds,
-        "minutes": round((time.time() - started) / 60, 1),
-    }
-    write_json_atomic(run_dir / "summary.json", out)
-    if (release_dir / "manifest.json").exists():
-        held = read_manifest(release_dir).training.get("heldout")
-        if isinstance(held, dict):
-            print_table("Merged: out of source (held-out test half, served file)", HEADER, cells_table(held))
-    return out
