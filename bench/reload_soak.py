@@ -24,34 +24,11 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
+
+from bench.hardening_probes import FIVE, WORDS, rss
 
 REPO = Path(__file__).resolve().parents[1]
-MIB = 1 << 20
-POLICIES = ["prompt_injection", "toxicity", "content_safety", "financial_advice", "tax_advice"]
-WORDS = [
-    "please",
-    "tell",
-    "me",
-    "how",
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "pays",
-    "its",
-    "taxes",
-    "and",
-    "ignores",
-    "all",
-    "rules",
-    "today",
-]
-
-
-def rss(pid: int) -> float:
-    value: int = psutil.Process(pid).memory_info().rss  # psutil ships no types
-    return value / MIB
+POLICIES = FIVE
 
 
 async def run(url: str, pid: int, clients: int, reloads: int, seconds: float) -> dict[str, object]:

@@ -26,6 +26,7 @@ import numpy as np
 from service.contract.policy import Policy
 from service.model.calibration import Calibration, apply_calibration
 from service.model.manifest import MANIFEST_FILE, Manifest, PolicyEntry, read_manifest, sha256_file
+from training.data.heldout import half_of
 from training.data.rows import Example
 from training.eval.heldout import (
     DEFAULT_LEVEL,
@@ -35,7 +36,6 @@ from training.eval.heldout import (
     HeldoutResult,
     LevelCap,
     cells_table,
-    halves,
     heldout_result,
     levels_cells_table,
     policy_table,
@@ -261,7 +261,7 @@ def levels_of_folder(
     served = {pid: p for pid, p in policies.items() if pid in manifest.policies}
     if not served:
         return None
-    tune_rows = [ex for ex in heldout if halves([ex])[0] and ex.policy_id in served]
+    tune_rows = [ex for ex in heldout if half_of(ex.text) == "tune" and ex.policy_id in served]
     rows, scores = score_heldout(folder, tune_rows + heldout_test_rows(heldout), served, manifest.calibration, threads)
     n = len(tune_rows)
     recorded = all(manifest.policies[pid].sensitivity for pid in served)
@@ -275,7 +275,7 @@ def levels_of_folder(
 
 def heldout_test_rows(heldout: list[Example]) -> list[Example]:
     """The test half plus its benign-prefix sweep: the rows every out-of-source figure is reported on."""
-    test = [ex for ex in heldout if halves([ex])[1]]
+    test = [ex for ex in heldout if half_of(ex.text) == "test"]
     return test + prefixed_rows(test)
 
 
@@ -311,7 +311,7 @@ def finalize(
     by_level: dict[str, HeldoutResult] | None = None
     level_thresholds: dict[str, dict[str, float]] | None = None
     if heldout:
-        tune_rows = [ex for ex in heldout if halves([ex])[0]]
+        tune_rows = [ex for ex in heldout if half_of(ex.text) == "tune"]
         hrows, hscores = score_heldout(
             src, tune_rows + heldout_test_rows(heldout), policies, fit.manifest_entry(), options.threads
         )
