@@ -57,16 +57,6 @@ class CacheObserver(Protocol):
 CachedScore = tuple[float, int]  # (highest raw unsafe probability over the windows, window count)
 
 
-def text_digest(queries: Sequence[str]) -> bytes:
-    """sha256 of the query texts the encoder feeds the tokenizer for one prompt (normalised)."""
-    h = hashlib.sha256()
-    for q in queries:
-        data = q.encode("utf-8", "surrogatepass")
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.digest()
-
-
 def prepared_digest(prepared: Any) -> bytes:
     """sha256 of what the model reads of one prompt: its query-side token ids (the normalised
     prompt and each decoded payload), as ``InputEncoder.prepare`` built them."""

@@ -36,8 +36,6 @@ from service.core.errors import ApiError, ErrorCode
 from service.gateway.judge import GuardText
 from service.gateway.roles import RolePolicies
 
-# The roles chat APIs define; any other role is untrusted and judged as guarded.
-KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Keys whose strings are never text the model reads: identifiers, types, media and metadata.
 NON_TEXT_KEYS = frozenset(
     {
@@ -79,11 +77,6 @@ def normalise_role(raw: str) -> str:
     """The role a chat template would render: Unicode-normalised (NFKC, look-alikes and
     zero-width characters), stripped and case-folded."""
     return normalize_text(raw).strip().casefold()
-
-
-def is_guarded_role(role: str, roles: Sequence[str]) -> bool:
-    """A (normalised) role is judged when the operator guards it or when it is unknown."""
-    return role in roles or role not in KNOWN_ROLES
 
 
 def _invalid(message: str, loc: list[str | int]) -> ApiError:
