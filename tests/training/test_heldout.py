@@ -159,8 +159,10 @@ def test_levels_are_ordered_and_keep_their_caps() -> None:
 
 def test_prefix_sweep_is_one_unsafe_cell_per_policy() -> None:
     test = [Example(f"attack number {i}", 1, "prompt_injection", "attacks") for i in range(30)]
-    test += [Example(f"a benign sentence {i} about the weather.", 0, "prompt_injection", "chats") for i in range(30)]
+    test += [Example(f"benign sentence {i} on rain.", 0, "prompt_injection", "oasst_prompts") for i in range(30)]
+    test += [Example(f"rough forum post {i}", 0, "prompt_injection", "hatexplain_valtest") for i in range(30)]
     rows = prefixed_rows(test, per_policy=20)
+    assert not any("rough forum post" in r.text for r in rows)  # prefixes only from everywhere-benign sources
     assert len(rows) == 20 and {r.source for r in rows} == {PREFIX_SOURCE} and all(r.label == 1 for r in rows)
     assert all(len(r.text) >= 1000 and r.text.split("\n\n")[-1].startswith("attack number") for r in rows)
 

@@ -289,7 +289,13 @@ def uniguard(
             "runs/default/checkpoint, make model's fine-tune, trained first when missing)."
         ),
     ] = None,
-    steps: Annotated[int, typer.Option(help="Training steps of each specialist (its policy's rows, cycled).")] = 150,
+    steps: Annotated[
+        str,
+        typer.Option(
+            help="Specialist budgets: training steps of each specialist (its policy's rows, cycled), comma-separated; "
+            "one specialist per policy and budget, all searched together."
+        ),
+    ] = "75,150",
     batch_size: Annotated[int, typer.Option(help="Specialists' batch size.")] = 32,
     lr: Annotated[float, typer.Option(help="Specialists' peak learning rate (linear warm-up and decay).")] = 5e-5,
     precision: Annotated[str, typer.Option(help="fp32, bf16 (autocast) or auto (bf16 where the CPU has it).")] = "auto",
@@ -335,10 +341,16 @@ def uniguard(
 
     if not data_dir.is_dir():
         raise typer.BadParameter(f"{data_dir} is not a folder of JSONL files", param_hint="--data-dir")
+    try:
+        budgets = tuple(sorted({int(x) for x in csv(steps)}))
+    except ValueError:
+        budgets = ()
+    if not budgets or min(budgets) < 1:
+        raise typer.BadParameter(f"{steps!r}: budgets are step counts >= 1, e.g. 75,150", param_hint="--steps")
     cfg = UniGuardConfig(
         recipe=recipe,
         base=str(base) if base else "",
-        specialist_steps=steps,
+        specialist_steps=budgets,
         batch_size=batch_size,
         lr=lr,
         precision=precision,

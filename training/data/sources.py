@@ -148,6 +148,9 @@ EVAL_ONLY_FILES = (
     "oasst_prompts",
     "selfinstruct_tasks",
 )
+# Held-out benign sources that are benign under every policy: the benign-prefix sweep draws the
+# text it puts before an attack from these only, so a prefix never adds toxic or harmful text.
+PREFIX_BENIGN_SOURCES = frozenset({"oasst_prompts", "selfinstruct_tasks"})
 # Held-out benign sources the gateway routes do not judge by default (system prompts): scored
 # and reported, but they neither bind a threshold nor count in the promotion score.
 NON_BINDING_SOURCES = frozenset({"chatgpt_system_prompts"})
@@ -202,6 +205,41 @@ CROSS_NEGATIVES: dict[str, tuple[str, ...]] = {
 CROSS_SKIP_CATEGORIES = {"evasion"}
 
 
+# Label decision, row by row, for two tweet sets whose classes straddle the policy's line:
+# - OLID "offensive" is dropped (casual profanity, above) except a *targeted insult of the
+#   addressee* ("you're an idiot", "shut up, you pathetic loser"): the policy forbids insulting
+#   a person, and without these rows the model learned that second-person insults in tweets are
+#   as benign as profanity. Caught by an insult word within a few words after "you"/"your"/"u".
+# - HateXplain "normal" posts that carry a slur are dropped from the benign side: the annotators
+#   read in-group or casual use as normal, the policy lists slurs as unsafe, so such a row is
+#   neither side of this policy's line and must not bind a threshold as a false positive.
+INSULT_WORDS = (
+    r"idiot|stupid|moron|loser|dumb(?:ass)?|pathetic|disgusting|worthless|trash|scum|ugly|retard(?:ed)?|"
+    r"clown|fool|coward|liar|hypocrite|asshole|bitch|jackass|imbecile|garbage|cunt|whore|slut|"
+    r"bastard|prick|twat|piece of (?:shit|crap|garbage)|waste of (?:space|air|oxygen)|fuck ?(?:face|wit)"
+)
+TARGETED_INSULT = re.compile(
+    rf"\b(?:you|you're|youre|you\u2019re|you are|ur|u r|u|your|ya)\b(?:\W+\w+){{0,3}}?\W+(?:{INSULT_WORDS})s?\b"
+    rf"|\b(?:shut up|stfu)\W+(?:you\W+)?(?:\w+\W+)?(?:{INSULT_WORDS})",
+    re.I,
+)
+SLUR_WORDS = re.compile(
+    r"\b(?:nigg(?:a|as|er|ers|ah)|fag(?:s|got|gots)?|dykes?|kikes?|spics?|chinks?|gooks?|wetbacks?|"
+    r"towelheads?|ragheads?|sand ?niggers?|coons?|trann(?:y|ies)|retards?|muzzies?|moslems?|"
+    r"beaners?|jigaboos?|porch monkeys?|ching chong|hoes?|sluts?|whores?|cunts?)\b",
+    re.I,
+)
+
+
+def row_route(stem: str, category: str | None, label: int, text: str) -> str | None:
+    """``route`` with the row-level label decisions above, which read the text."""
+    if stem == "tweeteval_offensive_olid" and category == "offensive":
+        return PUBLIC_MAP[stem] if TARGETED_INSULT.search(text) else None
+    if stem == "hatexplain_valtest" and label == 0 and SLUR_WORDS.search(text):
+        return None
+    return route(stem, category, label)
+
+
 def route(stem: str, category: str | None, label: int) -> str | None:
     """The policy a public row belongs to, or None when it is dropped (see the tables above)."""
     policy = PUBLIC_MAP[stem]
@@ -231,7 +269,7 @@ def load_public(data_dir: Path) -> list[Example]:
         if not path.exists():
             raise DataError(f"missing public data file {path}")
         for row in read_jsonl(path):
-            target = route(stem, row.get("category"), int(row["label"]))
+            target = row_route(stem, row.get("category"), int(row["label"]), row["text"])
             if target is None:
                 continue
             out.append(Example(row["text"], int(row["label"]), target, stem, row.get("category")))

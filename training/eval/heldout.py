@@ -34,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 from service.model.manifest import DEFAULT_SENSITIVITY, SENSITIVITY_LEVELS
 from training.data.heldout import half_of
 from training.data.rows import Example
-from training.data.sources import NON_BINDING_SOURCES
+from training.data.sources import NON_BINDING_SOURCES, PREFIX_BENIGN_SOURCES
 from training.eval.metrics import binary_scores, report, rows_by_policy
 
 MIN_CELL = 10
@@ -173,11 +173,19 @@ def bounded_thresholds(
     return sensitivity_thresholds(validation, val_scores, tune, tune_scores, fallback, {"x": cap})["x"]
 
 
+def prefix_pool(test: list[Example]) -> list[str]:
+    """Benign texts to bury attacks in: rows of sources benign under every policy, so the prefix
+    itself never tips a verdict (forum posts would raise toxicity recall by their own words)."""
+    return sorted(
+        {ex.text for ex in test if ex.label == 0 and ex.source in PREFIX_BENIGN_SOURCES and len(ex.text) < 1500}
+    )
+
+
 def prefixed_rows(test: list[Example], per_policy: int = 40, seed: int = 13) -> list[Example]:
     """Short unsafe test-half rows after 1,000 or 3,000 characters of benign test-half text, as one
     unsafe cell per policy (``PREFIX_SOURCE``): an attack buried in a long benign prompt must still count."""
     rng = random.Random(seed)
-    benign = sorted({ex.text for ex in test if ex.label == 0 and binding(ex) and len(ex.text) < 1500})
+    benign = prefix_pool(test)
     out: list[Example] = []
     if not benign:
         return out
@@ -190,7 +198,7 @@ def prefixed_rows(test: list[Example], per_policy: int = 40, seed: int = 13) -> 
             prefix = ""
             while len(prefix) < chars:
                 prefix += rng.choice(benign) + "\n"
-            out.append(Example(f"{prefix[:chars]}\n\n{ex.text}", 1, pid, PREFIX_SOURCE, ex.category))
+            out.append(Example(f"{prefix[:chars].rstrip()}\n\n{ex.text}", 1, pid, PREFIX_SOURCE, ex.category))
     return out
 
 

@@ -20,7 +20,7 @@ from service.model.calibration import apply_calibration
 from service.model.manifest import read_manifest
 from training.data.heldout import ZERO_SHOT_POLICIES, half_of, zero_shot_rows
 from training.data.rows import Example
-from training.eval.heldout import binary
+from training.eval.heldout import binary, prefix_pool
 from training.eval.scoring import onnx_scorer, score
 
 PREFIX_CHARS = (0, 300, 1000, 3000)
@@ -46,7 +46,7 @@ def prefix_sweep(
     rng = random.Random(seed)
     manifest = read_manifest(folder)
     test = [ex for ex in heldout if half_of(ex.text) == "test" and ex.policy_id in manifest.policies]
-    benign = sorted({ex.text for ex in test if ex.label == 0 and len(ex.text) < 1500})
+    benign = prefix_pool(test)
     out: list[dict[str, Any]] = []
     for pid in sorted({ex.policy_id for ex in test if ex.label == 1}):
         unsafe = sorted((ex for ex in test if ex.policy_id == pid and ex.label == 1 and len(ex.text) <= 500),
@@ -62,7 +62,8 @@ def prefix_sweep(
                 prefix = ""
                 while len(prefix) < chars:
                     prefix += rng.choice(benign) + "\n"
-                texts.append(Example(f"{prefix[:chars]}\n\n{ex.text}" if chars else ex.text, 1, pid, ex.source))
+                text = f"{prefix[:chars].rstrip()}\n\n{ex.text}" if chars else ex.text
+                texts.append(Example(text, 1, pid, ex.source))
             s = _scores(folder, texts, policies, threads)
             row[f"recall@{chars}"] = round(float((s >= manifest.policies[pid].threshold).mean()), 4)
         row["drop"] = round(row["recall@0"] - min(row[f"recall@{c}"] for c in PREFIX_CHARS), 4)

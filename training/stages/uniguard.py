@@ -54,7 +54,7 @@ class UniGuardConfig:
 
     recipe: str = "specialists"
     base: str = ""  # "": runs/default/checkpoint (make model's fine-tune; trained first when missing)
-    specialist_steps: int = 150
+    specialist_steps: tuple[int, ...] = (75, 150)  # budgets: one specialist per policy and budget, one search
     batch_size: int = 32
     lr: float = 5e-5
     precision: str = "auto"
@@ -180,11 +180,12 @@ def build_uniguard(
             write_json_atomic(run_dir / "summary.json", out)
             return out
     specialists = cfg.recipe == "specialists"
+    budgets = "+".join(map(str, cfg.specialist_steps))
     plan = MergePlan(
         sources=[*sources, *map(Path, cfg.extra_sources)],
         policies_dir=Path(policies_dir),
         run_dir=run_dir,
-        merge_dir=run_dir / (f"merge-{cfg.specialist_steps}" if specialists else "merge"),
+        merge_dir=run_dir / (f"merge-{budgets}" if specialists else "merge"),
         out_dir=out_dir,
         settings=search_settings(cfg),
         base=base,
@@ -194,7 +195,7 @@ def build_uniguard(
         release=ReleaseOptions(HELDOUT_FPR, threads=cfg.threads, min_parity=cfg.min_parity),
         creation_command=creation_command,
         force=force,
-        tag=f" ({cfg.specialist_steps} steps)" if specialists else "",
+        tag=f" ({budgets} steps)" if specialists else "",
     )
     return search_release_promote(plan, validation, heldout, policies, clock, reporter, extra, started)
 
@@ -220,19 +221,25 @@ def train_base(
 def specialist_sources(
     base: Path, ctx: RunContext, train: list[Example], validation: list[Example], cfg: UniGuardConfig, clock: StageClock
 ) -> list[Path]:
-    """Train (or resume) the specialists of ``cfg.specialist_steps`` steps each."""
-    loop = LoopConfig(
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        max_steps=cfg.specialist_steps,
-        seed=cfg.seed,
-        device=cfg.device,
-        threads=cfg.threads,
-        save_every=50,
-        precision=resolve_precision(cfg.precision, cfg.device),
-    )
-    with clock.stage(f"specialists ({cfg.specialist_steps} steps each)"):
-        return train_specialists(base, ctx, train, validation, policy_ids=sorted(ctx.policies), loop=loop)
+    """Train (or resume) one specialist per policy for every budget of ``cfg.specialist_steps``: budgets
+    differ in how far each specialist moves from the base, and the search weighs them all at once."""
+    if not cfg.specialist_steps or min(cfg.specialist_steps) < 1:
+        raise ValueError("specialist budgets are step counts >= 1 (--steps 75,150)")
+    out: list[Path] = []
+    for steps in cfg.specialist_steps:
+        loop = LoopConfig(
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            max_steps=steps,
+            seed=cfg.seed,
+            device=cfg.device,
+            threads=cfg.threads,
+            save_every=50,
+            precision=resolve_precision(cfg.precision, cfg.device),
+        )
+        with clock.stage(f"specialists ({steps} steps each)"):
+            out += train_specialists(base, ctx, train, validation, policy_ids=sorted(ctx.policies), loop=loop)
+    return out
 
 
 def search_settings(cfg: UniGuardConfig) -> SearchSettings:
