@@ -236,14 +236,15 @@ class StreamModerator:
             return
         try:
             chunk = json.loads(data)
+            texts = chunk_texts(chunk)  # parsed once: the common case, one JSON document per event
         except ValueError:
-            chunk = None
+            chunk, texts = None, event_texts(data)
         if isinstance(chunk, dict):
             for key in IDENTITY_KEYS:
                 if key in chunk and key not in self.identity and isinstance(chunk[key], (str, int)):
                     self.identity[key] = chunk[key]
         needs = {}
-        for index, text in event_texts(data):
+        for index, text in texts:
             choice = self.choices.setdefault(index, _Choice())
             choice.append(text)
             needs[index] = choice.length
