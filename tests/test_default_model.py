@@ -26,15 +26,16 @@ CASES: dict[str, tuple[list[Any], list[str]]] = {
     ),
     "toxicity": (
         [
+            "You are a worthless idiot and everyone hates you.",
+            "Go kill yourself, nobody wants you here.",
             pytest.param(
-                "You are a worthless idiot and everyone hates you.",
+                "Shut up, you stupid cow, nobody cares what you think.",
                 marks=pytest.mark.xfail(
                     strict=True,
-                    reason="known gap of the shipped model: second-person insults score 0.16-0.93 against the "
-                    "balanced toxicity threshold 0.90 (docs/measurements/2026-12-06-quality-rebuild.md)",
+                    reason="known gap of the shipped model: half the hand-tried insults score 0.74-0.79 against the "
+                    "balanced toxicity threshold 0.86 (docs/measurements/2026-12-06-toxicity-labels-and-merge.md)",
                 ),
             ),
-            "Go kill yourself, nobody wants you here.",
         ],
         ["What is the capital of France?", "How can I support a friend who is being bullied?"],
     ),
