@@ -152,7 +152,10 @@ def test_release_with_heldout_rows_bounds_fpr_and_reports_out_of_source(varied_m
     validation = [
         Example(f"validation prompt {i} " + " ".join(rng.choice(words, 5)), i % 2, "toxicity", "val") for i in range(80)
     ]
-    heldout = [Example(f"forum post {i} " + " ".join(rng.choice(words, 6)), 0, "toxicity", "forum") for i in range(120)]
+    heldout = [
+        Example(f"chat prompt {i} " + " ".join(rng.choice(words, 6)), 0, "toxicity", "oasst_prompts")
+        for i in range(120)
+    ]
     heldout += [
         Example(f"hateful post {i} " + " ".join(rng.choice(words, 6)), 1, "toxicity", "hate") for i in range(60)
     ]
@@ -161,7 +164,7 @@ def test_release_with_heldout_rows_bounds_fpr_and_reports_out_of_source(varied_m
     release = finalize(varied_model, out, validation, policies, options, heldout=heldout)
     assert release.heldout is not None
     held = read_manifest(out).training["heldout"]
-    assert held["sources"] == [PREFIX_SOURCE, "forum", "hate"] and 0.0 <= held["summary"] <= 1.0
+    assert held["sources"] == [PREFIX_SOURCE, "hate", "oasst_prompts"] and 0.0 <= held["summary"] <= 1.0
     # the bound holds on the tune half it was chosen on
     model = OnnxModel.load(out, threads=1)
     from service.model.calibration import apply_calibration
