@@ -16,16 +16,13 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.hardening_probes import FIVE, WORDS, rss
+from bench.hardening_probes import FIVE, WORDS, rss, service
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = FIVE
@@ -84,31 +81,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18931)
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIGUARD_")}
-    env.update(
-        UNIGUARD_MODEL_DIR=args.model_dir,
-        UNIGUARD_PORT=str(args.port),
-        UNIGUARD_HOST="127.0.0.1",
-        UNIGUARD_ADMIN_ENABLED="true",
-        UNIGUARD_SHUTDOWN_DRAIN_S="0",
-    )
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=args.repo, env=env, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        deadline = time.monotonic() + 600  # a busy machine loads slowly
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("service never became ready")
-        result = asyncio.run(run(url, proc.pid, args.clients, args.reloads, args.seconds))
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with service(args.repo, args.port, UNIGUARD_MODEL_DIR=args.model_dir, UNIGUARD_ADMIN_ENABLED="true") as (
+        url,
+        pid,
+    ):
+        result = asyncio.run(run(url, pid, args.clients, args.reloads, args.seconds))
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

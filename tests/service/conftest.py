@@ -44,6 +44,14 @@ def upstream() -> Iterator[UpstreamServer]:
         yield up
 
 
+@pytest.fixture()
+def fresh_upstream(upstream: UpstreamServer) -> UpstreamServer:
+    """The module's upstream with no requests recorded: what a test asserts it received is its own.
+    Modules that read the records say ``pytestmark = pytest.mark.usefixtures("fresh_upstream")``."""
+    upstream.clear()
+    return upstream
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path) -> OnnxModel:
     return OnnxModel.load(tiny_model_dir, threads=1)

@@ -19,9 +19,7 @@ REFUSAL = "Blocked by UniGuard test policy."
 UPSTREAM_TIMEOUT_S = 2
 
 
-@pytest.fixture(autouse=True)
-def _fresh_records(upstream: UpstreamServer) -> None:
-    upstream.clear()
+pytestmark = pytest.mark.usefixtures("fresh_upstream")
 
 
 @pytest.fixture(scope="module")

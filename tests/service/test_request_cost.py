@@ -35,9 +35,7 @@ MAX_TEXTS, MAX_MESSAGES, MAX_QUEUE = 50, 20, 200
 HEALTHZ_BOUND_S = 1.0
 
 
-@pytest.fixture(autouse=True)
-def _fresh_records(upstream: UpstreamServer) -> None:
-    upstream.clear()
+pytestmark = pytest.mark.usefixtures("fresh_upstream")
 
 
 @pytest.fixture(scope="module")

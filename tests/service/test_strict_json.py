@@ -61,9 +61,7 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_records(upstream: UpstreamServer) -> None:
-    upstream.clear()
+pytestmark = pytest.mark.usefixtures("fresh_upstream")
 
 
 @pytest.fixture(scope="module")

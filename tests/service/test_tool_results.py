@@ -27,9 +27,7 @@ INJECTION_ONLY = {"prompt_injection": UNSAFE, "toxicity": SAFE}
 LITELLM = "/beta/litellm_basic_guardrail_api"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_records(upstream: UpstreamServer) -> None:
-    upstream.clear()
+pytestmark = pytest.mark.usefixtures("fresh_upstream")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from training.data.build import Budget, build_dataset, dedupe
 from training.data.rows import DataError, Example, normalise, read_examples
-from training.data.sources import PUBLIC_MAP, row_route
+from training.data.sources import PUBLIC_MAP, route
 
 POLICIES = {"prompt_injection", "toxicity", "content_safety", "financial_advice", "tax_advice"}
 
@@ -168,16 +168,16 @@ def test_composed_system_prompts_are_safe_under_the_gateway_policies_only(public
 
 def test_olid_keeps_targeted_insults_and_drops_casual_profanity() -> None:
     olid = "tweeteval_offensive_olid"
-    assert row_route(olid, "offensive", 1, "@user Resign!!! You're an idiot!!!") == "toxicity"
-    assert row_route(olid, "offensive", 1, "@user shut up, you pathetic loser") == "toxicity"
-    assert row_route(olid, "offensive", 1, "this game is fucking great") is None
-    assert row_route(olid, "offensive", 1, "@user You are a bad ass! Keep fighting") is None
-    assert row_route(olid, "not-offensive", 0, "@user you are not wrong") == "toxicity"
+    assert route(olid, "offensive", 1, "@user Resign!!! You're an idiot!!!") == "toxicity"
+    assert route(olid, "offensive", 1, "@user shut up, you pathetic loser") == "toxicity"
+    assert route(olid, "offensive", 1, "this game is fucking great") is None
+    assert route(olid, "offensive", 1, "@user You are a bad ass! Keep fighting") is None
+    assert route(olid, "not-offensive", 0, "@user you are not wrong") == "toxicity"
 
 
 def test_hatexplain_normal_rows_with_a_slur_are_neither_side() -> None:
     hx = "hatexplain_valtest"
-    assert row_route(hx, "normal", 0, "<user> text me faggot") is None
-    assert row_route(hx, "normal", 0, "the weather in berlin is grey today") == "toxicity"
-    assert row_route(hx, "hatespeech", 1, "<user> text me faggot") == "toxicity"
-    assert row_route(hx, "offensive", 1, "something rude") is None
+    assert route(hx, "normal", 0, "<user> text me faggot") is None
+    assert route(hx, "normal", 0, "the weather in berlin is grey today") == "toxicity"
+    assert route(hx, "hatespeech", 1, "<user> text me faggot") == "toxicity"
+    assert route(hx, "offensive", 1, "something rude") is None

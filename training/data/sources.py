@@ -231,17 +231,12 @@ SLUR_WORDS = re.compile(
 )
 
 
-def row_route(stem: str, category: str | None, label: int, text: str) -> str | None:
-    """``route`` with the row-level label decisions above, which read the text."""
+def route(stem: str, category: str | None, label: int, text: str) -> str | None:
+    """The policy a public row belongs to, or None when it is dropped (see the tables above)."""
     if stem == "tweeteval_offensive_olid" and category == "offensive":
         return PUBLIC_MAP[stem] if TARGETED_INSULT.search(text) else None
     if stem == "hatexplain_valtest" and label == 0 and SLUR_WORDS.search(text):
         return None
-    return route(stem, category, label)
-
-
-def route(stem: str, category: str | None, label: int) -> str | None:
-    """The policy a public row belongs to, or None when it is dropped (see the tables above)."""
     policy = PUBLIC_MAP[stem]
     if not category:
         return policy
@@ -269,7 +264,7 @@ def load_public(data_dir: Path) -> list[Example]:
         if not path.exists():
             raise DataError(f"missing public data file {path}")
         for row in read_jsonl(path):
-            target = row_route(stem, row.get("category"), int(row["label"]), row["text"])
+            target = route(stem, row.get("category"), int(row["label"]), row["text"])
             if target is None:
                 continue
             out.append(Example(row["text"], int(row["label"]), target, stem, row.get("category")))

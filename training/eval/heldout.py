@@ -181,6 +181,16 @@ def prefix_pool(test: list[Example]) -> list[str]:
     )
 
 
+def buried(text: str, benign: list[str], chars: int, rng: random.Random) -> str:
+    """``text`` after ``chars`` characters of benign texts drawn from ``benign`` (none: ``text`` itself)."""
+    if not chars:
+        return text
+    prefix = ""
+    while len(prefix) < chars:
+        prefix += rng.choice(benign) + "\n"
+    return f"{prefix[:chars].rstrip()}\n\n{text}"
+
+
 def prefixed_rows(test: list[Example], per_policy: int = 40, seed: int = 13) -> list[Example]:
     """Short unsafe test-half rows after 1,000 or 3,000 characters of benign test-half text, as one
     unsafe cell per policy (``PREFIX_SOURCE``): an attack buried in a long benign prompt must still count."""
@@ -195,10 +205,7 @@ def prefixed_rows(test: list[Example], per_policy: int = 40, seed: int = 13) -> 
         rng.shuffle(unsafe)
         for k, ex in enumerate(unsafe[:per_policy]):
             chars = PREFIX_CHARS[k % len(PREFIX_CHARS)]
-            prefix = ""
-            while len(prefix) < chars:
-                prefix += rng.choice(benign) + "\n"
-            out.append(Example(f"{prefix[:chars].rstrip()}\n\n{ex.text}", 1, pid, PREFIX_SOURCE, ex.category))
+            out.append(Example(buried(ex.text, benign, chars, rng), 1, pid, PREFIX_SOURCE, ex.category))
     return out
 
 

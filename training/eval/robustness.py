@@ -20,7 +20,7 @@ from service.model.calibration import apply_calibration
 from service.model.manifest import read_manifest
 from training.data.heldout import ZERO_SHOT_POLICIES, half_of, zero_shot_rows
 from training.data.rows import Example
-from training.eval.heldout import binary, prefix_pool
+from training.eval.heldout import binary, buried, prefix_pool
 from training.eval.scoring import onnx_scorer, score
 
 PREFIX_CHARS = (0, 300, 1000, 3000)
@@ -59,11 +59,7 @@ def prefix_sweep(
         for chars in PREFIX_CHARS:
             texts = []
             for ex in unsafe:
-                prefix = ""
-                while len(prefix) < chars:
-                    prefix += rng.choice(benign) + "\n"
-                text = f"{prefix[:chars].rstrip()}\n\n{ex.text}" if chars else ex.text
-                texts.append(Example(text, 1, pid, ex.source))
+                texts.append(Example(buried(ex.text, benign, chars, rng), 1, pid, ex.source))
             s = _scores(folder, texts, policies, threads)
             row[f"recall@{chars}"] = round(float((s >= manifest.policies[pid].threshold).mean()), 4)
         row["drop"] = round(row["recall@0"] - min(row[f"recall@{c}"] for c in PREFIX_CHARS), 4)
